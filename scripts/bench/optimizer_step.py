@@ -1,0 +1,122 @@
+"""Micro-benchmark: optimizer-state bytes and step time of MoFaSGD vs AdamW on LLaMA-shaped matrices.
+
+Both optimizers run side by side in one process on the same device and matrix. Times are medians over
+--repeats steps after --warmup steps. For MoFaSGD two times are given: step() alone, and the gradient
+projection done in the backward hook plus step() (the whole per-step optimizer cost, comparable to AdamW's
+step, which reads the full gradient).
+
+    python scripts/bench/optimizer_step.py [--shapes 4096x4096,4096x14336] [--ranks 8,16,32] [--device cpu]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+
+import torch
+
+from mofasgd import MoFaSGD
+from mofasgd.memory import transient_peak_bytes
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn, device: torch.device) -> float:
+    sync(device)
+    start = time.perf_counter()
+    fn()
+    sync(device)
+    return time.perf_counter() - start
+
+
+def state_bytes(opt: torch.optim.Optimizer) -> int:
+    return sum(t.numel() * t.element_size() for s in opt.state.values() for t in s.values() if torch.is_tensor(t))
+
+
+def bench_adamw(shape, dtype, device, warmup, repeats):
+    w = torch.nn.Parameter(torch.randn(*shape, device=device, dtype=dtype))
+    opt = torch.optim.AdamW([w], lr=1e-5, foreach=False)
+    w.grad = torch.randn_like(w)
+    times = []
+    for i in range(warmup + repeats):
+        t = timed(opt.step, device)
+        if i >= warmup:
+            times.append(t)
+    return {"state_bytes": state_bytes(opt), "step_s": statistics.median(times), "peak_step_bytes": None}
+
+
+def bench_mofasgd(shape, rank, dtype, device, warmup, repeats):
+    w = torch.nn.Parameter(torch.randn(*shape, device=device, dtype=dtype))
+    opt = MoFaSGD([w], lr=1e-5, rank=rank, init="gradient", fused=True)
+    grad = torch.randn_like(w)
+    step_times, total_times = [], []
+    for i in range(warmup + repeats):
+        w.grad = grad.clone()
+        hook = timed(lambda: opt._consume_gradient(w), device)
+        step = timed(opt.step, device)
+        if i >= warmup:
+            step_times.append(step)
+            total_times.append(hook + step)
+    w.grad = grad.clone()
+    opt._consume_gradient(w)
+    peak = transient_peak_bytes(opt.step, device)
+    return {
+        "state_bytes": state_bytes(opt),
+        "step_s": statistics.median(step_times),
+        "hook_plus_step_s": statistics.median(total_times),
+        "peak_step_bytes": peak,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shapes", default="4096x4096,4096x14336")
+    parser.add_argument("--ranks", default="8,16,32")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--json", help="also write the rows to this JSON file")
+    args = parser.parse_args()
+    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    torch.manual_seed(0)
+
+    machine = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{platform.processor() or 'cpu'}"
+    print(
+        f"device: {device} ({machine}), threads: {torch.get_num_threads()}, "
+        f"dtype: {args.dtype}, torch {torch.__version__}"
+    )
+    header = (
+        "| shape | rank | AdamW state | MoFaSGD state | state ratio | AdamW step | MoFaSGD step | "
+        "MoFaSGD hook+step | (hook+step)/AdamW | MoFaSGD step peak temp |"
+    )
+    print(header)
+    print("|" + "---|" * (header.count("|") - 1))
+    rows = []
+    for shape_text in args.shapes.split(","):
+        shape = tuple(int(x) for x in shape_text.split("x"))
+        adam = bench_adamw(shape, dtype, device, args.warmup, args.repeats)
+        for rank in (int(r) for r in args.ranks.split(",")):
+            mf = bench_mofasgd(shape, rank, dtype, device, args.warmup, args.repeats)
+            row = {"shape": shape_text, "rank": rank, "adamw": adam, "mofasgd": mf}
+            rows.append(row)
+            print(
+                f"| {shape_text} | {rank} | {adam['state_bytes'] / 2**20:.1f} MiB | "
+                f"{mf['state_bytes'] / 2**20:.3f} MiB | {adam['state_bytes'] / mf['state_bytes']:.0f}x | "
+                f"{adam['step_s'] * 1e3:.1f} ms | {mf['step_s'] * 1e3:.1f} ms | "
+                f"{mf['hook_plus_step_s'] * 1e3:.1f} ms | "
+                f"{mf['hook_plus_step_s'] / adam['step_s']:.2f} | {mf['peak_step_bytes'] / 2**20:.2f} MiB |"
+            )
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"device": str(device), "machine": machine, "dtype": args.dtype, "rows": rows}, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""MoFaSGD for LLaMA-Factory: YAML keys, optimizer factory, callbacks, activation in every process."""

@@ -1,0 +1,131 @@
+"""Pure functions behind MoFaSGD: projections, the 2r x 2r momentum core, step scaling, initialisation.
+
+Notation (DESIGN §3): a managed matrix W is m x n, its momentum M ~= U diag(S) V^T with U (m x r) and
+V (n x r) orthonormal. A gradient G enters only through GV = G V (m x r) and GtU = G^T U (n x r); both are
+linear in G, so they can be summed over micro-batches and averaged over data-parallel ranks exactly.
+Every function here costs O((m + n) r^2) time and memory, never O(m n), except the projection of G itself.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+
+class MomentumCore(NamedTuple):
+    """beta M + G_hat = Q_U @ K @ Q_V^T, kept factored; G_core is the same for G_hat alone (beta = 0)."""
+
+    q_u: torch.Tensor
+    q_v: torch.Tensor
+    core: torch.Tensor
+    grad_core: torch.Tensor
+
+
+class LowRank(NamedTuple):
+    """A rank-r matrix U diag(S) V^T with orthonormal U, V (singular values in S, descending)."""
+
+    U: torch.Tensor
+    S: torch.Tensor
+    V: torch.Tensor
+
+
+def factor_dtype(param_dtype: torch.dtype) -> torch.dtype:
+    """Dtype of the factor math: float32 for 16/32-bit parameters, float64 stays float64."""
+    return torch.float64 if param_dtype == torch.float64 else torch.float32
+
+
+def effective_rank(rank: int, shape: torch.Size) -> int:
+    """The rank actually kept for an m x n matrix: min(rank, m, n)."""
+    return min(rank, shape[0], shape[1])
+
+
+def project_gradient(grad: torch.Tensor, U: torch.Tensor, V: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Return (G V, G^T U) in the factors' dtype.
+
+    A low-precision gradient is multiplied in its own dtype (the matmul accumulates in fp32 on current
+    hardware) so that no m x n upcast copy is ever made; only the m x r and n x r results are upcast.
+    """
+    if grad.dtype == U.dtype:
+        return grad @ V, grad.T @ U
+    return (grad @ V.to(grad.dtype)).to(U.dtype), (grad.T @ U.to(grad.dtype)).to(U.dtype)
+
+
+def tangent_norm_sq(U: torch.Tensor, gv: torch.Tensor, gtu: torch.Tensor) -> torch.Tensor:
+    """||G_hat||_F^2 of the tangent projection G_hat = UU^T G + G VV^T - UU^T G VV^T, from projections only.
+
+    With orthonormal U, V the three terms give ||U^T G||^2 + ||G V||^2 - ||U^T G V||^2.
+    """
+    utgv = U.T @ gv
+    return gtu.square().sum() + gv.square().sum() - utgv.square().sum()
+
+
+def momentum_core(
+    U: torch.Tensor, S: torch.Tensor, V: torch.Tensor, gv: torch.Tensor, gtu: torch.Tensor, beta: float
+) -> MomentumCore:
+    """Factor beta U diag(S) V^T + G_hat as Q_U K Q_V^T with K at most 2r x 2r.
+
+    [U | GV] = Q_U R_U and [V | G^T U] = Q_V R_V; the middle block C = [[beta diag(S) - U^T G V, I], [I, 0]]
+    makes [U | GV] C [V | G^T U]^T = beta U S V^T + U U^T G + G V V^T - U U^T G V V^T exactly.
+    """
+    r = U.shape[1]
+    utgv = U.T @ gv
+    q_u, r_u = torch.linalg.qr(torch.cat([U, gv], dim=1))
+    q_v, r_v = torch.linalg.qr(torch.cat([V, gtu], dim=1))
+    eye = torch.eye(r, dtype=U.dtype, device=U.device)
+    middle = torch.zeros(2 * r, 2 * r, dtype=U.dtype, device=U.device)
+    middle[:r, :r] = -utgv
+    middle[:r, r:] = eye
+    middle[r:, :r] = eye
+    grad_core = r_u @ middle @ r_v.T
+    momentum_part = (r_u[:, :r] * (beta * S)) @ r_v[:, :r].T
+    return MomentumCore(q_u, q_v, grad_core + momentum_part, grad_core)
+
+
+def truncate(q_u: torch.Tensor, q_v: torch.Tensor, core: torch.Tensor, rank: int) -> LowRank:
+    """Best rank-`rank` approximation of Q_U core Q_V^T (Eckart-Young), via the SVD of the small core."""
+    a, s, bt = torch.linalg.svd(core, full_matrices=False)
+    return LowRank(q_u @ a[:, :rank], s[:rank].clone(), q_v @ bt[:rank].T)
+
+
+def nesterov_direction(core: MomentumCore, new: LowRank, beta: float, rank: int) -> LowRank:
+    """SVD_r(beta M_new + G_hat), formed inside span(Q_U) x span(Q_V) where both terms live."""
+    a = core.q_u.T @ new.U
+    b = core.q_v.T @ new.V
+    lookahead = (a * (beta * new.S)) @ b.T + core.grad_core
+    return truncate(core.q_u, core.q_v, lookahead, rank)
+
+
+def step_scaling(S: torch.Tensor, eps: float, max_value: float, use_ones: bool) -> torch.Tensor:
+    """Per-direction scale s_hat: 1 (spectral form) or min(1/S, max_value), and 0 where S <= eps."""
+    alive = S > eps
+    if use_ones:
+        return alive.to(S.dtype)
+    return torch.where(alive, S.clamp_min(eps).reciprocal().clamp_max(max_value), torch.zeros_like(S))
+
+
+def top_singular_triplets(matrix: torch.Tensor, rank: int) -> LowRank:
+    """Exact top-`rank` SVD of a matrix through the economy SVD (never the m x m / n x n full one)."""
+    u, s, vh = torch.linalg.svd(matrix, full_matrices=False)
+    return LowRank(u[:, :rank].contiguous(), s[:rank].clone(), vh[:rank].T.contiguous())
+
+
+def randomized_subspaces(
+    matrix: torch.Tensor, rank: int, dtype: torch.dtype, oversample: int = 8, power_iters: int = 2, seed: int = 0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Orthonormal bases (m x rank, n x rank) of the dominant left/right singular subspaces of `matrix`.
+
+    Randomized range finder with power iterations (Halko, Martinsson & Tropp 2011); temporaries are
+    O((m + n)(rank + oversample)). Its own generator keeps the global RNG stream untouched.
+    """
+    m, n = matrix.shape
+    width = min(rank + oversample, m, n)
+    generator = torch.Generator(device=matrix.device).manual_seed(seed)
+    probe = torch.randn(n, width, generator=generator, device=matrix.device, dtype=dtype).to(matrix.dtype)
+    basis = torch.linalg.qr((matrix @ probe).to(dtype))[0]
+    for _ in range(power_iters):
+        co_basis = torch.linalg.qr((matrix.T @ basis.to(matrix.dtype)).to(dtype))[0]
+        basis = torch.linalg.qr((matrix @ co_basis.to(matrix.dtype)).to(dtype))[0]
+    small = (matrix.T @ basis.to(matrix.dtype)).to(dtype).T
+    u_small, _, vh = torch.linalg.svd(small, full_matrices=False)
+    return (basis @ u_small[:, :rank]).contiguous(), vh[:rank].T.contiguous()
