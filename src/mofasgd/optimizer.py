@@ -8,6 +8,7 @@ from typing import Any
 import torch
 from torch.optim.adamw import adamw
 
+from mofasgd import data_parallel as dp
 from mofasgd import factor_math as fm
 
 _INITS = ("weight", "gradient")
@@ -73,6 +74,7 @@ class MoFaSGD(torch.optim.Optimizer):
         adam_betas: tuple[float, float] = (0.9, 0.999),
         adam_eps: float = 1e-8,
         fused: bool = True,
+        data_parallel: bool = False,
     ) -> None:
         defaults = dict(
             lr=lr,
@@ -95,6 +97,13 @@ class MoFaSGD(torch.optim.Optimizer):
             mofasgd=True,
         )
         self.fused = bool(fused)
+        self.data_parallel = bool(data_parallel)
+        self._pending_synced = True
+        if self.data_parallel and not self.fused:
+            raise ValueError(
+                "data_parallel=True averages the fused projections across ranks; with fused=False DDP already "
+                "averages .grad, so leave data_parallel=False"
+            )
         self._hook_handles: list[Any] = []
         self._group_of: dict[torch.Tensor, dict[str, Any]] = {}
         self._validate_group(defaults, where="argument")
@@ -145,6 +154,11 @@ class MoFaSGD(torch.optim.Optimizer):
                 _check_range(f"{key} ({where})", group[key], 0.0, 1.0, high_open=True)
         if group["init"] not in _INITS:
             raise ValueError(f"Invalid init ({where}): {group['init']!r}; expected one of {_INITS}")
+        if self.data_parallel and group["mofasgd"] and group["init"] == "gradient":
+            raise ValueError(
+                f"init='gradient' ({where}) would give each rank its own factors under data_parallel=True; "
+                "use init='weight'"
+            )
         if self.fused and group["mofasgd"] and group["eta2"] > 0:
             raise ValueError(
                 f"eta2={group['eta2']} ({where}) needs the whole gradient, which fused=True frees during "
@@ -193,6 +207,37 @@ class MoFaSGD(torch.optim.Optimizer):
         else:
             state["GV"], state["GtU"] = gv, gtu
         p.grad = None
+        self._pending_synced = False
+
+    @torch.no_grad()
+    def _synchronize_pending(self) -> None:
+        """Average pending projections over data-parallel ranks once per accumulation window.
+
+        Every rank contributes every managed matrix (zeros where it saw no gradient) plus a flag, so the
+        collective is the same on all ranks; a matrix no rank saw a gradient for stays without one.
+        """
+        if not self.data_parallel or self._pending_synced or dp.world_size() == 1:
+            return
+        flags, tensors = [], []
+        for group in self.param_groups:
+            if not group["mofasgd"]:
+                continue
+            for p in group["params"]:
+                if not p.requires_grad:
+                    continue
+                state = self._init_factors(p, group, None)
+                flag = torch.ones(1, dtype=state["U"].dtype, device=state["U"].device)
+                if "GV" not in state:
+                    flag.zero_()
+                    state["GV"], state["GtU"] = torch.zeros_like(state["U"]), torch.zeros_like(state["V"])
+                flags.append((state, flag))
+                tensors += [state["GV"], state["GtU"], flag]
+        dp.average_in_place(tensors)
+        for state, flag in flags:
+            if float(flag) == 0.0:
+                for key in _PENDING:
+                    state.pop(key)
+        self._pending_synced = True
 
     def _pending_projections(self, p: torch.Tensor, group: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor] | None:
         """(G V, G^T U) of the gradient the next step consumes, or None when p received no gradient."""
@@ -213,6 +258,7 @@ class MoFaSGD(torch.optim.Optimizer):
         for state in self.state.values():
             for key in _PENDING:
                 state.pop(key, None)
+        self._pending_synced = True
 
     # ------------------------------------------------------------------ norms and clipping
     @torch.no_grad()
@@ -222,6 +268,7 @@ class MoFaSGD(torch.optim.Optimizer):
         AdamW parameters contribute ||G||. A managed matrix contributes ||G_hat|| (its tangent projection,
         from the projections alone), or ||G|| when the step uses the whole gradient (fused=False, eta2 > 0).
         """
+        self._synchronize_pending()
         total = torch.zeros((), dtype=torch.float64)
         for group in self.param_groups:
             for p in group["params"]:
@@ -259,6 +306,7 @@ class MoFaSGD(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        self._synchronize_pending()
         for group in self.param_groups:
             if group["mofasgd"]:
                 for p in group["params"]:

@@ -1,0 +1,110 @@
+"""Two gloo processes with DDP give the same parameters and factors as one process on the whole batch."""
+
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from mofasgd import MoFaSGD, split_for_mofasgd
+from mofasgd.data_parallel import ignore_managed_in_ddp
+
+pytestmark = pytest.mark.distributed
+STEPS, ACCUM, BATCH = 4, 2, 8
+
+
+def build():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(6, 12), nn.Tanh(), nn.Linear(12, 5))
+
+
+def make_optimizer(model, data_parallel):
+    routing = split_for_mofasgd(model)
+    groups = [
+        {"params": [p for _, p in routing.mofasgd]},
+        {"params": [p for _, p in routing.adamw], "mofasgd": False, "lr": 1e-2},
+    ]
+    return MoFaSGD(groups, lr=0.05, rank=2, nesterov=True, data_parallel=data_parallel), routing
+
+
+def data(step, micro):
+    gen = torch.Generator().manual_seed(100 * step + micro)
+    return torch.randn(BATCH, 6, generator=gen), torch.randn(BATCH, 5, generator=gen)
+
+
+def train(model, opt, rank=0, world=1, ddp=None):
+    for step in range(STEPS):
+        for micro in range(ACCUM):
+            x, y = data(step, micro)
+            shard = slice(rank * BATCH // world, (rank + 1) * BATCH // world)
+            net = ddp if ddp is not None else model
+            loss = nn.functional.mse_loss(net(x[shard]), y[shard]) / ACCUM
+            if ddp is not None and micro < ACCUM - 1:
+                with ddp.no_sync():
+                    loss.backward()
+            else:
+                loss.backward()
+        opt.step()
+        opt.zero_grad()
+
+
+def worker(rank, world, port, out_path):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        model = build()
+        opt, routing = make_optimizer(model, data_parallel=True)
+        ignore_managed_in_ddp(model, [p for _, p in routing.mofasgd])
+        ddp = DistributedDataParallel(model)
+        train(model, opt, rank, world, ddp)
+        if rank == 0:
+            torch.save({"model": model.state_dict(), "optim": opt.state_dict()}, out_path)
+    finally:
+        dist.destroy_process_group()
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_process_ddp_equals_single_process(tmp_path):
+    out = tmp_path / "rank0.pt"
+    mp.spawn(worker, args=(2, free_port(), str(out)), nprocs=2, join=True)
+    model = build()
+    opt, _ = make_optimizer(model, data_parallel=False)
+    train(model, opt)
+    result = torch.load(out, weights_only=True)
+    for key, value in model.state_dict().items():
+        torch.testing.assert_close(result["model"][key], value, atol=1e-5, rtol=1e-5)
+    single = opt.state_dict()["state"]
+    for index, state in result["optim"]["state"].items():
+        if "U" in state:
+            m_dist = state["U"] @ torch.diag(state["S"]) @ state["V"].T
+            m_single = single[index]["U"] @ torch.diag(single[index]["S"]) @ single[index]["V"].T
+            torch.testing.assert_close(m_dist, m_single, atol=1e-5, rtol=1e-5)
+        else:
+            torch.testing.assert_close(state["exp_avg"], single[index]["exp_avg"], atol=1e-6, rtol=1e-5)
+
+
+def test_without_averaging_each_rank_would_diverge(tmp_path):
+    """Guard that the test above can fail: the local projections of half a batch differ from the global ones."""
+    model_a, model_b = build(), build()
+    opt_a, _ = make_optimizer(model_a, data_parallel=False)
+    opt_b, _ = make_optimizer(model_b, data_parallel=False)
+    train(model_a, opt_a)
+    train(model_b, opt_b, rank=0, world=2)
+    assert not torch.allclose(model_a[0].weight, model_b[0].weight, atol=1e-4)
+
+
+def test_data_parallel_refuses_gradient_init_and_nonfused():
+    w = nn.Parameter(torch.randn(4, 4))
+    with pytest.raises(ValueError, match="init='gradient'"):
+        MoFaSGD([w], init="gradient", data_parallel=True)
+    with pytest.raises(ValueError, match="fused=False"):
+        MoFaSGD([w], fused=False, data_parallel=True)
