@@ -1,0 +1,1 @@
+"""NanoGPT pre-training: compare optimizers for the hidden matrices of a small GPT (see README.md)."""
