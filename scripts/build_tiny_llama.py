@@ -1,0 +1,165 @@
+"""Build a tiny random LlamaForCausalLM and a byte-level BPE tokenizer trained on the local demo data.
+
+The result loads offline with ``AutoTokenizer.from_pretrained(out)`` and
+``AutoModelForCausalLM.from_pretrained(out)``. The build is deterministic: the same arguments give
+byte-identical files (weights from ``torch.manual_seed(seed)``, tokenizer from a fixed corpus order).
+
+The tokenizer carries a Tulu-3-style chat template (the format of ``template: tulu_v3``)::
+
+    <|system|>\\n{system}\\n<|user|>\\n{user}\\n<|assistant|>\\n{assistant}<|endoftext|>\\n
+
+and, besides ``<|endoftext|>`` (eos and pad) and the Tulu role tokens, the Llama-3 header tokens so
+that LLaMA-Factory's ``llama3`` template works too without resizing the vocabulary.
+
+Usage::
+
+    python scripts/build_tiny_llama.py --out models/tiny-llama
+    # a bigger variant for CPU benchmarks (~26M parameters)
+    python scripts/build_tiny_llama.py --out models/tiny-llama-bench --hidden 512 --layers 8 --intermediate 1408 \\
+        --heads 8 --kv-heads 2
+"""
+
+import argparse
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+DEFAULT_DATA = Path(__file__).resolve().parent.parent / "data" / "tulu3_demo.jsonl"
+
+EOS_TOKEN = "<|endoftext|>"
+BOS_TOKEN = "<|begin_of_text|>"
+# EOS first so that it gets id 0; the order fixes every special token's id.
+SPECIAL_TOKENS = [
+    EOS_TOKEN,
+    "<|user|>",
+    "<|assistant|>",
+    "<|system|>",
+    BOS_TOKEN,
+    "<|eot_id|>",
+    "<|eom_id|>",
+    "<|start_header_id|>",
+    "<|end_header_id|>",
+]
+
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if message['role'] == 'system' %}{{ '<|system|>\\n' + message['content'] + '\\n' }}"
+    "{% elif message['role'] == 'user' %}{{ '<|user|>\\n' + message['content'] + '\\n' }}"
+    "{% elif message['role'] == 'assistant' %}{{ '<|assistant|>\\n' + message['content'] + eos_token + '\\n' }}"
+    "{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|assistant|>\\n' }}{% endif %}"
+)
+
+
+def iter_corpus(data_files: list[Path]) -> Iterator[str]:
+    """Yield every message content of the Tulu-format JSONL files, in file order."""
+    for path in data_files:
+        with open(path, encoding="utf-8") as f:
+            for line in f:
+                if line.strip():
+                    for message in json.loads(line)["messages"]:
+                        yield message["content"]
+
+
+def train_tokenizer(data_files: list[Path], vocab_size: int):
+    """Train a byte-level BPE tokenizer and wrap it as a transformers fast tokenizer."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        min_frequency=2,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(iter_corpus(data_files), trainer=trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer,
+        bos_token=BOS_TOKEN,
+        eos_token=EOS_TOKEN,
+        pad_token=EOS_TOKEN,
+        additional_special_tokens=SPECIAL_TOKENS[1:4] + SPECIAL_TOKENS[5:],
+        chat_template=CHAT_TEMPLATE,
+        model_max_length=2048,
+    )
+
+
+def build_model(tokenizer, hidden: int, layers: int, intermediate: int, heads: int, kv_heads: int, seed: int):
+    """A randomly initialised LlamaForCausalLM sized to the tokenizer (Llama-3.1-like: GQA, untied head)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden,
+        intermediate_size=intermediate,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        max_position_embeddings=2048,
+        rope_theta=500000.0,
+        tie_word_embeddings=False,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(config)
+
+
+def build(
+    out: Path,
+    hidden: int = 64,
+    layers: int = 2,
+    intermediate: int | None = None,
+    heads: int = 4,
+    kv_heads: int = 2,
+    vocab: int = 1024,
+    seed: int = 0,
+    data_files: list[Path] | None = None,
+) -> None:
+    """Build the tokenizer and the model and save both into ``out``."""
+    if hidden % heads != 0 or heads % kv_heads != 0:
+        raise ValueError(f"hidden ({hidden}) must be divisible by heads ({heads}), heads by kv_heads ({kv_heads}).")
+
+    tokenizer = train_tokenizer(data_files or [DEFAULT_DATA], vocab)
+    model = build_model(tokenizer, hidden, layers, intermediate or 4 * hidden, heads, kv_heads, seed)
+    out.mkdir(parents=True, exist_ok=True)
+    tokenizer.save_pretrained(out)
+    model.save_pretrained(out)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, default=Path("models/tiny-llama"))
+    parser.add_argument("--hidden", type=int, default=64)
+    parser.add_argument("--layers", type=int, default=2)
+    parser.add_argument("--intermediate", type=int, default=None, help="MLP width (default: 4 * hidden)")
+    parser.add_argument("--heads", type=int, default=4)
+    parser.add_argument("--kv-heads", type=int, default=2)
+    parser.add_argument("--vocab", type=int, default=1024, help="target BPE vocabulary size, special tokens included")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--data", type=Path, nargs="+", default=[DEFAULT_DATA], help="Tulu-format JSONL corpus")
+    args = parser.parse_args(argv)
+
+    build(
+        args.out,
+        hidden=args.hidden,
+        layers=args.layers,
+        intermediate=args.intermediate,
+        heads=args.heads,
+        kv_heads=args.kv_heads,
+        vocab=args.vocab,
+        seed=args.seed,
+        data_files=args.data,
+    )
+    print(f"saved tiny LLaMA to {args.out}")
+
+
+if __name__ == "__main__":
+    main()

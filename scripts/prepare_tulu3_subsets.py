@@ -1,0 +1,252 @@
+"""Split the Tulu 3 SFT mixture into per-category JSONL files and register them for LLaMA-Factory.
+
+Every row of ``allenai/tulu-3-sft-mixture`` has ``{"id", "messages", "source"}``; ``source`` names the
+component dataset it came from. This script maps each source to a category, writes
+``<out>/<category>.jsonl`` (rows unchanged, same schema) and prints the matching ``dataset_info.json``
+entries ``tulu3_<category>``; with ``--dataset-info`` it also merges them into that file.
+
+Source → category (the categories of the Tulu 3 report; the prefix before ``/`` is ignored):
+
+=====================  ================================================================================
+category               sources
+=====================  ================================================================================
+math                   personahub_math_v5_regen_149960, tulu-3-sft-personas-math-grade,
+                       tulu_v3.9_open_math_2_gsm8k_50k, numinamath_tir_math_decontaminated,
+                       tulu_v3.9_personahub_math_interm_algebra_20k
+coding                 personahub_code_v2_34999, evol_codealpaca_heval_decontaminated
+instruction_following  personahub_ifdata_manual_seed_v3_29980
+general                oasst1_converted, no_robots_converted, tulu_v3.9_wildchat_100k,
+                       tulu_hard_coded_repeated_10
+knowledge              flan_v2_converted, tulu_v3.9_table_gpt_5k
+safety                 coconot_converted, tulu_v3.9_wildjailbreak_decontaminated_50k,
+                       tulu_v3.9_synthetic_finalresp_wildguardmixtrain_decontaminated_50k
+multilingual           tulu_v3.9_aya_100k
+science                tulu_v3.9_sciriff_10k
+=====================  ================================================================================
+
+Sources not in the table (other releases of the mixture rename components) fall back to keywords in
+their name (``math``/``gsm`` → math, ``code`` → coding, ``ifdata`` → instruction_following, ...), and
+to ``other`` when nothing matches.
+
+Usage::
+
+    # GPU users with internet: the hub mixture (downloads ~1.4 GB once, or --streaming)
+    python scripts/prepare_tulu3_subsets.py --input allenai/tulu-3-sft-mixture --out data/tulu3_subsets \\
+        --categories coding,math --dataset-info data/dataset_info.json
+    # offline: a local file in the same schema (.jsonl, .json or .parquet)
+    python scripts/prepare_tulu3_subsets.py --input data/tulu3_demo.jsonl --out /tmp/tulu3_subsets
+"""
+
+import argparse
+import json
+import os
+from collections import Counter
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+SOURCE_CATEGORIES = {
+    "personahub_math_v5_regen_149960": "math",
+    "tulu-3-sft-personas-math-grade": "math",
+    "tulu_v3.9_open_math_2_gsm8k_50k": "math",
+    "numinamath_tir_math_decontaminated": "math",
+    "tulu_v3.9_personahub_math_interm_algebra_20k": "math",
+    "personahub_code_v2_34999": "coding",
+    "evol_codealpaca_heval_decontaminated": "coding",
+    "personahub_ifdata_manual_seed_v3_29980": "instruction_following",
+    "oasst1_converted": "general",
+    "no_robots_converted": "general",
+    "tulu_v3.9_wildchat_100k": "general",
+    "tulu_hard_coded_repeated_10": "general",
+    "flan_v2_converted": "knowledge",
+    "tulu_v3.9_table_gpt_5k": "knowledge",
+    "coconot_converted": "safety",
+    "tulu_v3.9_wildjailbreak_decontaminated_50k": "safety",
+    "tulu_v3.9_synthetic_finalresp_wildguardmixtrain_decontaminated_50k": "safety",
+    "tulu_v3.9_aya_100k": "multilingual",
+    "tulu_v3.9_sciriff_10k": "science",
+}
+
+# Checked in order, so the more specific names come first.
+KEYWORD_CATEGORIES = [
+    ("ifdata", "instruction_following"),
+    ("instruction-following", "instruction_following"),
+    ("jailbreak", "safety"),
+    ("wildguard", "safety"),
+    ("coconot", "safety"),
+    ("aya", "multilingual"),
+    ("sciriff", "science"),
+    ("math", "math"),
+    ("gsm", "math"),
+    ("code", "coding"),
+    ("flan", "knowledge"),
+    ("table_gpt", "knowledge"),
+    ("wildchat", "general"),
+    ("oasst", "general"),
+    ("no_robots", "general"),
+    ("hard_coded", "general"),
+]
+
+CATEGORIES = sorted(set(SOURCE_CATEGORIES.values()))
+OTHER = "other"
+SCHEMA_KEYS = ("id", "messages", "source")
+LOCAL_FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
+
+
+def source_category(source: str) -> str:
+    """Map a mixture ``source`` (e.g. ``ai2-adapt-dev/personahub_code_v2_34999``) to its category."""
+    name = source.rsplit("/", 1)[-1]
+    if name in SOURCE_CATEGORIES:
+        return SOURCE_CATEGORIES[name]
+
+    lowered = name.lower()
+    for keyword, category in KEYWORD_CATEGORIES:
+        if keyword in lowered:
+            return category
+
+    return OTHER
+
+
+def dataset_name(category: str) -> str:
+    """The ``dataset_info.json`` key of a category subset, e.g. ``tulu3_coding``."""
+    return f"tulu3_{category}"
+
+
+def dataset_entry(file_name: str) -> dict:
+    """A LLaMA-Factory ``dataset_info.json`` entry for a local file in the Tulu 3 (sharegpt) schema."""
+    return {
+        "file_name": file_name,
+        "formatting": "sharegpt",
+        "columns": {"messages": "messages"},
+        "tags": {
+            "role_tag": "role",
+            "content_tag": "content",
+            "user_tag": "user",
+            "assistant_tag": "assistant",
+            "system_tag": "system",
+        },
+    }
+
+
+def iter_rows(source: str, split: str = "train", streaming: bool = False) -> Iterator[dict]:
+    """Yield the rows of a local ``.jsonl``/``.json``/``.parquet`` file, or of a hub dataset id."""
+    path = Path(source)
+    if path.is_file():
+        if path.suffix not in LOCAL_FORMATS:
+            raise ValueError(f"Unsupported file type {path.suffix!r}; expected one of {sorted(LOCAL_FORMATS)}.")
+
+        if path.suffix == ".parquet":
+            import pyarrow.parquet as pq
+
+            yield from pq.read_table(path).to_pylist()
+        else:
+            with open(path, encoding="utf-8") as f:
+                for line in f:
+                    if line.strip():
+                        yield json.loads(line)
+
+        return
+
+    from datasets import load_dataset
+
+    yield from load_dataset(source, split=split, streaming=streaming)
+
+
+def split_by_category(
+    rows: Iterable[dict], out_dir: Path, categories: list[str], max_per_category: int | None = None
+) -> dict[str, int]:
+    """Write the rows of the requested categories to ``out_dir/<category>.jsonl``; return the row counts.
+
+    Rows are written unchanged but restricted to the mixture's schema keys, in input order. Only
+    non-empty categories get a file; every requested category appears in the returned counts.
+    """
+    out_dir.mkdir(parents=True, exist_ok=True)
+    counts = Counter({category: 0 for category in categories})
+    files = {}
+    try:
+        for row in rows:
+            category = source_category(row["source"])
+            if category not in counts or counts[category] == max_per_category:
+                continue
+
+            if category not in files:
+                files[category] = open(out_dir / f"{category}.jsonl", "w", encoding="utf-8", newline="\n")
+
+            files[category].write(json.dumps({key: row[key] for key in SCHEMA_KEYS}, ensure_ascii=False) + "\n")
+            counts[category] += 1
+    finally:
+        for f in files.values():
+            f.close()
+
+    return dict(counts)
+
+
+def dataset_entries(out_dir: Path, counts: dict[str, int], dataset_dir: Path) -> dict[str, dict]:
+    """``dataset_info.json`` entries for the non-empty subsets, with paths relative to ``dataset_dir``."""
+    entries = {}
+    for category, count in counts.items():
+        if count > 0:
+            file_name = Path(os.path.relpath(out_dir / f"{category}.jsonl", dataset_dir)).as_posix()
+            entries[dataset_name(category)] = dataset_entry(file_name)
+
+    return entries
+
+
+def update_dataset_info(path: Path, entries: dict[str, dict]) -> None:
+    """Merge ``entries`` into the ``dataset_info.json`` at ``path`` (created if missing), keeping other keys."""
+    info = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    info.update(entries)
+    path.write_text(json.dumps(info, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+def parse_categories(value: str) -> list[str]:
+    """Parse ``coding,math`` (or ``all``) into a list of known categories."""
+    if value == "all":
+        return CATEGORIES + [OTHER]
+
+    categories = [item.strip() for item in value.split(",") if item.strip()]
+    unknown = sorted(set(categories) - set(CATEGORIES + [OTHER]))
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown categories {unknown}; choose from {CATEGORIES + [OTHER]}")
+
+    return categories
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--input", required=True, help="hub dataset id or local .jsonl/.json/.parquet file")
+    parser.add_argument("--out", type=Path, required=True, help="directory for <category>.jsonl")
+    parser.add_argument(
+        "--categories",
+        type=parse_categories,
+        default=CATEGORIES,
+        help=f"comma-separated subset of {CATEGORIES + [OTHER]}, or 'all' (default: all but other)",
+    )
+    parser.add_argument("--max-per-category", type=int, default=None, help="keep at most this many rows each")
+    parser.add_argument("--split", default="train", help="split of a hub dataset")
+    parser.add_argument("--streaming", action="store_true", help="stream a hub dataset instead of downloading it")
+    parser.add_argument(
+        "--dataset-info",
+        type=Path,
+        default=None,
+        help="dataset_info.json to merge the entries into (file paths become relative to its directory)",
+    )
+    args = parser.parse_args(argv)
+
+    counts = split_by_category(
+        iter_rows(args.input, args.split, args.streaming), args.out, args.categories, args.max_per_category
+    )
+    dataset_dir = args.dataset_info.parent if args.dataset_info else args.out.parent
+    entries = dataset_entries(args.out, counts, dataset_dir)
+
+    for category, count in counts.items():
+        print(f"{dataset_name(category):32s} {count:8d}  {args.out / f'{category}.jsonl' if count else '(empty)'}")
+
+    if args.dataset_info:
+        update_dataset_info(args.dataset_info, entries)
+        print(f"updated {args.dataset_info} with {sorted(entries)}")
+    else:
+        print(json.dumps(entries, indent=2))
+
+
+if __name__ == "__main__":
+    main()
