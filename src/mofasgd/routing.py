@@ -17,11 +17,15 @@ class Routing:
     adamw: list[tuple[str, nn.Parameter]] = field(default_factory=list)
 
     def table(self) -> str:
-        """A readable routing table: one line per parameter with its shape and destination."""
-        rows = [("parameter", "shape", "optimizer")]
-        rows += [(n, "x".join(map(str, p.shape)), "MoFaSGD") for n, p in self.mofasgd]
-        rows += [(n, "x".join(map(str, p.shape)) or "scalar", "AdamW") for n, p in self.adamw]
-        widths = [max(len(r[i]) for r in rows) for i in range(3)]
+        """A readable routing table; layers that differ only by their index are folded into one `*` row."""
+        folded: dict[tuple[str, str, str], int] = {}
+        for dest, items in (("MoFaSGD", self.mofasgd), ("AdamW", self.adamw)):
+            for name, p in items:
+                key = (re.sub(r"\.\d+\.", ".*.", name), "x".join(map(str, p.shape)) or "scalar", dest)
+                folded[key] = folded.get(key, 0) + 1
+        rows = [("parameter", "shape", "count", "optimizer")]
+        rows += [(name, shape, str(count), dest) for (name, shape, dest), count in folded.items()]
+        widths = [max(len(r[i]) for r in rows) for i in range(4)]
         lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows]
         managed = sum(p.numel() for _, p in self.mofasgd)
         others = sum(p.numel() for _, p in self.adamw)

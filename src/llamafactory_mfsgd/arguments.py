@@ -1,0 +1,196 @@
+"""YAML keys added to LLaMA-Factory's FinetuningArguments: MoFaSGD (`use_mfsgd`, `mfsgd_*`), profiling, fused GaLore.
+
+The key names follow the authors' LLaMA-Factory fork so their configs run unchanged. Checks that need only
+these values run in ``__post_init__`` (parse time); checks that also need the training arguments (DeepSpeed,
+FSDP, fp16, world size) run in :func:`validate_with_training_args`, also at parse time.
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass, field, fields
+from typing import Any, Literal
+
+MFSGD_INITS = ("weight", "gradient")
+
+
+@dataclass
+class MfsgdArguments:
+    """Arguments selecting and configuring the MoFaSGD optimizer."""
+
+    use_mfsgd: bool = field(
+        default=False,
+        metadata={"help": "Train with MoFaSGD: rank-r factored momentum for hidden matrices, AdamW for the rest."},
+    )
+    learning_rate_mfsgd: float | None = field(
+        default=None, metadata={"help": "Learning rate of the MoFaSGD matrices (default: `learning_rate`)."}
+    )
+    learning_rate_adamw: float | None = field(
+        default=None,
+        metadata={
+            "help": "Learning rate of the AdamW parameters: embeddings, LM head, norms (default: `learning_rate`)."
+        },
+    )
+    mfsgd_rank: int = field(default=2, metadata={"help": "Rank r of the factored momentum."})
+    mfsgd_beta: float = field(default=0.9, metadata={"help": "Momentum decay beta in [0, 1)."})
+    mfsgd_beta_start: float | None = field(
+        default=None, metadata={"help": "Start of the linear beta warm-up (needs mfsgd_beta_warmup_steps)."}
+    )
+    mfsgd_beta_end: float | None = field(default=None, metadata={"help": "End of the linear beta warm-up."})
+    mfsgd_beta_warmup_steps: int = field(
+        default=0, metadata={"help": "Steps of linear beta warm-up from mfsgd_beta_start to mfsgd_beta_end (0: off)."}
+    )
+    mfsgd_eta1: float = field(default=1.0, metadata={"help": "Scale of the low-rank momentum step."})
+    mfsgd_eta2: float = field(
+        default=0.0,
+        metadata={"help": "Scale of the gradient's orthogonal-complement step; > 0 needs `mfsgd_fused: false`."},
+    )
+    mfsgd_eps: float = field(default=1e-4, metadata={"help": "Singular values <= eps take no step."})
+    mfsgd_max_value: float = field(default=1e4, metadata={"help": "Clamp of 1/S in the reciprocal-S step."})
+    mfsgd_use_ones_for_nonzero_s: bool = field(
+        default=False, metadata={"help": "Spectrally normalised step U V^T (the paper's) instead of U diag(1/S) V^T."}
+    )
+    mfsgd_use_current_projection: bool = field(
+        default=False, metadata={"help": "Use the new factors (not the previous ones) for the eta2 complement."}
+    )
+    mfsgd_nesterov: bool = field(default=False, metadata={"help": "Nesterov look-ahead step SVD_r(beta M + G_hat)."})
+    mfsgd_init: Literal["weight", "gradient"] = field(
+        default="weight",
+        metadata={"help": "Factor initialisation: `weight` (top-r SVD of W, the authors') or `gradient` (first one)."},
+    )
+    mfsgd_fused: bool = field(
+        default=True,
+        metadata={"help": "Project gradients in a backward hook and free them at once (LoRA-like memory)."},
+    )
+    mfsgd_target: str = field(
+        default="all",
+        metadata={"help": "Module names routed to MoFaSGD, comma-separated, or `all` (every 2-D hidden weight)."},
+    )
+
+
+@dataclass
+class ProfileMemoryArguments:
+    """Arguments of the PyTorch memory-snapshot callback."""
+
+    profile_memory_from_start: bool = field(
+        default=False, metadata={"help": "Record allocator history from before model load and dump a snapshot."}
+    )
+    profile_memory_stop_step: int = field(
+        default=1, metadata={"help": "Optimizer steps after which the snapshot is written and recording stops."}
+    )
+    profile_memory_stop_accumulation_step: int = field(
+        default=0, metadata={"help": "If > 0, stop after this many micro-steps of the first optimizer step instead."}
+    )
+    profile_memory_max_entries: int = field(
+        default=1_000_000, metadata={"help": "Allocator events kept in the CUDA history ring buffer."}
+    )
+
+
+@dataclass
+class GaloreFusedArguments:
+    """The fused GaLore baseline: projection of each gradient in a backward hook (needs `use_galore`)."""
+
+    galore_fused: bool = field(
+        default=False, metadata={"help": "Project GaLore gradients in a backward hook and free the full gradient."}
+    )
+
+
+EXTENSION_DATACLASSES = (MfsgdArguments, ProfileMemoryArguments, GaloreFusedArguments)
+
+
+def extension_field_names() -> set[str]:
+    """All YAML keys this extension adds."""
+    return {f.name for cls in EXTENSION_DATACLASSES for f in fields(cls)}
+
+
+def _bad(key: str, value: Any, expected: str) -> ValueError:
+    return ValueError(f"Invalid `{key}: {value!r}` in the MoFaSGD config: expected {expected}.")
+
+
+def validate_extension_values(args: Any) -> None:
+    """Check the extension's own keys (called from FinetuningArguments.__post_init__)."""
+    if args.galore_fused and not args.use_galore:
+        raise ValueError("`galore_fused: true` needs `use_galore: true`.")
+    if args.profile_memory_stop_step < 1:
+        raise _bad("profile_memory_stop_step", args.profile_memory_stop_step, "an integer >= 1")
+    if args.profile_memory_stop_accumulation_step < 0:
+        raise _bad(
+            "profile_memory_stop_accumulation_step", args.profile_memory_stop_accumulation_step, "an integer >= 0"
+        )
+    if args.profile_memory_max_entries < 1:
+        raise _bad("profile_memory_max_entries", args.profile_memory_max_entries, "an integer >= 1")
+    if not args.use_mfsgd:
+        return
+    if args.finetuning_type != "full":
+        raise ValueError(
+            f"`use_mfsgd: true` trains every weight and cannot be combined with `finetuning_type: "
+            f"{args.finetuning_type}`; set `finetuning_type: full` (or drop use_mfsgd to train LoRA/freeze)."
+        )
+    others = [k for k in ("use_galore", "use_apollo", "use_badam", "use_adam_mini", "use_muon") if getattr(args, k)]
+    if others:
+        raise ValueError(f"`use_mfsgd: true` cannot be combined with {', '.join(f'`{k}: true`' for k in others)}.")
+    if args.stage not in ("sft", "pt", "dpo", "kto", "rm"):
+        raise ValueError(f"`use_mfsgd: true` is not supported for `stage: {args.stage}` (use sft, pt, dpo, kto, rm).")
+    if not isinstance(args.mfsgd_rank, int) or args.mfsgd_rank <= 0:
+        raise _bad("mfsgd_rank", args.mfsgd_rank, "a positive integer, e.g. 8")
+    for key in ("mfsgd_beta", "mfsgd_beta_start", "mfsgd_beta_end"):
+        value = getattr(args, key)
+        if value is not None and not 0.0 <= value < 1.0:
+            raise _bad(key, value, "a value in [0, 1)")
+    if args.mfsgd_beta_warmup_steps < 0:
+        raise _bad("mfsgd_beta_warmup_steps", args.mfsgd_beta_warmup_steps, "an integer >= 0")
+    if args.mfsgd_beta_warmup_steps > 0 and (args.mfsgd_beta_start is None or args.mfsgd_beta_end is None):
+        raise ValueError("`mfsgd_beta_warmup_steps > 0` needs both `mfsgd_beta_start` and `mfsgd_beta_end`.")
+    for key in ("learning_rate_mfsgd", "learning_rate_adamw"):
+        value = getattr(args, key)
+        if value is not None and value < 0:
+            raise _bad(key, value, "a learning rate >= 0")
+    for key in ("mfsgd_eta1", "mfsgd_eta2", "mfsgd_eps", "mfsgd_max_value"):
+        if getattr(args, key) < 0:
+            raise _bad(key, getattr(args, key), "a value >= 0")
+    if args.mfsgd_init not in MFSGD_INITS:
+        raise _bad("mfsgd_init", args.mfsgd_init, f"one of {MFSGD_INITS}")
+    if args.mfsgd_fused and args.mfsgd_eta2 > 0:
+        raise ValueError(
+            "`mfsgd_eta2 > 0` needs the whole gradient, which `mfsgd_fused: true` frees during backward; "
+            "set `mfsgd_fused: false` or `mfsgd_eta2: 0`."
+        )
+    if not args.mfsgd_target.strip():
+        raise _bad("mfsgd_target", args.mfsgd_target, "`all` or comma-separated module names")
+
+
+def validate_with_training_args(finetuning_args: Any, training_args: Any) -> None:
+    """Cross-checks against the HF training arguments, at parse time, one clear error each."""
+    if not finetuning_args.use_mfsgd:
+        return
+    if training_args.deepspeed:
+        raise ValueError(
+            "`use_mfsgd: true` does not run under DeepSpeed (ZeRO hands the optimizer flattened 1-D shards, so "
+            "no weight matrix is left to factor). Remove `deepspeed:`; multi-GPU MoFaSGD runs on plain DDP "
+            "(`python run.py CFG --ngpus N` or `FORCE_TORCHRUN=1 llamafactory-cli train CFG`)."
+        )
+    if training_args.fsdp:
+        raise ValueError(
+            "`use_mfsgd: true` does not run under FSDP (parameters are sharded and flattened). Remove `fsdp:`; "
+            "multi-GPU MoFaSGD runs on plain DDP (`python run.py CFG --ngpus N`)."
+        )
+    if training_args.fp16 and finetuning_args.mfsgd_fused:
+        raise ValueError(
+            "`fp16: true` scales the loss, and fused MoFaSGD consumes gradients before the scaler can unscale "
+            "them. Use `bf16: true` / `pure_bf16: true`, or set `mfsgd_fused: false`."
+        )
+    if training_args.world_size > 1 and finetuning_args.mfsgd_init == "gradient":
+        raise ValueError(
+            "`mfsgd_init: gradient` would give each data-parallel rank its own factors; use `mfsgd_init: weight`."
+        )
+
+
+def check_key_spelling(keys: list[str], known: set[str]) -> None:
+    """Refuse misspelt extension keys (mfsgd_*, profile_memory_*, learning_rate_*), naming the closest key."""
+    prefixes = ("mfsgd_", "use_mfsgd", "profile_memory_", "learning_rate_", "galore_fused")
+    ours = sorted(k for k in known if k.startswith(prefixes))
+    for key in keys:
+        if key.startswith(prefixes) and key not in known:
+            close = difflib.get_close_matches(key, ours, n=1, cutoff=0.5)
+            hint = f" Did you mean `{close[0]}`?" if close else f" Known keys: {', '.join(ours)}."
+            raise ValueError(f"Unknown key `{key}` in the training config.{hint}")

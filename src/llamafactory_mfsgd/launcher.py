@@ -1,0 +1,155 @@
+"""`python run.py CONFIG [--ngpus N] [--base_output_dir DIR] [key=value ...]`: name, record and launch a run.
+
+The run name is derived from the config (model, data, method and rank, effective batch, learning rates,
+scheduler); the resolved config is written to ``<base_output_dir>/<run_name>/run_config.yaml`` and training
+starts on N processes: in this process for N = 1, through torchrun otherwise. Multi-node runs honour the
+usual torchrun variables (NNODES, NODE_RANK, MASTER_ADDR, MASTER_PORT) like llamafactory-cli does.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+def _fmt(value: Any) -> str:
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def method_tag(config: dict[str, Any]) -> str:
+    """Short method description: mfsgd-r8, galore-fused-r8, lora-r8, freeze, full-adamw ..."""
+    if config.get("use_mfsgd"):
+        tag = f"mfsgd-r{config.get('mfsgd_rank', 2)}"
+        if config.get("mfsgd_nesterov"):
+            tag += "-nesterov"
+        if config.get("mfsgd_use_ones_for_nonzero_s"):
+            tag += "-s1"
+        return tag
+    if config.get("use_galore"):
+        return f"galore{'-fused' if config.get('galore_fused') else ''}-r{config.get('galore_rank', 16)}"
+    if config.get("use_apollo"):
+        return f"apollo-r{config.get('apollo_rank', 16)}"
+    if config.get("use_muon"):
+        return "muon"
+    finetuning_type = config.get("finetuning_type", "lora")
+    if finetuning_type == "lora":
+        return f"lora-r{config.get('lora_rank', 8)}"
+    return "full-adamw" if finetuning_type == "full" else finetuning_type
+
+
+def run_name(config: dict[str, Any], ngpus: int) -> str:
+    """A descriptive, filesystem-safe name for the run."""
+    model = Path(str(config.get("model_name_or_path", "model")).rstrip("/")).name
+    dataset = str(config.get("dataset", "data")).replace(",", "+")
+    batch = int(config.get("per_device_train_batch_size", 1)) * int(config.get("gradient_accumulation_steps", 1))
+    parts = [model, dataset, method_tag(config), f"bs{batch * ngpus}"]
+    if config.get("use_mfsgd") and (config.get("learning_rate_mfsgd") or config.get("learning_rate_adamw")):
+        lr = config.get("learning_rate")
+        parts.append(f"mflr{_fmt(config.get('learning_rate_mfsgd', lr))}")
+        parts.append(f"adlr{_fmt(config.get('learning_rate_adamw', lr))}")
+    elif "learning_rate" in config:
+        parts.append(f"lr{_fmt(config['learning_rate'])}")
+    parts.append(str(config.get("lr_scheduler_type", "linear")))
+    return re.sub(r"[^A-Za-z0-9._+-]+", "-", "_".join(parts))
+
+
+def parse_scalar(text: str) -> Any:
+    """`true`/`false`, `null`, integers and floats become Python values; anything else (e.g. `no`) stays text."""
+    lowered = text.strip().lower()
+    if lowered in ("true", "false"):
+        return lowered == "true"
+    if lowered in ("null", "none", "~"):
+        return None
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    return text
+
+
+def apply_overrides(config: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply `key=value` overrides (values through :func:`parse_scalar`)."""
+    result = dict(config)
+    for item in overrides:
+        if "=" not in item:
+            raise SystemExit(f"Override {item!r} is not of the form key=value.")
+        key, value = item.split("=", 1)
+        result[key.strip()] = parse_scalar(value)
+    return result
+
+
+def _free_port() -> str:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return str(s.getsockname()[1])
+
+
+def torchrun_command(config_path: Path, ngpus: int) -> list[str]:
+    """The torchrun command that runs `llamafactory_mfsgd.train_entry` on every process."""
+    torchrun = shutil.which("torchrun") or str(Path(sys.executable).with_name("torchrun"))
+    return [
+        torchrun,
+        "--nnodes",
+        os.environ.get("NNODES", "1"),
+        "--node_rank",
+        os.environ.get("NODE_RANK", "0"),
+        "--nproc_per_node",
+        str(ngpus),
+        "--master_addr",
+        os.environ.get("MASTER_ADDR", "127.0.0.1"),
+        "--master_port",
+        os.environ.get("MASTER_PORT") or _free_port(),
+        "-m",
+        "llamafactory_mfsgd.train_entry",
+        str(config_path),
+    ]
+
+
+def prepare_run(config_file: str, ngpus: int, base_output_dir: str, overrides: list[str]) -> tuple[Path, dict]:
+    """Resolve the config, create the run directory and write the resolved config there."""
+    with open(config_file) as f:
+        config = apply_overrides(yaml.safe_load(f) or {}, overrides)
+    name = run_name(config, ngpus)
+    run_dir = Path(base_output_dir) / name
+    run_dir.mkdir(parents=True, exist_ok=True)
+    config["output_dir"] = str(run_dir)
+    config.setdefault("run_name", name)
+    resolved = run_dir / "run_config.yaml"
+    with open(resolved, "w") as f:
+        yaml.safe_dump(config, f, sort_keys=False)
+    return resolved, config
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of run.py."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("config", help="LLaMA-Factory training YAML")
+    parser.add_argument("--ngpus", type=int, default=1, help="processes per node (GPUs; CPU processes without CUDA)")
+    parser.add_argument("--base_output_dir", default="saves", help="parent directory of the run directory")
+    parser.add_argument("overrides", nargs="*", help="key=value overrides of the YAML")
+    args = parser.parse_intermixed_args(argv)
+    if args.ngpus < 1:
+        parser.error("--ngpus must be >= 1")
+
+    resolved, config = prepare_run(args.config, args.ngpus, args.base_output_dir, args.overrides)
+    os.environ.setdefault("WANDB_NAME", config["run_name"])
+    os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+    print(
+        f"[run.py] run: {config['run_name']}\n[run.py] directory: {config['output_dir']}\n[run.py] config: {resolved}"
+    )
+    if args.ngpus == 1 and int(os.environ.get("NNODES", "1")) == 1:
+        from .train_entry import train
+
+        train(str(resolved))
+        return 0
+    return subprocess.run(torchrun_command(resolved, args.ngpus), check=False).returncode

@@ -1,0 +1,79 @@
+"""Build the MoFaSGD optimizer for a LLaMA-Factory run from its finetuning and training arguments."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from llamafactory.extras.logging import get_logger
+from torch import nn
+from transformers.pytorch_utils import ALL_LAYERNORM_LAYERS
+from transformers.trainer_pt_utils import get_parameter_names
+
+from mofasgd import MoFaSGD, split_for_mofasgd
+from mofasgd.data_parallel import ignore_managed_in_ddp
+
+logger = get_logger("llamafactory.mfsgd")  # under llamafactory.* so it shares its handler and verbosity
+
+
+def _decay_parameter_names(model: nn.Module) -> set[str]:
+    """Names of parameters that take weight decay: everything but norms and biases (the HF/LLaMA-Factory rule)."""
+    return {n for n in get_parameter_names(model, ALL_LAYERNORM_LAYERS) if "bias" not in n}
+
+
+def _or_default(value: float | None, default: float) -> float:
+    return default if value is None else value
+
+
+def create_mfsgd_optimizer(model: nn.Module, training_args: Any, finetuning_args: Any) -> MoFaSGD:
+    """One MoFaSGD optimizer: a MoFaSGD group for the routed matrices, AdamW groups (decay / no decay) for the rest.
+
+    Routing (fork-compatible): every trainable 2-D weight matching ``mfsgd_target`` except the input embeddings
+    and the LM head goes to MoFaSGD at ``learning_rate_mfsgd``; the rest to AdamW at ``learning_rate_adamw``;
+    both default to ``learning_rate``. Under data parallelism the managed matrices are removed from DDP's
+    gradient all-reduce and the optimizer averages their thin projections instead (exact, far fewer bytes).
+    """
+    routing = split_for_mofasgd(model, finetuning_args.mfsgd_target)
+    if not routing.mofasgd:
+        raise ValueError(
+            f"`mfsgd_target: {finetuning_args.mfsgd_target}` matches no trainable 2-D weight of this model; "
+            "use `all` or module names such as `q_proj,v_proj,mlp`."
+        )
+    lr_mfsgd = _or_default(finetuning_args.learning_rate_mfsgd, training_args.learning_rate)
+    lr_adamw = _or_default(finetuning_args.learning_rate_adamw, training_args.learning_rate)
+    decay_names = _decay_parameter_names(model)
+    groups = [{"params": [p for _, p in routing.mofasgd], "lr": lr_mfsgd, "weight_decay": training_args.weight_decay}]
+    decay = [p for n, p in routing.adamw if n in decay_names]
+    no_decay = [p for n, p in routing.adamw if n not in decay_names]
+    for params, weight_decay in ((decay, training_args.weight_decay), (no_decay, 0.0)):
+        if params:
+            groups.append({"params": params, "mofasgd": False, "lr": lr_adamw, "weight_decay": weight_decay})
+
+    data_parallel = training_args.world_size > 1 and finetuning_args.mfsgd_fused
+    optimizer = MoFaSGD(
+        groups,
+        lr=lr_mfsgd,
+        rank=finetuning_args.mfsgd_rank,
+        beta=finetuning_args.mfsgd_beta,
+        eta1=finetuning_args.mfsgd_eta1,
+        eta2=finetuning_args.mfsgd_eta2,
+        eps=finetuning_args.mfsgd_eps,
+        max_value=finetuning_args.mfsgd_max_value,
+        use_ones_for_nonzero_s=finetuning_args.mfsgd_use_ones_for_nonzero_s,
+        use_current_projection=finetuning_args.mfsgd_use_current_projection,
+        nesterov=finetuning_args.mfsgd_nesterov,
+        beta_start=finetuning_args.mfsgd_beta_start,
+        beta_end=finetuning_args.mfsgd_beta_end,
+        beta_warmup_steps=finetuning_args.mfsgd_beta_warmup_steps,
+        init=finetuning_args.mfsgd_init,
+        adam_betas=(training_args.adam_beta1, training_args.adam_beta2),
+        adam_eps=training_args.adam_epsilon,
+        fused=finetuning_args.mfsgd_fused,
+        data_parallel=data_parallel,
+    )
+    if data_parallel:
+        ignore_managed_in_ddp(model, [p for _, p in routing.mofasgd])
+    logger.info_rank0(
+        f"Using MoFaSGD (rank {finetuning_args.mfsgd_rank}, lr {lr_mfsgd:g}; AdamW lr {lr_adamw:g}; "
+        f"fused={finetuning_args.mfsgd_fused}, data_parallel={data_parallel}). Routing:\n{routing.table()}"
+    )
+    return optimizer

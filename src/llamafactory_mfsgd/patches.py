@@ -1,0 +1,197 @@
+"""What the extension changes in LLaMA-Factory, one function per extended module (applied by `activation`).
+
+- ``hparams.parser``: FinetuningArguments gains our keys; parsing checks their spelling and cross-field rules.
+- ``data.template``: registers the Tulu 3 chat format as ``tulu_v3`` when LLaMA-Factory has none.
+- ``train.trainer_utils``: ``create_custom_optimizer`` builds MoFaSGD / fused GaLore; HF Trainer's gradient
+  norm and clipping see the MoFaSGD matrices (whose gradients live as projections in the optimizer).
+- ``train.tuner``: ``run_exp`` hands our callbacks (memory snapshot) to the trainer.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from types import ModuleType
+from typing import Any
+
+from .arguments import (
+    EXTENSION_DATACLASSES,
+    check_key_spelling,
+    extension_field_names,
+    validate_extension_values,
+    validate_with_training_args,
+)
+from .compat import check_llamafactory_version, require
+
+# Callbacks list of the run_exp call in progress; get_train_args appends to it once the config is parsed.
+_RUN_CALLBACKS: list[Any] | None = None
+
+
+def _raw_keys(raw: dict[str, Any] | list[str]) -> list[str]:
+    """Top-level keys of a parsed YAML/JSON config, or the `--key` names of a command line."""
+    if isinstance(raw, dict):
+        return list(raw)
+    return [token[2:].split("=", 1)[0] for token in raw if token.startswith("--")]
+
+
+def _extend_finetuning_arguments(base: type) -> type:
+    """A dataclass subclass of LLaMA-Factory's FinetuningArguments with the extension's fields and checks."""
+
+    def __post_init__(self) -> None:
+        base.__post_init__(self)
+        validate_extension_values(self)
+
+    namespace = {"__post_init__": __post_init__, "__doc__": base.__doc__, "__module__": __name__}
+    cls = type("FinetuningArguments", (base, *EXTENSION_DATACLASSES), namespace)
+    return dataclasses.dataclass(cls)
+
+
+def patch_parser(module: ModuleType) -> None:
+    """Swap in the extended FinetuningArguments and wrap get_train_args with our parse-time checks."""
+    check_llamafactory_version()
+    require(module, "FinetuningArguments", "_TRAIN_ARGS", "_INFER_ARGS", "_EVAL_ARGS", "get_train_args", "read_args")
+    base = module.FinetuningArguments
+    extended = _extend_finetuning_arguments(base)
+    for name in ("_TRAIN_ARGS", "_INFER_ARGS", "_EVAL_ARGS", "_TRAIN_MCA_ARGS"):
+        classes = getattr(module, name, None)
+        if classes:
+            classes[:] = [extended if cls is base else cls for cls in classes]
+    module.FinetuningArguments = extended
+    original = module.get_train_args
+    known = {f.name for cls in module._TRAIN_ARGS for f in dataclasses.fields(cls)}
+
+    def get_train_args(args=None):
+        raw = module.read_args(args)
+        check_key_spelling(_raw_keys(raw), known)
+        parsed = original(raw)
+        model_args, data_args, training_args, finetuning_args, generating_args = parsed
+        validate_with_training_args(finetuning_args, training_args)
+        _start_memory_session(finetuning_args, training_args)
+        return parsed
+
+    get_train_args.__doc__ = original.__doc__
+    module.get_train_args = get_train_args
+
+
+def guard_parser(module: ModuleType) -> None:
+    """With the extension switched off, refuse configs that use its keys (even under ALLOW_EXTRA_ARGS)."""
+    require(module, "get_train_args", "read_args")
+    original = module.get_train_args
+    ours = extension_field_names()
+
+    def get_train_args(args=None):
+        raw = module.read_args(args)
+        used = sorted(set(_raw_keys(raw)) & ours)
+        if used:
+            raise ValueError(
+                f"This config uses {used}, but the MoFaSGD extension is switched off (LLAMAFACTORY_MFSGD="
+                f"{os.environ.get('LLAMAFACTORY_MFSGD')}). Unset LLAMAFACTORY_MFSGD to train with MoFaSGD."
+            )
+        return original(raw)
+
+    module.get_train_args = get_train_args
+
+
+def _start_memory_session(finetuning_args: Any, training_args: Any) -> None:
+    """Start recording memory before the model is loaded, and queue the callback that stops it."""
+    if not finetuning_args.profile_memory_from_start or _RUN_CALLBACKS is None:
+        return
+    if any(type(cb).__name__ == "MemorySnapshotSession" for cb in _RUN_CALLBACKS):
+        return
+    from .memory_snapshot import MemorySnapshotSession
+
+    session = MemorySnapshotSession(
+        output_dir=training_args.output_dir,
+        stop_step=finetuning_args.profile_memory_stop_step,
+        stop_accumulation_step=finetuning_args.profile_memory_stop_accumulation_step,
+        max_entries=finetuning_args.profile_memory_max_entries,
+    )
+    session.start()
+    _RUN_CALLBACKS.append(session)
+
+
+def patch_tuner(module: ModuleType) -> None:
+    """Let get_train_args (called inside run_exp) add callbacks to the run's callback list."""
+    require(module, "run_exp")
+    original = module.run_exp
+
+    def run_exp(args=None, callbacks=None):
+        global _RUN_CALLBACKS
+        _RUN_CALLBACKS = list(callbacks or [])
+        try:
+            return original(args, _RUN_CALLBACKS)
+        finally:
+            _RUN_CALLBACKS = None
+
+    run_exp.__doc__ = original.__doc__
+    module.run_exp = run_exp
+
+
+def patch_template(module: ModuleType) -> None:
+    """Register the Tulu 3 chat format as `tulu_v3` (the authors' configs use it; 0.9.5 lacks it)."""
+    require(module, "TEMPLATES", "register_template")
+    if "tulu_v3" in module.TEMPLATES:
+        return
+    from llamafactory.data.formatter import EmptyFormatter, StringFormatter
+
+    module.register_template(
+        name="tulu_v3",
+        format_user=StringFormatter(slots=["<|user|>\n{{content}}\n<|assistant|>\n"]),
+        format_assistant=StringFormatter(slots=["{{content}}", {"eos_token"}, "\n"]),
+        format_system=StringFormatter(slots=["<|system|>\n{{content}}\n"]),
+        format_prefix=EmptyFormatter(slots=[{"bos_token"}]),
+    )
+
+
+def patch_trainer_utils(module: ModuleType) -> None:
+    """Route `use_mfsgd` / `galore_fused` to our optimizers and make HF's grad norm cover MoFaSGD matrices."""
+    require(module, "create_custom_optimizer")
+    original = module.create_custom_optimizer
+
+    def create_custom_optimizer(model, training_args, finetuning_args):
+        if getattr(finetuning_args, "use_mfsgd", False):
+            from .optimizer_factory import create_mfsgd_optimizer
+
+            return create_mfsgd_optimizer(model, training_args, finetuning_args)
+        if getattr(finetuning_args, "galore_fused", False):
+            from .galore_factory import create_fused_galore_optimizer
+
+            return create_fused_galore_optimizer(model, training_args, finetuning_args)
+        return original(model, training_args, finetuning_args)
+
+    create_custom_optimizer.__doc__ = original.__doc__
+    module.create_custom_optimizer = create_custom_optimizer
+    _patch_trainer_grad_norm()
+
+
+def _unwrapped_optimizer(trainer: Any) -> Any:
+    optimizer = trainer.optimizer
+    while hasattr(optimizer, "optimizer") and not hasattr(optimizer, "grad_norm"):
+        optimizer = optimizer.optimizer
+    return optimizer
+
+
+def _patch_trainer_grad_norm() -> None:
+    """HF Trainer clips and logs via clip_grad_norm_(model.parameters()); MoFaSGD answers for its own matrices."""
+    from transformers import Trainer
+
+    require(Trainer, "_clip_grad_norm", "_get_grad_norm")
+    if getattr(Trainer, "__mfsgd_patched__", False):
+        return
+    original_clip, original_norm = Trainer._clip_grad_norm, Trainer._get_grad_norm
+
+    def _clip_grad_norm(self, model):
+        optimizer = _unwrapped_optimizer(self)
+        if hasattr(optimizer, "clip_grad_norm_") and hasattr(optimizer, "grad_norm"):
+            return optimizer.clip_grad_norm_(self.args.max_grad_norm)
+        return original_clip(self, model)
+
+    def _get_grad_norm(self, model, grad_norm=None):
+        optimizer = _unwrapped_optimizer(self)
+        if grad_norm is None and hasattr(optimizer, "grad_norm"):
+            return optimizer.grad_norm()
+        return original_norm(self, model, grad_norm=grad_norm)
+
+    Trainer._clip_grad_norm = _clip_grad_norm
+    Trainer._get_grad_norm = _get_grad_norm
+    Trainer.__mfsgd_patched__ = True
