@@ -25,7 +25,7 @@ science                tulu_v3.9_sciriff_10k
 =====================  ================================================================================
 
 Sources not in the table (other releases of the mixture rename components) fall back to keywords in
-their name (``math``/``gsm`` → math, ``code`` → coding, ``ifdata`` → instruction_following, ...), and
+their name (``math``/``gsm``/``algebra`` → math, ``code`` → coding, ``ifdata`` → instruction_following, ...), and
 to ``other`` when nothing matches.
 
 Usage::
@@ -77,6 +77,7 @@ KEYWORD_CATEGORIES = [
     ("sciriff", "science"),
     ("math", "math"),
     ("gsm", "math"),
+    ("algebra", "math"),
     ("code", "coding"),
     ("flan", "knowledge"),
     ("table_gpt", "knowledge"),
