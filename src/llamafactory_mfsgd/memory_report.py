@@ -87,6 +87,11 @@ def pick_cuda_device(snapshot: dict[str, Any]) -> int:
     return devices[0] if devices else 0
 
 
+def _cuda_device_index(snapshot: dict[str, Any], meta: dict[str, Any] | None) -> int:
+    """The device the session recorded (from `meta`), else the busiest device of the snapshot."""
+    return (meta or {}).get("device_index", pick_cuda_device(snapshot))
+
+
 def cuda_memory_timeline(snapshot: dict[str, Any], device_index: int) -> dict[str, Any]:
     """Bytes allocated and reserved over time on one device, replayed from a CUDA snapshot.
 
@@ -131,7 +136,7 @@ def summarize_cuda_snapshot(
     the peak minus those. Without `meta` only totals are reported.
     """
     meta = meta or {}
-    device_index = meta.get("device_index", pick_cuda_device(snapshot))
+    device_index = _cuda_device_index(snapshot, meta)
     timeline = cuda_memory_timeline(snapshot, device_index)
     allocated = timeline["allocated"]
     peak_index = max(range(len(allocated)), key=allocated.__getitem__)
@@ -270,7 +275,7 @@ def render_summary_markdown(summary: dict[str, Any]) -> str:
     if "by_profiler_category" in peak:
         lines += ["", "torch.profiler categories at the peak:", "", "| profiler category | bytes |", "|---|---:|"]
         lines += [f"| {k} | {v} |" for k, v in peak["by_profiler_category"].items()]
-    if summary.get("measured"):
+    if summary.get("measured") and summary["method"] == CPU_METHOD:  # on CUDA the breakdown already is these
         lines += ["", "## Measured from the tensors themselves", "", "| what | bytes | size |", "|---|---:|---:|"]
         lines += [
             f"| {k} | {v} | {format_bytes(v)} |" for k, v in summary["measured"].items() if not isinstance(v, str)
@@ -313,7 +318,7 @@ def plot_cpu_timeline(timeline: dict[str, Any], summary: dict[str, Any], path: P
         step="post",
         linewidth=0,
     )
-    ax.axvline(summary["peak"]["time_ms"], color="black", linestyle=":", linewidth=1)
+    ax.axvline(summary["peak"]["time_ms"], color="black", linestyle=":", linewidth=1, label="peak")
     ax.set_xlabel("time since recording started (ms)")
     ax.set_ylabel("memory (MiB)")
     ax.set_title(f"{CPU_METHOD}: peak {format_bytes(summary['peak']['total_bytes'])}")
@@ -331,12 +336,14 @@ def plot_cuda_timeline(timeline: dict[str, Any], summary: dict[str, Any], path: 
     ax = fig.subplots()
     ax.step(xs, [b / 2**30 for b in timeline["reserved"]], where="post", color="grey", label="reserved")
     ax.step(xs, [b / 2**30 for b in timeline["allocated"]], where="post", color="tab:blue", label="allocated")
-    level = 0
+    # Cumulative reference levels: parameters, then + optimizer state, then + gradients.
+    level, prefix = 0, ""
     for group, color in (("parameters", "darkgreen"), ("optimizer_state", "goldenrod"), ("gradients", "mediumblue")):
         value = summary["peak"]["breakdown"].get(group)
         if value is not None:
             level += value
-            ax.axhline(level / 2**30, color=color, linestyle="--", linewidth=1, label=f"+ {group}")
+            ax.axhline(level / 2**30, color=color, linestyle="--", linewidth=1, label=prefix + group.replace("_", " "))
+            prefix = "+ "
     ax.set_xlabel("time since recording started (ms)" if timeline["timed"] else "allocator event")
     ax.set_ylabel("memory (GiB)")
     ax.set_title(f"{CUDA_METHOD} ({summary['device']}): peak {format_bytes(summary['peak']['total_bytes'])}")
@@ -387,7 +394,7 @@ def write_report(source: str | Path, out_dir: str | Path | None = None) -> dict[
         meta_path = snapshot_meta_path(source)
         meta = json.loads(meta_path.read_text(encoding="utf-8")) if meta_path.exists() else None
         summary = summarize_cuda_snapshot(snapshot, meta, source=str(source))
-        timeline = cuda_memory_timeline(snapshot, int(summary["device"].split(":")[1]))
+        timeline = cuda_memory_timeline(snapshot, _cuda_device_index(snapshot, meta))
         png = _try("timeline PNG", plot_cuda_timeline, timeline, summary, out_dir / TIMELINE_PNG)
         urls = _try("HTML viewer", write_viewer_html, snapshot, out_dir / VIEWER_HTML)
         if urls is not None:
@@ -412,7 +419,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         description="Regenerate the memory summary (Markdown + JSON), the PNG timeline and, for CUDA snapshots, "
         "the HTML viewer from a saved recording.",
     )
-    parser.add_argument("source", type=Path, help="memory_snapshot.pickle (CUDA) or memory_timeline_cpu.json (CPU)")
+    parser.add_argument(
+        "source",
+        type=Path,
+        help="memory_snapshot.pickle (CUDA; unpickling runs code, so only open your own) or memory_timeline_cpu.json",
+    )
     parser.add_argument("--out", type=Path, default=None, help="output directory (default: next to the source)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
