@@ -15,3 +15,25 @@ for _key, _value in {
     "TOKENIZERS_PARALLELISM": "false",
 }.items():
     os.environ.setdefault(_key, _value)
+
+
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    """The tiny LLaMA + tokenizer, built once per session by the project's own script (offline, deterministic)."""
+    out = tmp_path_factory.mktemp("models") / "tiny-llama"
+    subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "build_tiny_llama.py"), "--out", str(out)],
+        check=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    return out

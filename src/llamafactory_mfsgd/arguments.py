@@ -159,21 +159,31 @@ def validate_extension_values(args: Any) -> None:
         raise _bad("mfsgd_target", args.mfsgd_target, "`all` or comma-separated module names")
 
 
-def validate_with_training_args(finetuning_args: Any, training_args: Any) -> None:
-    """Cross-checks against the HF training arguments, at parse time, one clear error each."""
-    if not finetuning_args.use_mfsgd:
+def _truthy(value: Any) -> bool:
+    return value not in (None, False, "", [], {}) and str(value).lower() not in ("false", "0", "none", "no")
+
+
+def validate_engine_keys(values: dict[str, Any]) -> None:
+    """Refuse sharded engines before the training arguments are built (DeepSpeed would be initialised there)."""
+    if not _truthy(values.get("use_mfsgd")):
         return
-    if training_args.deepspeed:
+    if _truthy(values.get("deepspeed")):
         raise ValueError(
             "`use_mfsgd: true` does not run under DeepSpeed (ZeRO hands the optimizer flattened 1-D shards, so "
             "no weight matrix is left to factor). Remove `deepspeed:`; multi-GPU MoFaSGD runs on plain DDP "
             "(`python run.py CFG --ngpus N` or `FORCE_TORCHRUN=1 llamafactory-cli train CFG`)."
         )
-    if training_args.fsdp:
+    if _truthy(values.get("fsdp")) or _truthy(values.get("fsdp_config")):
         raise ValueError(
             "`use_mfsgd: true` does not run under FSDP (parameters are sharded and flattened). Remove `fsdp:`; "
             "multi-GPU MoFaSGD runs on plain DDP (`python run.py CFG --ngpus N`)."
         )
+
+
+def validate_with_training_args(finetuning_args: Any, training_args: Any) -> None:
+    """Cross-checks against the HF training arguments, at parse time, one clear error each."""
+    if not finetuning_args.use_mfsgd:
+        return
     if training_args.fp16 and finetuning_args.mfsgd_fused:
         raise ValueError(
             "`fp16: true` scales the loss, and fused MoFaSGD consumes gradients before the scaler can unscale "

@@ -18,6 +18,7 @@ from .arguments import (
     EXTENSION_DATACLASSES,
     check_key_spelling,
     extension_field_names,
+    validate_engine_keys,
     validate_extension_values,
     validate_with_training_args,
 )
@@ -27,11 +28,17 @@ from .compat import check_llamafactory_version, require
 _RUN_CALLBACKS: list[Any] | None = None
 
 
-def _raw_keys(raw: dict[str, Any] | list[str]) -> list[str]:
-    """Top-level keys of a parsed YAML/JSON config, or the `--key` names of a command line."""
+def _raw_values(raw: dict[str, Any] | list[str]) -> dict[str, Any]:
+    """Top-level keys and values of a parsed YAML/JSON config, or of a `--key value` / `--key=value` command line."""
     if isinstance(raw, dict):
-        return list(raw)
-    return [token[2:].split("=", 1)[0] for token in raw if token.startswith("--")]
+        return raw
+    values: dict[str, Any] = {}
+    for i, token in enumerate(raw):
+        if token.startswith("--"):
+            key, sep, value = token[2:].partition("=")
+            has_next = i + 1 < len(raw) and not raw[i + 1].startswith("--")
+            values[key] = value if sep else (raw[i + 1] if has_next else True)
+    return values
 
 
 def _extend_finetuning_arguments(base: type) -> type:
@@ -62,7 +69,9 @@ def patch_parser(module: ModuleType) -> None:
 
     def get_train_args(args=None):
         raw = module.read_args(args)
-        check_key_spelling(_raw_keys(raw), known)
+        values = _raw_values(raw)
+        check_key_spelling(list(values), known)
+        validate_engine_keys(values)
         parsed = original(raw)
         model_args, data_args, training_args, finetuning_args, generating_args = parsed
         validate_with_training_args(finetuning_args, training_args)
@@ -81,7 +90,7 @@ def guard_parser(module: ModuleType) -> None:
 
     def get_train_args(args=None):
         raw = module.read_args(args)
-        used = sorted(set(_raw_keys(raw)) & ours)
+        used = sorted(set(_raw_values(raw)) & ours)
         if used:
             raise ValueError(
                 f"This config uses {used}, but the MoFaSGD extension is switched off (LLAMAFACTORY_MFSGD="
