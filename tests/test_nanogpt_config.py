@@ -99,10 +99,9 @@ def test_run_names_describe_the_run_and_differ_where_runs_differ():
 
 
 def test_run_py_dry_run_prints_the_resolved_config(capsys, tmp_path):
-    code = run.main(
-        ["--optimizer", "galore", "--config", '{"hidden": {"rank": 8}}', "--width", "64", "--heads", "2", "--depth", "2",
-         "--seq-len", "32", "--steps", "5", "--out-dir", str(tmp_path), "--num-gpus", "2", "--dry-run"]
-    )  # fmt: skip
+    args = ["--optimizer", "galore", "--config", '{"hidden": {"rank": 8}}', "--width", "64", "--heads", "2"]
+    args += ["--depth", "2", "--seq-len", "32", "--steps", "5", "--out-dir", str(tmp_path), "--num-gpus", "2"]
+    code = run.main([*args, "--dry-run"])
     out = capsys.readouterr().out
     assert code == 0
     assert "run name: galore_r8_lr0.008_gap150_sc0.25_d2w64_T32_" in out

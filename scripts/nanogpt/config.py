@@ -130,6 +130,7 @@ class TrainConfig:
     device: str = "auto"  # auto (cuda when available), cpu, cuda, cuda:1, ...
     autocast: str = "auto"  # auto: bf16 on CUDA, none on CPU
     compile: bool = False
+    cpu_threads: int = 0  # torch intra-op threads; 0 keeps torch's default (1 is faster on a busy small CPU)
     checkpoint_every: int = 0  # 0: no checkpoints; the last step is always saved when positive
     resume_from: str | None = None
 
@@ -273,8 +274,10 @@ def validate(config: RunConfig) -> None:
             f"train.seq_len * train.micro_batch_size ({train.seq_len * train.micro_batch_size})"
         )
     for key, value in config.hidden.items():
-        if key in ("lr", "rank", "update_proj_gap", "ns_steps") and value <= 0:
+        if key in ("rank", "update_proj_gap", "ns_steps") and value <= 0:
             raise ValueError(f"hidden.{key} must be positive, got {value}")
+        if key in ("lr", "weight_decay") and value < 0:
+            raise ValueError(f"hidden.{key} must not be negative, got {value}")
 
 
 def read_yaml(path: str | Path) -> dict[str, Any]:

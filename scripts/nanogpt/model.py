@@ -96,7 +96,7 @@ class Block(nn.Module):
 
 
 class GPT(nn.Module):
-    """Decoder-only language model; `forward` returns the mean next-token cross-entropy."""
+    """Decoder-only language model."""
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
@@ -115,8 +115,11 @@ class GPT(nn.Module):
                 std = 0.02 / math.sqrt(2 * self.config.depth) if name.endswith(("out.weight", "down.weight")) else 0.02
                 nn.init.normal_(p, mean=0.0, std=std)
 
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """idx, targets: (batch, time) token ids -> scalar mean cross-entropy (fp32)."""
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
+        """idx: (batch, time) token ids -> mean next-token cross-entropy (fp32) against `targets`.
+
+        Without targets, returns the (soft-capped, fp32) logits of shape (batch, time, vocab) instead.
+        """
         x = self.embed(idx)
         for block in self.blocks:
             x = block(x)
@@ -124,6 +127,8 @@ class GPT(nn.Module):
         cap = self.config.logit_softcap
         if cap > 0:
             logits = cap * torch.tanh(logits / cap)
+        if targets is None:
+            return logits
         return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1))
 
 

@@ -133,6 +133,8 @@ def checkpoint_state(optimizer: torch.optim.Optimizer) -> dict[str, Any]:
     galore-torch stores a GaLoreProjector object per matrix; its basis is kept as a tensor instead.
     """
     state_dict = optimizer.state_dict()
+    # state_dict() shares the per-parameter dicts with the live optimizer: edit copies.
+    state_dict["state"] = {key: dict(state) for key, state in state_dict["state"].items()}
     for state in state_dict["state"].values():
         projector = state.pop("projector", None)
         if projector is not None and projector.ortho_matrix is not None:

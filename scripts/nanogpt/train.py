@@ -99,11 +99,14 @@ def _clip(optimizers: list[torch.optim.Optimizer], params: list[torch.nn.Paramet
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, val_set: ValidationSet, device: torch.device, mode: str, world: int) -> float:
+def evaluate(
+    model: torch.nn.Module, val_set: ValidationSet, device: torch.device, mode: str, world: int, vocab_size: int
+) -> float:
     """Mean validation loss over the fixed validation tokens (averaged over processes)."""
     model.eval()
     total = torch.zeros((), device=device)
     for inputs, targets in val_set:
+        _check_vocab(targets, vocab_size, "validation shards")
         with _autocast(mode, device):
             total += model(inputs.to(device), targets.to(device)).float()
     model.train()
@@ -116,9 +119,10 @@ def _peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
-def _check_vocab(inputs: torch.Tensor, vocab_size: int, where: str) -> None:
-    if int(inputs.max()) >= vocab_size:
-        raise ValueError(f"{where} contain token id {int(inputs.max())} >= model.vocab_size ({vocab_size})")
+def _check_vocab(tokens: torch.Tensor, vocab_size: int, where: str) -> None:
+    # Checked on the CPU batch: an out-of-range id would otherwise fail inside the embedding, far less clearly.
+    if int(tokens.max()) >= vocab_size:
+        raise ValueError(f"{where} contain token id {int(tokens.max())} >= model.vocab_size ({vocab_size})")
 
 
 def _validated_at(history: list[dict[str, Any]], step: int) -> bool:
@@ -143,6 +147,8 @@ def train(config: RunConfig) -> dict[str, Any]:
     if is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+    if tc.cpu_threads > 0:
+        torch.set_num_threads(tc.cpu_threads)
     if device.type == "cuda":
         torch.cuda.set_device(device)
         torch.set_float32_matmul_precision("high")
@@ -198,12 +204,11 @@ def train(config: RunConfig) -> dict[str, Any]:
             log_file.flush()
 
     def validate(step: int) -> None:
-        loss = evaluate(forward, val_set, device, tc.autocast, world)
+        loss = evaluate(forward, val_set, device, tc.autocast, world, config.model.vocab_size)
         record({"step": step, "tokens": step * tc.batch_tokens, "val_loss": loss})
         if is_main:
             logger.info("step %d/%d  val_loss %.4f", step, tc.steps, loss)
 
-    first_batch = True
     for step in range(start_step, tc.steps):
         if step % tc.val_every == 0 and not _validated_at(history, step):
             validate(step)
@@ -216,9 +221,7 @@ def train(config: RunConfig) -> dict[str, Any]:
         train_loss = torch.zeros((), device=device)
         for _ in range(accumulation):
             inputs, targets = loader.next_batch()
-            if first_batch:
-                _check_vocab(inputs, config.model.vocab_size, "training shards")
-                first_batch = False
+            _check_vocab(targets, config.model.vocab_size, "training shards")
             with _autocast(tc.autocast, device):
                 loss = forward(inputs.to(device, non_blocking=True), targets.to(device, non_blocking=True))
             (loss / accumulation).backward()
