@@ -1,0 +1,295 @@
+"""Training-memory accounting of real LLaMA shapes on the meta device (no download, no weights).
+
+For each model the script builds ``LlamaForCausalLM`` from a locally written ``LlamaConfig`` under
+``torch.device("meta")`` and counts, from the real parameter shapes, what every method holds in pure bf16
+training at per-device batch 1 / sequence 1024 (defaults): weights, gradients at their peak, optimizer state,
+and an estimate of activations.
+
+Assumptions (pure_bf16, as the memory-efficient configs set it):
+- Weights and gradients are bf16 (2 bytes). AdamW moments are created like the parameter (torch AdamW's
+  ``zeros_like``), so bf16: 4 bytes per trained parameter. Per-tensor ``step`` scalars are not counted.
+- AdamW: every parameter trained; all gradients held at the end of backward.
+- LoRA rank r on every decoder ``nn.Linear`` (q, k, v, o, gate, up, down; LLaMA-Factory's ``lora_target: all``):
+  r (in + out) adapter parameters each. LLaMA-Factory calls ``peft.get_peft_model`` with peft's default
+  ``autocast_adapter_dtype=True``, so the adapters are fp32 even under pure_bf16: 4 bytes of weight, 4 of
+  gradient and 8 of AdamW moments per adapter parameter.
+- GaLore rank r, ``proj_type: std``, on the same decoder linears (``galore_target: all``); embeddings, LM head
+  and norms on AdamW. A GaLore m x n matrix keeps Adam moments of the projected gradient (r x max(m, n), bf16)
+  and its projector (r x min(m, n), bf16). Non-fused GaLore holds the full gradient of every parameter.
+- GaLore-fused (``galore_fused``): same state; between refresh steps a GaLore matrix holds an fp32 low-rank
+  gradient accumulator (r x max(m, n)) instead of its gradient. On projector-refresh steps (every
+  ``update_proj_gap`` steps, and the first) it holds full gradients like non-fused GaLore; not shown here.
+- MoFaSGD rank r (fused): every 2-D weight except input embeddings and LM head is managed, the rest is on
+  AdamW. State 4 ((m + n) r + r) bytes per managed matrix (fp32 U, S, V); between steps the fp32 projections
+  G V and G^T U, 4 (m + n) r bytes, stand in for the gradient.
+- Fused methods: while backward runs one managed gradient exists at a time before its hook frees it; the
+  largest such m x n bf16 gradient is added to their gradient column.
+
+Activations (bytes per token, bf16, SDPA/flash attention keeping K and V at their grouped size, no dropout,
+no KV cache, HF's LlamaRMSNorm which saves an fp32 copy of its input; h hidden, h_kv = kv heads x head dim d,
+i intermediate, a heads, V vocabulary, L layers, T = batch x seq tokens):
+- one decoder layer saves A_layer = 2 (6h + 4) [two RMSNorms: fp32 input, bf16 normalised, fp32 rsqrt]
+  + 2h [q/k/v input] + 2h + 4 h_kv [q, k, v after RoPE] + 2h + 4a [attention output, which o_proj saves as
+  the same storage, and the fp32 logsumexp] + 2h [gate/up input] + 8i [gate, silu(gate), up, down input]
+  = 20h + 4 h_kv + 8i + 4a + 8;
+- with fp32 LoRA adapters and frozen base weights a layer instead saves, per adapted linear with input width
+  k, an fp32 copy of its input and the lora_A output (4k + 4r; peft casts the input to the adapter dtype),
+  and no bf16 linear inputs: A_lora = 2 (4h + 4) + 4h + 4 h_kv + 4a + 6i + sum(4k + 4r); the first layer's
+  input norm saves nothing (its input needs no gradient) and neither does the frozen LM head (A_final - 4h);
+- once per forward A_final = 8h + 4 [final norm, LM-head input] + 4d [RoPE cos, sin] + 16 [ids, labels]
+  + 10 V [bf16 logits, their fp32 copy, and the fp32 log-probabilities cross-entropy saves: all alive at
+  the end of the forward pass, where activation memory peaks].
+- Without checkpointing: T (L A_layer + A_final). With gradient checkpointing (LLaMA-Factory's default) a
+  layer keeps only its bf16 input and one layer is recomputed at a time: T (2 L h + A_layer + A_final).
+  The checkpointed figure is the one in the totals.
+On CPU this matches the tensors autograd saves in a real bf16 forward (tests/test_memory_accounting.py).
+
+The total is the sum of the four columns: an upper bound, since activations peak at the start of backward
+while non-fused gradients peak at its end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from mofasgd import MoFaSGD, split_for_mofasgd
+
+BF16 = 2
+FP32 = 4
+GIB = 1024**3
+METHODS = ("AdamW", "LoRA", "GaLore", "GaLore-fused", "MoFaSGD")
+COMPONENTS = ("weights", "gradients", "optimizer_state", "activations")
+
+LLAMA_SHAPES = {
+    "Llama-3.1-8B": {
+        "hidden_size": 4096,
+        "intermediate_size": 14336,
+        "num_hidden_layers": 32,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 8,
+        "vocab_size": 128256,
+        "tie_word_embeddings": False,
+    },
+    "Llama-3.2-1B": {
+        "hidden_size": 2048,
+        "intermediate_size": 8192,
+        "num_hidden_layers": 16,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 8,
+        "vocab_size": 128256,
+        "tie_word_embeddings": True,
+    },
+}
+
+
+@dataclass
+class MethodMemory:
+    """Bytes one method holds, by component; ``activations_no_checkpointing`` is reported beside the total."""
+
+    method: str
+    trainable_params: int
+    weights: int
+    gradients: int
+    optimizer_state: int
+    activations: int
+    activations_no_checkpointing: int
+    total: int = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.total = self.weights + self.gradients + self.optimizer_state + self.activations
+
+
+@dataclass
+class ModelShapes:
+    """What the accounting needs from a model: parameter shapes split by role (tied weights counted once)."""
+
+    all_params: list[torch.Size]
+    decoder_linears: list[torch.Size]  # LoRA / GaLore targets: decoder nn.Linear weights (not the LM head)
+    mofasgd_matrices: list[torch.Size]  # what split_for_mofasgd routes to MoFaSGD
+    lora_in_features: tuple[int, ...]  # input widths of one decoder layer's LoRA targets
+
+
+def build_meta_model(config: LlamaConfig) -> LlamaForCausalLM:
+    """The real module tree with meta tensors in bf16: shapes without memory."""
+    with torch.device("meta"):
+        return LlamaForCausalLM(config).to(torch.bfloat16)
+
+
+def model_shapes(model: nn.Module) -> ModelShapes:
+    """Collect the parameter shapes of ``model`` by the role each method gives them."""
+    head = model.get_output_embeddings()
+    linears = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.Linear) and m is not head]
+    first_layer = [m.in_features for name, m in linears if name.startswith("model.layers.0.")]
+    return ModelShapes(
+        all_params=[p.shape for p in model.parameters()],
+        decoder_linears=[m.weight.shape for _, m in linears],
+        mofasgd_matrices=[p.shape for _, p in split_for_mofasgd(model).mofasgd],
+        lora_in_features=tuple(first_layer),
+    )
+
+
+def activation_bytes(
+    config: LlamaConfig, batch_size: int, seq_len: int, lora_rank: int = 0, lora_in_features: tuple[int, ...] = ()
+) -> tuple[int, int]:
+    """(with gradient checkpointing, without) activation bytes; formula in the module docstring.
+
+    For LoRA pass the rank and the input width of every adapted linear of one decoder layer.
+    """
+    h, i, a = config.hidden_size, config.intermediate_size, config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or h // a
+    h_kv = config.num_key_value_heads * head_dim
+    tokens = batch_size * seq_len
+    attention = 4 * h + 4 * h_kv + 4 * a
+    final = 8 * h + 4 + 4 * head_dim + 16 + 10 * config.vocab_size
+    layers = config.num_hidden_layers
+    if lora_rank:
+        norm = FP32 * h + 4
+        per_layer = 2 * norm + attention + 6 * i + sum(FP32 * (k + lora_rank) for k in lora_in_features)
+        all_layers = layers * per_layer - norm
+        final -= FP32 * h
+    else:
+        per_layer = 2 * (6 * h + 4) + 2 * h + attention + 2 * h + 8 * i
+        all_layers = layers * per_layer
+    with_checkpointing = tokens * (layers * BF16 * h + per_layer + final)
+    return with_checkpointing, tokens * (all_layers + final)
+
+
+def galore_state_bytes(shape: torch.Size, rank: int) -> int:
+    """Adam moments of the projected gradient plus the projector, bf16 (proj_type std)."""
+    r = min(rank, *shape)
+    return 2 * BF16 * r * max(shape) + BF16 * r * min(shape)
+
+
+def account(config: LlamaConfig, rank: int = 8, batch_size: int = 1, seq_len: int = 1024) -> list[MethodMemory]:
+    """Memory of every method in ``METHODS`` for the LLaMA that ``config`` describes."""
+    shapes = model_shapes(build_meta_model(config))
+    numel = [s.numel() for s in shapes.all_params]
+    total_params = sum(numel)
+    weights = BF16 * total_params
+    adam_per_param = 2 * BF16
+    acts, acts_full = activation_bytes(config, batch_size, seq_len)
+
+    lora_params = sum(min(rank, *s) * (s[0] + s[1]) for s in shapes.decoder_linears)
+    lora_acts = activation_bytes(config, batch_size, seq_len, rank, shapes.lora_in_features)
+
+    galore_numel = sum(s.numel() for s in shapes.decoder_linears)
+    galore_state = sum(galore_state_bytes(s, rank) for s in shapes.decoder_linears)
+    galore_rest_state = adam_per_param * (total_params - galore_numel)
+    galore_accumulators = sum(FP32 * min(rank, *s) * max(s) for s in shapes.decoder_linears)
+    largest_linear = BF16 * max(s.numel() for s in shapes.decoder_linears)
+
+    mofasgd_numel = sum(s.numel() for s in shapes.mofasgd_matrices)
+    mofasgd_state = sum(MoFaSGD.expected_factor_bytes(tuple(s), rank) for s in shapes.mofasgd_matrices)
+    mofasgd_projections = sum(FP32 * (s[0] + s[1]) * min(rank, *s) for s in shapes.mofasgd_matrices)
+    largest_managed = BF16 * max(s.numel() for s in shapes.mofasgd_matrices)
+    mofasgd_rest = total_params - mofasgd_numel
+
+    return [
+        MethodMemory("AdamW", total_params, weights, weights, adam_per_param * total_params, acts, acts_full),
+        MethodMemory(
+            "LoRA", lora_params, weights + FP32 * lora_params, FP32 * lora_params, 2 * FP32 * lora_params, *lora_acts
+        ),
+        MethodMemory("GaLore", total_params, weights, weights, galore_state + galore_rest_state, acts, acts_full),
+        MethodMemory(
+            "GaLore-fused",
+            total_params,
+            weights,
+            BF16 * (total_params - galore_numel) + galore_accumulators + largest_linear,
+            galore_state + galore_rest_state,
+            acts,
+            acts_full,
+        ),
+        MethodMemory(
+            "MoFaSGD",
+            total_params,
+            weights,
+            BF16 * mofasgd_rest + mofasgd_projections + largest_managed,
+            mofasgd_state + adam_per_param * mofasgd_rest,
+            acts,
+            acts_full,
+        ),
+    ]
+
+
+def markdown_table(name: str, config: LlamaConfig, rows: list[MethodMemory], batch_size: int, seq_len: int) -> str:
+    """One markdown table (GiB) for one model."""
+    header = (
+        f"### {name} (hidden {config.hidden_size}, intermediate {config.intermediate_size}, "
+        f"{config.num_hidden_layers} layers, vocab {config.vocab_size}, "
+        f"{'tied' if config.tie_word_embeddings else 'untied'} embeddings; batch {batch_size}, seq {seq_len})\n\n"
+        "| method | trainable params | weights | gradients (peak) | optimizer state | activations (ckpt) "
+        "| total | activations (no ckpt) |\n|---|---:|---:|---:|---:|---:|---:|---:|\n"
+    )
+    lines = [
+        f"| {r.method} | {r.trainable_params:,} | {r.weights / GIB:.2f} | {r.gradients / GIB:.2f} | "
+        f"{r.optimizer_state / GIB:.3f} | {r.activations / GIB:.2f} | {r.total / GIB:.2f} | "
+        f"{r.activations_no_checkpointing / GIB:.2f} |"
+        for r in rows
+    ]
+    return (
+        header + "\n".join(lines) + "\n\nAll sizes in GiB; total = weights + gradients + state + activations (ckpt).\n"
+    )
+
+
+def plot(results: dict[str, list[MethodMemory]], path: Path) -> None:
+    """Stacked bars (GiB) per method, one panel per model."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(results), figsize=(6 * len(results), 4.5), squeeze=False)
+    for ax, (name, rows) in zip(axes[0], results.items()):
+        bottom = [0.0] * len(rows)
+        for component in COMPONENTS:
+            heights = [getattr(r, component) / GIB for r in rows]
+            ax.bar([r.method for r in rows], heights, bottom=bottom, label=component.replace("_", " "))
+            bottom = [b + v for b, v in zip(bottom, heights)]
+        ax.set_title(name)
+        ax.set_ylabel("GiB (pure bf16)")
+        ax.tick_params(axis="x", labelrotation=20)
+    axes[0][0].legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> dict[str, list[MethodMemory]]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=Path("outputs/memory_accounting"))
+    parser.add_argument("--rank", type=int, default=8)
+    parser.add_argument("--batch-size", type=int, default=1)
+    parser.add_argument("--seq-len", type=int, default=1024)
+    parser.add_argument("--models", nargs="+", choices=sorted(LLAMA_SHAPES), default=list(LLAMA_SHAPES))
+    args = parser.parse_args(argv)
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    results, tables = {}, []
+    for name in args.models:
+        config = LlamaConfig(**LLAMA_SHAPES[name])
+        results[name] = account(config, args.rank, args.batch_size, args.seq_len)
+        tables.append(markdown_table(name, config, results[name], args.batch_size, args.seq_len))
+    report = "\n".join(tables)
+    print(report)
+    (args.out / "memory_accounting.md").write_text(report)
+    payload = {
+        "settings": {"rank": args.rank, "batch_size": args.batch_size, "seq_len": args.seq_len, "dtype": "bfloat16"},
+        "models": {
+            name: {"config": LLAMA_SHAPES[name], "methods": [asdict(r) for r in rows]}
+            for name, rows in results.items()
+        },
+    }
+    (args.out / "memory_accounting.json").write_text(json.dumps(payload, indent=2))
+    plot(results, args.out / "memory_accounting.png")
+    return results
+
+
+if __name__ == "__main__":
+    main()
