@@ -170,8 +170,7 @@ def galore_state_bytes(shape: torch.Size, rank: int) -> int:
 def account(config: LlamaConfig, rank: int = 8, batch_size: int = 1, seq_len: int = 1024) -> list[MethodMemory]:
     """Memory of every method in ``METHODS`` for the LLaMA that ``config`` describes."""
     shapes = model_shapes(build_meta_model(config))
-    numel = [s.numel() for s in shapes.all_params]
-    total_params = sum(numel)
+    total_params = sum(s.numel() for s in shapes.all_params)
     weights = BF16 * total_params
     adam_per_param = 2 * BF16
     acts, acts_full = activation_bytes(config, batch_size, seq_len)
