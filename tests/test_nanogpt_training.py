@@ -157,7 +157,8 @@ def test_two_processes_match_one_process_with_accumulation(optimizer, corpus, tm
     config = json.dumps(tiny(optimizer, corpus, tmp_path / "two", train={"steps": 4, "val_every": 2}).to_dict())
     command = [sys.executable, str(ROOT / "scripts" / "nanogpt" / "run.py"), "--optimizer", optimizer]
     command += ["--config", config, "--num-gpus", "2"]
-    subprocess.run(command, check=True, capture_output=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    done = subprocess.run(command, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert done.returncode == 0, done.stdout + done.stderr
     two = json.loads(next((tmp_path / "two").glob("*/summary.json")).read_text())
     one_losses, two_losses = train_losses(read_log(single)), train_losses(read_log(two))
     assert two["world_size"] == 2

@@ -83,8 +83,8 @@ class ModelConfig:
 class DataConfig:
     """Token shards (glob patterns, relative to the repository root unless absolute)."""
 
-    train_files: str = "data/fineweb10B/fineweb_train_*.bin"
-    val_files: str = "data/fineweb10B/fineweb_val_*.bin"
+    train_files: str = "outputs/nanogpt/data/fineweb10B/fineweb_train_*.bin"  # written by prepare_fineweb.py
+    val_files: str = "outputs/nanogpt/data/fineweb10B/fineweb_val_*.bin"
 
 
 @dataclass

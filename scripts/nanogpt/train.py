@@ -21,6 +21,7 @@ import contextlib
 import json
 import logging
 import os
+import platform
 import resource
 import sys
 import time
@@ -119,6 +120,18 @@ def _peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    model = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    return f"{model}, {torch.get_num_threads()} torch threads on {os.cpu_count()} cores"
+
+
 def _check_vocab(tokens: torch.Tensor, vocab_size: int, where: str) -> None:
     # Checked on the CPU batch: an out-of-range id would otherwise fail inside the embedding, far less clearly.
     if int(tokens.max()) >= vocab_size:
@@ -193,15 +206,13 @@ def train(config: RunConfig) -> dict[str, Any]:
             tc.micro_batch_size,
             tc.seq_len,
         )
-        log_file = open(run_dir / "log.jsonl", "w")
-        for record in history:
-            log_file.write(json.dumps(record) + "\n")
+        (run_dir / "log.jsonl").write_text("".join(json.dumps(entry) + "\n" for entry in history))
 
     def record(entry: dict[str, Any]) -> None:
         history.append(entry)
         if is_main:
-            log_file.write(json.dumps(entry) + "\n")
-            log_file.flush()
+            with open(run_dir / "log.jsonl", "a") as log_file:
+                log_file.write(json.dumps(entry) + "\n")
 
     def validate(step: int) -> None:
         loss = evaluate(forward, val_set, device, tc.autocast, world, config.model.vocab_size)
@@ -261,7 +272,6 @@ def train(config: RunConfig) -> dict[str, Any]:
 
     summary = _summary(config, history, train_seconds, optimizers, roles, device, world)
     if is_main:
-        log_file.close()
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         plot_run(history, run_dir / "loss.png", config.run_name)
         logger.info(
@@ -319,6 +329,7 @@ def _summary(
         "optimizer": config.optimizer,
         "hidden": config.hidden,
         "device": str(device),
+        "device_name": _device_name(device),
         "world_size": world,
         "steps": tc.steps,
         "tokens": tc.steps * tc.batch_tokens,
