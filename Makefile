@@ -7,7 +7,7 @@ $(PY):
 	python3 -m venv $(VENV)
 
 install: $(PY)
-	$(PY) -m pip install -q -e ".[dev]"
+	$(PY) -m pip install -q -e ".[dev]" -e galore-torch
 	$(PY) -m pip check
 
 test: $(PY)

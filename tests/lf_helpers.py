@@ -39,8 +39,8 @@ def tiny_config(name: str, model_dir: Path, output_dir: Path, **overrides) -> di
 
 
 def env(**extra) -> dict:
-    out = dict(os.environ, PYTHONHASHSEED="0", **extra)
-    out.pop("FORCE_TORCHRUN", None)
+    out = {k: v for k, v in os.environ.items() if k not in ("FORCE_TORCHRUN", "NPROC_PER_NODE")}
+    out.update(PYTHONHASHSEED="0", PATH=f"{BIN}{os.pathsep}{out.get('PATH', '')}", **extra)
     return out
 
 

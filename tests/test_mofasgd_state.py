@@ -261,3 +261,14 @@ def test_state_is_tensors_only_and_fp32():
     state = opt.state_dict()["state"][0]
     assert set(state) == {"U", "S", "V", "step"}
     assert all(torch.is_tensor(v) and v.dtype == torch.float32 for v in state.values())
+
+
+def test_hooks_use_the_param_groups_loaded_from_a_state_dict():
+    source = MoFaSGD([nn.Parameter(torch.randn(8, 6))], rank=2)
+    saved = source.state_dict()
+    saved["param_groups"][0]["rank"] = 3
+    w = nn.Parameter(torch.randn(8, 6))
+    opt = MoFaSGD([w], rank=2)
+    opt.load_state_dict(saved)
+    (w * torch.randn(8, 6)).sum().backward()
+    assert opt.state[w]["U"].shape == (8, 3)

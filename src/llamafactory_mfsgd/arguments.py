@@ -111,6 +111,8 @@ def validate_extension_values(args: Any) -> None:
     """Check the extension's own keys (called from FinetuningArguments.__post_init__)."""
     if args.galore_fused and not args.use_galore:
         raise ValueError("`galore_fused: true` needs `use_galore: true`.")
+    if args.galore_fused and args.galore_layerwise:
+        raise ValueError("`galore_fused: true` replaces `galore_layerwise`; set `galore_layerwise: false`.")
     if args.profile_memory_stop_step < 1:
         raise _bad("profile_memory_stop_step", args.profile_memory_stop_step, "an integer >= 1")
     if args.profile_memory_stop_accumulation_step < 0:
@@ -182,6 +184,13 @@ def validate_engine_keys(values: dict[str, Any]) -> None:
 
 def validate_with_training_args(finetuning_args: Any, training_args: Any) -> None:
     """Cross-checks against the HF training arguments, at parse time, one clear error each."""
+    if finetuning_args.galore_fused:
+        if training_args.world_size > 1:
+            raise ValueError("`galore_fused: true` runs in a single process; drop it for multi-GPU GaLore runs.")
+        if training_args.optim != "adamw_torch":
+            raise ValueError(
+                f"`galore_fused: true` fuses GaLore-AdamW only; set `optim: adamw_torch` (got {training_args.optim})."
+            )
     if not finetuning_args.use_mfsgd:
         return
     if training_args.fp16 and finetuning_args.mfsgd_fused:

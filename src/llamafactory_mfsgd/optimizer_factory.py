@@ -15,7 +15,7 @@ from mofasgd.data_parallel import ignore_managed_in_ddp
 logger = get_logger("llamafactory.mfsgd")  # under llamafactory.* so it shares its handler and verbosity
 
 
-def _decay_parameter_names(model: nn.Module) -> set[str]:
+def decay_parameter_names(model: nn.Module) -> set[str]:
     """Names of parameters that take weight decay: everything but norms and biases (the HF/LLaMA-Factory rule)."""
     return {n for n in get_parameter_names(model, ALL_LAYERNORM_LAYERS) if "bias" not in n}
 
@@ -40,7 +40,7 @@ def create_mfsgd_optimizer(model: nn.Module, training_args: Any, finetuning_args
         )
     lr_mfsgd = _or_default(finetuning_args.learning_rate_mfsgd, training_args.learning_rate)
     lr_adamw = _or_default(finetuning_args.learning_rate_adamw, training_args.learning_rate)
-    decay_names = _decay_parameter_names(model)
+    decay_names = decay_parameter_names(model)
     groups = [{"params": [p for _, p in routing.mofasgd], "lr": lr_mfsgd, "weight_decay": training_args.weight_decay}]
     decay = [p for n, p in routing.adamw if n in decay_names]
     no_decay = [p for n, p in routing.adamw if n not in decay_names]

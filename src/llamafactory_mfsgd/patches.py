@@ -16,6 +16,7 @@ from typing import Any
 
 from .arguments import (
     EXTENSION_DATACLASSES,
+    ProfileMemoryArguments,
     check_key_spelling,
     extension_field_names,
     validate_engine_keys,
@@ -23,9 +24,6 @@ from .arguments import (
     validate_with_training_args,
 )
 from .compat import check_llamafactory_version, require
-
-# Callbacks list of the run_exp call in progress; get_train_args appends to it once the config is parsed.
-_RUN_CALLBACKS: list[Any] | None = None
 
 
 def _raw_values(raw: dict[str, Any] | list[str]) -> dict[str, Any]:
@@ -75,7 +73,6 @@ def patch_parser(module: ModuleType) -> None:
         parsed = original(raw)
         model_args, data_args, training_args, finetuning_args, generating_args = parsed
         validate_with_training_args(finetuning_args, training_args)
-        _start_memory_session(finetuning_args, training_args)
         return parsed
 
     get_train_args.__doc__ = original.__doc__
@@ -101,36 +98,39 @@ def guard_parser(module: ModuleType) -> None:
     module.get_train_args = get_train_args
 
 
-def _start_memory_session(finetuning_args: Any, training_args: Any) -> None:
-    """Start recording memory before the model is loaded, and queue the callback that stops it."""
-    if not finetuning_args.profile_memory_from_start or _RUN_CALLBACKS is None:
-        return
-    if any(type(cb).__name__ == "MemorySnapshotSession" for cb in _RUN_CALLBACKS):
-        return
+def _memory_session(values: dict[str, Any]) -> Any:
+    """A started MemorySnapshotSession when the config sets `profile_memory_from_start: true`, else None.
+
+    Started here, before LLaMA-Factory loads the model, so that parameter allocation is recorded.
+    """
+    keys = {f.name for f in dataclasses.fields(ProfileMemoryArguments)}
+    profile = ProfileMemoryArguments(**{k: v for k, v in values.items() if k in keys})
+    if str(profile.profile_memory_from_start).lower() not in ("true", "1"):
+        return None
     from .memory_snapshot import MemorySnapshotSession
 
     session = MemorySnapshotSession(
-        output_dir=training_args.output_dir,
-        stop_step=finetuning_args.profile_memory_stop_step,
-        stop_accumulation_step=finetuning_args.profile_memory_stop_accumulation_step,
-        max_entries=finetuning_args.profile_memory_max_entries,
+        output_dir=values.get("output_dir", "."),
+        stop_step=int(profile.profile_memory_stop_step),
+        stop_accumulation_step=int(profile.profile_memory_stop_accumulation_step),
+        max_entries=int(profile.profile_memory_max_entries),
     )
     session.start()
-    _RUN_CALLBACKS.append(session)
+    return session
 
 
 def patch_tuner(module: ModuleType) -> None:
-    """Let get_train_args (called inside run_exp) add callbacks to the run's callback list."""
-    require(module, "run_exp")
+    """Hand our callbacks (the memory snapshot session) to the trainer that run_exp builds."""
+    require(module, "run_exp", "read_args")
     original = module.run_exp
 
     def run_exp(args=None, callbacks=None):
-        global _RUN_CALLBACKS
-        _RUN_CALLBACKS = list(callbacks or [])
-        try:
-            return original(args, _RUN_CALLBACKS)
-        finally:
-            _RUN_CALLBACKS = None
+        raw = module.read_args(args)
+        callbacks = list(callbacks or [])
+        session = _memory_session(_raw_values(raw))
+        if session is not None:
+            callbacks.append(session)
+        return original(raw, callbacks)
 
     run_exp.__doc__ = original.__doc__
     module.run_exp = run_exp
@@ -171,6 +171,22 @@ def patch_trainer_utils(module: ModuleType) -> None:
     create_custom_optimizer.__doc__ = original.__doc__
     module.create_custom_optimizer = create_custom_optimizer
     _patch_trainer_grad_norm()
+    _accept_indexed_cpu_map_location()
+
+
+def _restore_on_indexed_cpu(storage: Any, location: str) -> Any:
+    return storage if location.startswith("cpu:") else None
+
+
+def _accept_indexed_cpu_map_location() -> None:
+    """Let torch.load map to `cpu:N`, which HF Trainer passes when resuming a multi-process CPU (gloo) run.
+
+    transformers 5.6 loads the optimizer with ``map_location=args.device`` (``cpu:0`` on CPU workers) and torch
+    2.14 only knows the location ``cpu``; without this, any optimizer's CPU DDP resume fails.
+    """
+    import torch.serialization
+
+    torch.serialization.register_package(99, lambda obj: None, _restore_on_indexed_cpu)
 
 
 def _unwrapped_optimizer(trainer: Any) -> Any:

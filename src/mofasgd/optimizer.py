@@ -105,7 +105,7 @@ class MoFaSGD(torch.optim.Optimizer):
                 "averages .grad, so leave data_parallel=False"
             )
         self._hook_handles: list[Any] = []
-        self._group_of: dict[torch.Tensor, dict[str, Any]] = {}
+        self._group_index: dict[torch.Tensor, int] = {}
         self._validate_group(defaults, where="argument")
         super().__init__(params, defaults)
 
@@ -121,7 +121,7 @@ class MoFaSGD(torch.optim.Optimizer):
         group = self.param_groups[-1]
         self._validate_group(group, where="param group")
         for p in group["params"]:
-            self._group_of[p] = group
+            self._group_index[p] = len(self.param_groups) - 1
             if group["mofasgd"]:
                 if p.dim() != 2:
                     raise ValueError(
@@ -168,7 +168,8 @@ class MoFaSGD(torch.optim.Optimizer):
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
         self.__dict__.setdefault("_hook_handles", [])
-        self.__dict__.setdefault("_group_of", {p: g for g in self.param_groups for p in g["params"]})
+        self.__dict__.setdefault("_pending_synced", True)
+        self.__dict__.setdefault("_group_index", {p: i for i, g in enumerate(self.param_groups) for p in g["params"]})
 
     def remove_hooks(self) -> None:
         """Detach the fused-mode gradient hooks (e.g. before handing the model to another optimizer)."""
@@ -199,7 +200,7 @@ class MoFaSGD(torch.optim.Optimizer):
         """Post-accumulate-grad hook: add (G V, G^T U) to the pending sums and free the m x n gradient."""
         if p.grad is None:
             return
-        state = self._init_factors(p, self._group_of[p], p.grad)
+        state = self._init_factors(p, self.param_groups[self._group_index[p]], p.grad)
         gv, gtu = fm.project_gradient(p.grad, state["U"], state["V"])
         if "GV" in state:
             state["GV"].add_(gv)
