@@ -1,10 +1,12 @@
 """Build the offline corpus: the Python standard library's own source, byte-level, as `.bin` shards.
 
-Every machine that runs this project has it, so a CPU run needs no download. Tokens are the UTF-8
-bytes of each `.py` file (ids 0–255) followed by an end-of-document token (256); the model's
-vocabulary just needs to exceed 256. Files are assigned to train or validation by a hash of their
-path (about 2 % validation), then shuffled with a fixed seed so the training stream mixes modules.
-The exact text depends on the Python version, so compare losses only between runs on the same corpus.
+Every machine that runs this project has it, so a CPU run needs no download. Each `.py` file is cut
+at line boundaries into pieces of about 2 KB; a piece's tokens are its UTF-8 bytes (ids 0–255)
+followed by an end-of-document token (256), so the model's vocabulary just needs to exceed 256.
+Files go to train or validation by a hash of their path (about 2 % validation, never both); the
+pieces of each split are shuffled with a fixed seed, so every batch and the first validation tokens
+mix many modules instead of reading one long file. The text depends on the Python version: compare
+losses only between runs on the same corpus.
 
     python scripts/nanogpt/build_offline_corpus.py --out-dir outputs/nanogpt/data/stdlib_bytes
 """
@@ -29,6 +31,7 @@ from nanogpt.data import write_shard  # noqa: E402
 END_OF_DOCUMENT = 256
 DEFAULT_OUT_DIR = "outputs/nanogpt/data/stdlib_bytes"
 VAL_PERCENT = 2
+PIECE_BYTES = 2048
 
 
 def stdlib_sources() -> list[tuple[str, Path]]:
@@ -43,19 +46,25 @@ def stdlib_sources() -> list[tuple[str, Path]]:
     return sorted(found)
 
 
-def _tokens(path: Path) -> np.ndarray:
-    data = np.frombuffer(path.read_bytes(), dtype=np.uint8).astype(np.uint16)
-    return np.append(data, np.uint16(END_OF_DOCUMENT))
+def _pieces(data: bytes, size: int) -> list[bytes]:
+    """Cut text into consecutive pieces of at least `size` bytes (the last may be shorter), at line ends."""
+    pieces, start = [], 0
+    while start < len(data):
+        end = data.find(b"\n", start + size)
+        end = len(data) if end < 0 else end + 1
+        pieces.append(data[start:end])
+        start = end
+    return pieces
 
 
-def _write_split(files: list[Path], out_dir: Path, prefix: str, max_tokens: int | None, shard_tokens: int) -> int:
-    pieces, total = [], 0
-    for path in files:
-        if max_tokens is not None and total >= max_tokens:
-            break
-        pieces.append(_tokens(path))
-        total += pieces[-1].size
-    tokens = np.concatenate(pieces)[:max_tokens]
+def _write_split(
+    files: list[Path], out_dir: Path, prefix: str, max_tokens: int | None, shard_tokens: int, rng: random.Random
+) -> int:
+    pieces = [piece for path in files for piece in _pieces(path.read_bytes(), PIECE_BYTES)]
+    rng.shuffle(pieces)
+    data = np.frombuffer(b"".join(pieces), dtype=np.uint8).astype(np.uint16)
+    ends = np.cumsum([len(piece) for piece in pieces])
+    tokens = np.insert(data, ends, END_OF_DOCUMENT)[:max_tokens]
     for index, start in enumerate(range(0, tokens.size, shard_tokens)):
         write_shard(out_dir / f"{prefix}_{index:03d}.bin", tokens[start : start + shard_tokens])
     return int(tokens.size)
@@ -76,15 +85,15 @@ def build_offline_corpus(
     train, val = [], []
     for relative, path in stdlib_sources():
         (val if zlib.crc32(relative.encode()) % 100 < VAL_PERCENT else train).append(path)
-    random.Random(seed).shuffle(train)
+    rng = random.Random(seed)
     meta = {
         "source": f"Python {sys.version.split()[0]} standard library (.py files) at {sysconfig.get_paths()['stdlib']}",
-        "tokenizer": f"bytes 0-255, end-of-document {END_OF_DOCUMENT}",
+        "tokenizer": f"bytes 0-255, end-of-document {END_OF_DOCUMENT} after every ~{PIECE_BYTES}-byte piece",
         "vocab_min": END_OF_DOCUMENT + 1,
         "train_files": len(train),
         "val_files": len(val),
-        "train_tokens": _write_split(train, out_dir, "train", max_train_tokens, shard_tokens),
-        "val_tokens": _write_split(val, out_dir, "val", max_val_tokens, shard_tokens),
+        "train_tokens": _write_split(train, out_dir, "train", max_train_tokens, shard_tokens, rng),
+        "val_tokens": _write_split(val, out_dir, "val", max_val_tokens, shard_tokens, rng),
     }
     (out_dir / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
     return meta
