@@ -106,3 +106,25 @@ def test_llama3_template_needs_no_new_tokens(tiny_dir):
     assert len(tokenizer) == size
     assert tokenizer.convert_tokens_to_ids("<|eot_id|>") in answer_ids
     assert tokenizer.convert_tokens_to_ids("<|start_header_id|>") in prompt_ids
+
+
+def test_llamafactory_tulu_v3_template_matches_the_tokenizer_chat_template(tiny_dir):
+    from llamafactory.data import get_template_and_fix_tokenizer
+    from llamafactory.hparams import DataArguments
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_dir)
+    template = get_template_and_fix_tokenizer(tokenizer, DataArguments(template="tulu_v3"))
+    messages = [
+        {"role": "user", "content": "What is 2 + 2?"},
+        {"role": "assistant", "content": "4"},
+        {"role": "user", "content": "Reverse 'abc'."},
+        {"role": "assistant", "content": "'cba'"},
+    ]
+    turns = template.encode_multiturn(tokenizer, messages, system="Answer briefly.")
+    rendered = tokenizer.apply_chat_template(
+        [{"role": "system", "content": "Answer briefly."}, *messages], tokenize=False
+    )
+
+    encoded = [token for prompt, answer in turns for token in prompt + answer]
+    assert encoded == [tokenizer.bos_token_id, *tokenizer.encode(rendered, add_special_tokens=False)]
