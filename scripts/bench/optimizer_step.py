@@ -1,9 +1,9 @@
 """Micro-benchmark: optimizer-state bytes and step time of MoFaSGD vs AdamW on LLaMA-shaped matrices.
 
-Both optimizers run side by side in one process on the same device and matrix. Times are medians over
---repeats steps after --warmup steps. For MoFaSGD two times are given: step() alone, and the gradient
-projection done in the backward hook plus step() (the whole per-step optimizer cost, comparable to AdamW's
-step, which reads the full gradient).
+Both optimizers run side by side in one process on the same device and matrix, their steps interleaved so
+that both see the same machine load. Times are medians over --repeats steps after --warmup steps. For
+MoFaSGD two times are given: step() alone, and the gradient projection done in the backward hook plus
+step() (the whole per-step optimizer cost, comparable to AdamW's step, which reads the full gradient).
 
     python scripts/bench/optimizer_step.py [--shapes 4096x4096,4096x14336] [--ranks 8,16,32] [--device cpu]
 """
@@ -39,39 +39,35 @@ def state_bytes(opt: torch.optim.Optimizer) -> int:
     return sum(t.numel() * t.element_size() for s in opt.state.values() for t in s.values() if torch.is_tensor(t))
 
 
-def bench_adamw(shape, dtype, device, warmup, repeats):
-    w = torch.nn.Parameter(torch.randn(*shape, device=device, dtype=dtype))
-    opt = torch.optim.AdamW([w], lr=1e-5, foreach=False)
-    w.grad = torch.randn_like(w)
-    times = []
-    for i in range(warmup + repeats):
-        t = timed(opt.step, device)
-        if i >= warmup:
-            times.append(t)
-    return {"state_bytes": state_bytes(opt), "step_s": statistics.median(times), "peak_step_bytes": None}
-
-
-def bench_mofasgd(shape, rank, dtype, device, warmup, repeats):
-    w = torch.nn.Parameter(torch.randn(*shape, device=device, dtype=dtype))
+def bench_pair(shape, rank, dtype, device, warmup, repeats):
+    """AdamW and MoFaSGD on the same shape, their steps interleaved so both see the same machine load."""
+    adam_w = torch.nn.Parameter(torch.randn(*shape, device=device, dtype=dtype))
+    adam = torch.optim.AdamW([adam_w], lr=1e-5, foreach=False)
+    adam_w.grad = torch.randn_like(adam_w)
+    w = torch.nn.Parameter(adam_w.detach().clone())
     opt = MoFaSGD([w], lr=1e-5, rank=rank, init="gradient", fused=True)
-    grad = torch.randn_like(w)
-    step_times, total_times = [], []
+    grad = adam_w.grad.clone()
+    adam_times, step_times, total_times = [], [], []
     for i in range(warmup + repeats):
+        adam_time = timed(adam.step, device)
         w.grad = grad.clone()
         hook = timed(lambda: opt._consume_gradient(w), device)
         step = timed(opt.step, device)
         if i >= warmup:
+            adam_times.append(adam_time)
             step_times.append(step)
             total_times.append(hook + step)
     w.grad = grad.clone()
     opt._consume_gradient(w)
     peak = transient_peak_bytes(opt.step, device)
-    return {
+    adamw = {"state_bytes": state_bytes(adam), "step_s": statistics.median(adam_times)}
+    mofasgd = {
         "state_bytes": state_bytes(opt),
         "step_s": statistics.median(step_times),
         "hook_plus_step_s": statistics.median(total_times),
         "peak_step_bytes": peak,
     }
+    return adamw, mofasgd
 
 
 def main() -> None:
@@ -101,9 +97,8 @@ def main() -> None:
     rows = []
     for shape_text in args.shapes.split(","):
         shape = tuple(int(x) for x in shape_text.split("x"))
-        adam = bench_adamw(shape, dtype, device, args.warmup, args.repeats)
         for rank in (int(r) for r in args.ranks.split(",")):
-            mf = bench_mofasgd(shape, rank, dtype, device, args.warmup, args.repeats)
+            adam, mf = bench_pair(shape, rank, dtype, device, args.warmup, args.repeats)
             row = {"shape": shape_text, "rank": rank, "adamw": adam, "mofasgd": mf}
             rows.append(row)
             print(
