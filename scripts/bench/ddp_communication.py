@@ -1,0 +1,156 @@
+"""Bytes all-reduced per optimizer step for one LLaMA decoder layer: AdamW + DDP vs data-parallel MoFaSGD.
+
+Two gloo processes train the seven projection matrices and two RMSNorm gains of a LLaMA layer. Every
+collective is counted where it happens: DDP's gradient buckets through a communication hook, MoFaSGD's
+projection average by wrapping the all-reduce it calls. The measured counts are checked against the
+formulas (AdamW+DDP: every gradient, m n per matrix; MoFaSGD: (m + n) r + 1 per matrix plus the AdamW
+parameters' gradients through DDP), which then give the numbers for the real LLaMA-3.1-8B layer width.
+
+    python scripts/bench/ddp_communication.py [--hidden 1024 --intermediate 3584 --kv 256 --rank 8]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+from torch.nn.parallel import DistributedDataParallel
+
+import mofasgd.data_parallel as mofasgd_dp
+from mofasgd import MoFaSGD, split_for_mofasgd
+from mofasgd.data_parallel import ignore_managed_in_ddp
+
+LLAMA_8B = {"hidden": 4096, "intermediate": 14336, "kv": 1024}
+
+
+class LlamaLayerMatrices(nn.Module):
+    """The weights of one LLaMA decoder layer, wired into a cheap differentiable function (not attention)."""
+
+    def __init__(self, hidden: int, intermediate: int, kv: int) -> None:
+        super().__init__()
+        self.input_norm = nn.Parameter(torch.ones(hidden))
+        self.post_norm = nn.Parameter(torch.ones(hidden))
+        self.q_proj, self.o_proj = nn.Linear(hidden, hidden, bias=False), nn.Linear(hidden, hidden, bias=False)
+        self.k_proj, self.v_proj = nn.Linear(hidden, kv, bias=False), nn.Linear(hidden, kv, bias=False)
+        self.gate_proj = nn.Linear(hidden, intermediate, bias=False)
+        self.up_proj = nn.Linear(hidden, intermediate, bias=False)
+        self.down_proj = nn.Linear(intermediate, hidden, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x * self.input_norm
+        kv = self.k_proj(h).sum(-1, keepdim=True) + self.v_proj(h).sum(-1, keepdim=True)
+        h = x + self.o_proj(self.q_proj(h) * torch.tanh(kv))
+        g = h * self.post_norm
+        return h + self.down_proj(nn.functional.silu(self.gate_proj(g)) * self.up_proj(g))
+
+
+def layer_matrix_shapes(hidden: int, intermediate: int, kv: int) -> list[tuple[int, int]]:
+    """(out, in) of q, k, v, o, gate, up, down."""
+    h, i = hidden, intermediate
+    return [(h, h), (kv, h), (kv, h), (h, h), (i, h), (i, h), (h, i)]
+
+
+def expected_bytes(hidden: int, intermediate: int, kv: int, rank: int) -> dict[str, int]:
+    """Formula for fp32 bytes all-reduced per step by each method."""
+    shapes = layer_matrix_shapes(hidden, intermediate, kv)
+    gains = 2 * hidden
+    adamw = sum(m * n for m, n in shapes) + gains
+    mofasgd = sum((m + n) * min(rank, m, n) + 1 for m, n in shapes) + gains
+    return {"adamw_ddp": 4 * adamw, "mofasgd": 4 * mofasgd}
+
+
+def _count_bucket(counter: list[int]):
+    def hook(state, bucket):
+        counter[0] += bucket.buffer().numel() * bucket.buffer().element_size()
+        return allreduce_hook(state, bucket)
+
+    return hook
+
+
+def worker(rank: int, world: int, port: int, args: argparse.Namespace, results) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        counts = {}
+        for method in ("adamw_ddp", "mofasgd"):
+            torch.manual_seed(0)
+            model = LlamaLayerMatrices(args.hidden, args.intermediate, args.kv)
+            ddp_bytes, own_bytes = [0], [0]
+            if method == "mofasgd":
+                routing = split_for_mofasgd(model)
+                matrices = [p for _, p in routing.mofasgd]
+                ignore_managed_in_ddp(model, matrices)
+                groups = [{"params": matrices}, {"params": [p for _, p in routing.adamw], "mofasgd": False}]
+                optimizer = MoFaSGD(groups, lr=1e-4, rank=args.rank, data_parallel=True)
+            else:
+                optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+            ddp = DistributedDataParallel(model)
+            ddp.register_comm_hook(None, _count_bucket(ddp_bytes))
+            original = mofasgd_dp.average_in_place
+
+            def counting_average(tensors, group=None, _original=original, _own=own_bytes):
+                _own[0] += sum(t.numel() * t.element_size() for t in tensors)
+                return _original(tensors, group)
+
+            mofasgd_dp.average_in_place = counting_average
+            try:
+                for step in range(args.steps):
+                    x = torch.randn(args.tokens, args.hidden, generator=torch.Generator().manual_seed(step + 7 * rank))
+                    ddp(x).square().mean().backward()
+                    optimizer.step()
+                    optimizer.zero_grad()
+            finally:
+                mofasgd_dp.average_in_place = original
+            counts[method] = (ddp_bytes[0] + own_bytes[0]) // args.steps
+        if rank == 0:
+            results.update(counts)
+    finally:
+        dist.destroy_process_group()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--hidden", type=int, default=1024)
+    parser.add_argument("--intermediate", type=int, default=3584)
+    parser.add_argument("--kv", type=int, default=256)
+    parser.add_argument("--rank", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=2)
+    parser.add_argument("--tokens", type=int, default=8)
+    args = parser.parse_args()
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with mp.Manager() as manager:
+        results = manager.dict()
+        mp.spawn(worker, args=(2, port, args, results), nprocs=2, join=True)
+        measured = dict(results)
+    formula = expected_bytes(args.hidden, args.intermediate, args.kv, args.rank)
+    real = expected_bytes(LLAMA_8B["hidden"], LLAMA_8B["intermediate"], LLAMA_8B["kv"], args.rank)
+    mib = 2**20
+    print(
+        f"2 gloo processes, one LLaMA layer (hidden {args.hidden}, MLP {args.intermediate}, kv {args.kv}), "
+        f"rank {args.rank}, fp32 gradients/projections"
+    )
+    print("| layer | method | measured bytes/step | formula bytes/step | ratio AdamW+DDP / MoFaSGD |")
+    print("|---|---|---:|---:|---:|")
+    size = f"{args.hidden}/{args.intermediate}"
+    for method in ("adamw_ddp", "mofasgd"):
+        ratio = formula["adamw_ddp"] / formula[method]
+        row = f"| {size} | {method} | {measured[method] / mib:.3f} MiB | {formula[method] / mib:.3f} MiB |"
+        print(f"{row} {ratio:.0f}x |")
+    for method in ("adamw_ddp", "mofasgd"):
+        ratio = real["adamw_ddp"] / real[method]
+        print(f"| LLaMA-3.1-8B 4096/14336 | {method} | (formula) | {real[method] / mib:.2f} MiB | {ratio:.0f}x |")
+    if any(measured[m] != formula[m] for m in formula):
+        raise SystemExit(f"measured bytes {measured} differ from the formula {formula}")
+
+
+if __name__ == "__main__":
+    main()
