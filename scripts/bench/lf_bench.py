@@ -1,0 +1,230 @@
+"""Shared pieces of the LLaMA-Factory benchmarks: models, per-method configs, one timed training run, its results.
+
+A run goes through the real training path: a fresh interpreter (so the extension activates as it does for
+``llamafactory-cli train``), ``assert_active()``, then LLaMA-Factory's ``run_exp`` on the method's tiny YAML
+with overrides, exactly what ``python -m llamafactory_mfsgd.train_entry`` does, plus one callback,
+:class:`StepTimer`, that records every optimizer step's wall-clock window (and, on CUDA, the allocator's
+peak during it) into a JSON file. The worker side is this module's ``__main__``::
+
+    python scripts/bench/lf_bench.py CONFIG.yaml TIMING.json
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[2]
+CONFIGS = REPO / "configs" / "mfsgd"
+
+# Model sizes built by scripts/build_tiny_llama.py into git-ignored models/ paths.
+MODEL_SIZES: dict[str, dict[str, Any]] = {
+    "tiny": {"path": "models/tiny-llama", "flags": []},
+    "small": {
+        "path": "models/tiny-llama-256",
+        "flags": ["--hidden", "256", "--layers", "4", "--intermediate", "688"],
+    },
+}
+
+# Method -> (tiny config, YAML overrides). The rank keys are filled in by `method_config`.
+METHODS: dict[str, tuple[str, dict[str, Any]]] = {
+    "adamw": ("tiny_sft_adamw.yaml", {}),
+    "lora": ("tiny_sft_lora.yaml", {}),
+    "galore": ("tiny_sft_galore.yaml", {"galore_fused": False}),
+    "galore_fused": ("tiny_sft_galore.yaml", {"galore_fused": True}),
+    "mofasgd": ("tiny_sft_mfsgd.yaml", {"mfsgd_fused": True}),
+}
+RANK_KEYS = {"lora": "lora_rank", "galore": "galore_rank", "galore_fused": "galore_rank", "mofasgd": "mfsgd_rank"}
+
+
+def ensure_model(size: str) -> Path:
+    """The model directory of `size`, built with build_tiny_llama.py first when it is missing."""
+    spec = MODEL_SIZES[size]
+    path = REPO / spec["path"]
+    if not (path / "config.json").exists():
+        subprocess.run(
+            [sys.executable, str(REPO / "scripts" / "build_tiny_llama.py"), "--out", str(path), *spec["flags"]],
+            check=True,
+            env=subprocess_env(),
+        )
+    return path
+
+
+def method_config(method: str, model_dir: Path, output_dir: Path, rank: int, **overrides: Any) -> dict[str, Any]:
+    """The method's tiny YAML as a dict, with absolute paths, the shared rank and `overrides` applied."""
+    name, method_overrides = METHODS[method]
+    config = yaml.safe_load((CONFIGS / name).read_text())
+    config.update(
+        model_name_or_path=str(model_dir),
+        dataset_dir=str(REPO / "data"),
+        output_dir=str(output_dir),
+        plot_loss=False,
+        save_strategy="no",
+        dataloader_num_workers=0,
+        **method_overrides,
+    )
+    if method in RANK_KEYS:
+        config[RANK_KEYS[method]] = rank
+    if method == "lora":
+        config["lora_alpha"] = 2 * rank
+    config.update(overrides)
+    return config
+
+
+def subprocess_env() -> dict[str, str]:
+    """This environment, offline, with the venv's bin first on PATH and no multi-process launch requested."""
+    env = {k: v for k, v in os.environ.items() if k not in ("FORCE_TORCHRUN", "NPROC_PER_NODE")}
+    env.update(
+        HF_HUB_OFFLINE="1",
+        HF_DATASETS_OFFLINE="1",
+        TRANSFORMERS_OFFLINE="1",
+        PYTHONHASHSEED="0",
+        PATH=f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}",
+    )
+    env.setdefault("MPLCONFIGDIR", str(REPO / "outputs" / ".matplotlib"))
+    return env
+
+
+@dataclass
+class RunResult:
+    """What one training run left behind: its step timings, logged history and memory summary (if profiled)."""
+
+    output_dir: Path
+    timing: dict[str, Any]
+    log_history: list[dict[str, Any]]
+    memory_summary: dict[str, Any] | None
+    cpu_timeline: dict[str, Any] | None
+
+
+def run_training(config: dict[str, Any], timeout: int = 3600) -> RunResult:
+    """Train `config` in a fresh interpreter through the extension's entry; raise with the log tail on failure."""
+    output_dir = Path(config["output_dir"])
+    output_dir.mkdir(parents=True, exist_ok=True)
+    config_path = output_dir / "bench_config.yaml"
+    config_path.write_text(yaml.safe_dump(config, sort_keys=False))
+    timing_path = output_dir / "bench_timing.json"
+    log_path = output_dir / "bench_train.log"
+    with open(log_path, "w") as log:
+        proc = subprocess.run(
+            [sys.executable, str(Path(__file__).resolve()), str(config_path), str(timing_path)],
+            cwd=REPO,
+            env=subprocess_env(),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            timeout=timeout,
+        )
+    if proc.returncode != 0:
+        tail = log_path.read_text()[-4000:]
+        raise RuntimeError(f"training failed (exit {proc.returncode}); log {log_path}:\n{tail}")
+    state = json.loads((output_dir / "trainer_state.json").read_text())
+    summary_path = output_dir / "memory_summary.json"
+    timeline_path = output_dir / "memory_timeline_cpu.json"
+    return RunResult(
+        output_dir=output_dir,
+        timing=json.loads(timing_path.read_text()),
+        log_history=state["log_history"],
+        memory_summary=json.loads(summary_path.read_text()) if summary_path.exists() else None,
+        cpu_timeline=json.loads(timeline_path.read_text()) if timeline_path.exists() else None,
+    )
+
+
+def median_step_seconds(steps: list[dict[str, Any]], skip: int) -> float:
+    """Median wall time of the recorded steps after the first `skip` (which include lazy state set-up)."""
+    durations = [(s["end_us"] - s["begin_us"]) / 1e6 for s in steps[skip:]]
+    if not durations:
+        raise ValueError(f"no step left to time: {len(steps)} recorded, {skip} skipped")
+    return statistics.median(durations)
+
+
+def last_logged(history: list[dict[str, Any]], key: str) -> float | None:
+    """The last value of `key` in HF Trainer's log history (the training loss is averaged since the last log)."""
+    values = [entry[key] for entry in history if key in entry]
+    return values[-1] if values else None
+
+
+def window_peak(timeline: dict[str, Any], begin_us: int, end_us: int) -> dict[str, Any]:
+    """Peak of a CPU memory timeline inside [begin_us, end_us] (epoch microseconds), split by profiler category.
+
+    The state when the window opens (the last point at or before `begin_us`) counts too, so memory that was
+    already held and did not change during the window is included.
+    """
+    times, rows = timeline["times_us"], timeline["bytes"]
+    start = max((i for i, t in enumerate(times) if t <= begin_us), default=0)
+    indices = [start] + [i for i, t in enumerate(times) if begin_us < t <= end_us]
+    peak = max(indices, key=lambda i: sum(rows[i]))
+    return {"total_bytes": sum(rows[peak]), "by_profiler_category": dict(zip(timeline["categories"], rows[peak]))}
+
+
+def machine_description() -> dict[str, Any]:
+    """The machine and software the numbers came from."""
+    import torch
+
+    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"CPU ({os.cpu_count()} cores)"
+    return {
+        "device": device,
+        "processor": platform.processor() or platform.machine(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+    }
+
+
+def _timer_callback(path: Path) -> Any:
+    """A TrainerCallback writing each optimizer step's window (epoch microseconds, the profiler's clock) to `path`."""
+    import torch
+    from transformers import TrainerCallback
+
+    class StepTimer(TrainerCallback):
+        """Step windows from `on_step_begin` (first micro-batch) to `on_step_end` (after zero_grad)."""
+
+        def __init__(self) -> None:
+            self.record: dict[str, Any] = {"steps": [], "cuda": torch.cuda.is_available()}
+            self._begin = 0
+
+        def on_train_begin(self, args, state, control, model=None, **kwargs):
+            params = list(model.parameters()) if model is not None else []
+            self.record["trainable_params"] = sum(p.numel() for p in params if p.requires_grad)
+            self.record["total_params"] = sum(p.numel() for p in params)
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            if self.record["cuda"]:
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+            self._begin = time.time_ns() // 1000
+
+        def on_step_end(self, args, state, control, **kwargs):
+            step = {"step": state.global_step, "begin_us": self._begin}
+            if self.record["cuda"]:
+                torch.cuda.synchronize()
+                step["cuda_peak_allocated_bytes"] = torch.cuda.max_memory_allocated()
+            step["end_us"] = time.time_ns() // 1000
+            self.record["steps"].append(step)
+
+        def on_train_end(self, args, state, control, **kwargs):
+            path.write_text(json.dumps(self.record, indent=1) + "\n")
+
+    return StepTimer()
+
+
+def _worker(config_path: str, timing_path: str) -> None:
+    from llamafactory_mfsgd.activation import assert_active
+
+    assert_active()
+    from llamafactory.train.tuner import run_exp
+
+    run_exp(yaml.safe_load(Path(config_path).read_text()), callbacks=[_timer_callback(Path(timing_path))])
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 3:
+        raise SystemExit("usage: python scripts/bench/lf_bench.py CONFIG.yaml TIMING.json")
+    _worker(sys.argv[1], sys.argv[2])
