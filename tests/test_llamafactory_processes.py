@@ -1,33 +1,48 @@
 """LLaMA-Factory runs that involve more than one optimizer or process: DDP equivalence, fused GaLore, profiling."""
 
 import json
+import subprocess
 
 import pytest
 import torch
-from lf_helpers import assert_ok, log_history, run_cli, tiny_config, weights
+import yaml
+from lf_helpers import BIN, REPO, assert_ok, env, log_history, run_cli, tiny_config, weights
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.mark.distributed
-def test_two_process_torchrun_matches_one_process_and_resumes(tiny_model, tmp_path):
-    """Same global batch (2 x 2 per device x accumulation 2 = 4 x 2) on 1 and 2 CPU processes, then resume."""
+def test_two_processes_match_one_process_via_run_py_and_llamafactory_cli(tiny_model, tmp_path):
+    """Same global batch (2 per device x 2 processes x accumulation 2 = 4 x 2) on 1 and 2 CPU processes.
+
+    The 2-process run starts with `python run.py --ngpus 2`; its checkpoint is resumed by
+    `FORCE_TORCHRUN=1 NPROC_PER_NODE=2 llamafactory-cli train`, so both entry points run under torchrun.
+    """
     single = tiny_config("tiny_sft_mfsgd.yaml", tiny_model, tmp_path / "single", per_device_train_batch_size=4)
-    double = tiny_config("tiny_sft_mfsgd.yaml", tiny_model, tmp_path / "double", per_device_train_batch_size=2)
+    double = tiny_config("tiny_sft_mfsgd.yaml", tiny_model, tmp_path / "unused", per_device_train_batch_size=2)
     assert_ok(run_cli(single, tmp_path))
-    proc = run_cli(double, tmp_path, extra_env={"FORCE_TORCHRUN": "1", "NPROC_PER_NODE": "2"})
+    config_path = tmp_path / "double.yaml"
+    config_path.write_text(yaml.safe_dump(double))
+    proc = subprocess.run(
+        [str(BIN / "python"), "run.py", str(config_path), "--ngpus", "2", "--base_output_dir", str(tmp_path / "runs")],
+        cwd=REPO,
+        env=env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        timeout=600,
+    )
     assert_ok(proc)
     assert "world size: 2" in proc.stdout and "data_parallel=True" in proc.stdout
-    one, two = weights(tmp_path / "single"), weights(tmp_path / "double")
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    one, two = weights(tmp_path / "single"), weights(run_dir)
     for key in one:
         torch.testing.assert_close(two[key], one[key], atol=2e-5, rtol=1e-4)
-    assert [e["loss"] for e in log_history(tmp_path / "double")] == pytest.approx(
+    assert [e["loss"] for e in log_history(run_dir)] == pytest.approx(
         [e["loss"] for e in log_history(tmp_path / "single")], rel=1e-4
     )
 
-    resumed = dict(
-        double, output_dir=str(tmp_path / "resumed"), resume_from_checkpoint=str(tmp_path / "double" / "checkpoint-3")
-    )
+    resumed = dict(double, output_dir=str(tmp_path / "resumed"), resume_from_checkpoint=str(run_dir / "checkpoint-3"))
     assert_ok(run_cli(resumed, tmp_path, extra_env={"FORCE_TORCHRUN": "1", "NPROC_PER_NODE": "2"}))
     for key, value in weights(tmp_path / "resumed").items():
         torch.testing.assert_close(value, two[key], atol=1e-6, rtol=1e-5)
