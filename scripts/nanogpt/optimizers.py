@@ -27,7 +27,9 @@ def _adam_groups(roles: dict[str, list[nn.Parameter]], config: RunConfig) -> lis
     return [{"params": roles[role], "lr": lr} for role, lr in lrs.items() if roles[role]]
 
 
-def _mfsgd(hidden: list[nn.Parameter], adam_groups: list[dict[str, Any]], config: RunConfig, world_size: int):
+def _mfsgd(
+    hidden: list[nn.Parameter], adam_groups: list[dict[str, Any]], config: RunConfig, world_size: int
+) -> list[torch.optim.Optimizer]:
     from mofasgd import MoFaSGD
 
     h = dict(config.hidden)
@@ -39,9 +41,7 @@ def _mfsgd(hidden: list[nn.Parameter], adam_groups: list[dict[str, Any]], config
     # the thin projections itself. Unfused, the trainer's all-reduce of .grad does the averaging.
     h["data_parallel"] = h["fused"] and world_size > 1
     side = [{**g, "mofasgd": False, "weight_decay": config.adam.weight_decay} for g in adam_groups]
-    return [
-        MoFaSGD([{"params": hidden}, *side], adam_betas=config.adam.betas, adam_eps=config.adam.eps, **h),
-    ]
+    return [MoFaSGD([{"params": hidden}, *side], adam_betas=config.adam.betas, adam_eps=config.adam.eps, **h)]
 
 
 def _hidden_optimizer(name: str, hidden: list[nn.Parameter], h: dict[str, Any]) -> torch.optim.Optimizer:
