@@ -120,7 +120,7 @@ def test_stop_accumulation_step_counts_micro_steps_of_the_first_optimizer_step(
 
 def test_stop_accumulation_step_beyond_the_window_stops_at_the_first_optimizer_step(tmp_path, caplog):
     session = MemorySnapshotSession(str(tmp_path), stop_accumulation_step=5)
-    with caplog.at_level(logging.WARNING, logger="llamafactory_mfsgd.memory_snapshot"):
+    with caplog.at_level(logging.WARNING, logger="llamafactory.mfsgd.memory"):
         _train(session, steps=2, accumulation=3, marker_at=(1, 0))
 
     summary = _summary(tmp_path)
@@ -151,7 +151,7 @@ def test_training_that_ends_early_still_writes_the_recording(tmp_path):
 
 def test_on_train_begin_starts_recording_when_start_was_not_called(tmp_path, caplog):
     session = MemorySnapshotSession(str(tmp_path), stop_step=1)
-    with caplog.at_level(logging.WARNING, logger="llamafactory_mfsgd.memory_snapshot"):
+    with caplog.at_level(logging.WARNING, logger="llamafactory.mfsgd.memory"):
         _train(session, steps=1, start=False)
 
     assert "start() was not called" in caplog.text
@@ -164,7 +164,7 @@ def test_png_failure_only_warns(tmp_path, monkeypatch, caplog):
 
     monkeypatch.setattr(memory_report, "plot_cpu_timeline", broken_plot)
     session = MemorySnapshotSession(str(tmp_path), stop_step=1)
-    with caplog.at_level(logging.WARNING, logger="llamafactory_mfsgd.memory_report"):
+    with caplog.at_level(logging.WARNING, logger="llamafactory.mfsgd.memory"):
         _train(session, steps=2)
 
     assert "no renderer" in caplog.text

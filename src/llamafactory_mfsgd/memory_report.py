@@ -22,7 +22,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger("llamafactory.mfsgd.memory")  # under llamafactory.* to share its log handler
 
 CUDA_METHOD = "CUDA caching-allocator snapshot"
 CPU_METHOD = "CPU torch.profiler memory timeline"

@@ -22,7 +22,7 @@ from transformers import TrainerCallback
 
 from . import memory_report
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger("llamafactory.mfsgd.memory")  # under llamafactory.* to share its log handler
 
 
 def _distinct_storage_bytes(tensors: Iterable[Any], device: torch.device) -> int:
