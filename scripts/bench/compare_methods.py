@@ -117,7 +117,8 @@ def render_markdown(table: dict[str, Any]) -> str:
     lines = [
         f"# Methods on `{setup['model']}` ({setup['model_params']:,} parameters)",
         "",
-        f"Machine: {machine['device']}, {machine['processor']}, Python {machine['python']}, torch {machine['torch']}. "
+        f"Machine: {machine['device']}, {machine['processor']}, Python {machine['python']}, torch {machine['torch']} "
+        f"({machine.get('torch_threads', '?')} threads). "
         f"Batch {setup['per_device_train_batch_size']} x {setup['gradient_accumulation_steps']} accumulation, "
         f"cutoff {setup['cutoff_len']}, rank {setup['rank']} for LoRA/GaLore/MoFaSGD, {setup['steps']} steps "
         f"(timed run), memory from optimizer step {step} of a separate profiled run.",

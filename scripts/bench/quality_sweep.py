@@ -70,7 +70,8 @@ def render_markdown(result: dict[str, Any]) -> str:
         f"`{setup['model']}`, {setup['steps']} steps, batch {setup['batch']}, rank {setup['rank']}, one seed "
         f"({setup['seed']}); learning rates {', '.join(f'{lr:g}' for lr in setup['lr_grid'])}; eval loss on "
         f"tulu3_demo_eval after the last step. Machine: {result['machine']['device']}, torch "
-        f"{result['machine']['torch']}; {setup['wall_s']:.0f} s in all.",
+        f"{result['machine']['torch']} ({result['machine'].get('torch_threads', '?')} threads); "
+        f"{setup['wall_s']:.0f} s in all.",
         "",
         "## Best eval loss per method",
         "",
