@@ -1,7 +1,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: install test test-fast lint format demo bench clean
+.PHONY: install test test-fast lint format demo bench bench-methods bench-fidelity bench-quality bench-accounting bench-ddp nanogpt-cpu nanogpt-compare clean
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -29,6 +29,27 @@ demo: $(PY)
 
 bench: $(PY)
 	$(PY) scripts/bench/optimizer_step.py
+
+bench-methods: $(PY)
+	$(PY) scripts/bench/compare_methods.py --results-dir results
+
+bench-fidelity: $(PY)
+	$(PY) scripts/bench/momentum_fidelity.py --results-dir results
+
+bench-quality: $(PY)
+	OMP_NUM_THREADS=1 $(PY) scripts/bench/quality_sweep.py --results-dir results
+
+bench-accounting: $(PY)
+	$(PY) scripts/bench/llama_memory_accounting.py
+
+bench-ddp: $(PY)
+	$(PY) scripts/bench/ddp_communication.py
+
+nanogpt-cpu: $(PY)
+	$(PY) scripts/nanogpt/run.py --optimizer mfsgd --config-path scripts/nanogpt/cpu.yaml
+
+nanogpt-compare: $(PY)
+	$(PY) scripts/nanogpt/compare.py --config-path scripts/nanogpt/cpu.yaml
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info .pytest_cache outputs

@@ -68,13 +68,15 @@ def assert_same_params(a: nn.Module, b: nn.Module, **tol) -> None:
 
 @pytest.mark.parametrize("proj_type", ["std", "reverse_std", "left", "right", "full"])
 def test_fused_steps_equal_galore_adamw_across_projector_refreshes(proj_type):
+    """Equal up to float rounding: the fused optimizer keeps a compact copy of galore-torch's projector slice,
+    and BLAS may round differently for the copy than for the strided slice."""
     fused_model, ref_model = make_model(), make_model()
     fused = FusedGaLoreAdamW(param_groups(fused_model, proj_type), **HPARAMS)
     ref = reference_optimizer(ref_model, proj_type)
     for step in range(2 * GAP + 2):
         train_step(fused_model, fused, step)
         train_step(ref_model, ref, step)
-        assert_same_params(fused_model, ref_model, rtol=0, atol=0)
+        assert_same_params(fused_model, ref_model, rtol=1e-5, atol=1e-6)
     assert not torch.equal(fused_model.up.weight, make_model().up.weight)
 
 
@@ -219,3 +221,15 @@ def test_dropped_optimizer_stops_consuming_gradients():
     x, y = batches(1, 1)[0]
     nn.functional.mse_loss(model(x), y).backward()
     assert model.up.weight.grad is not None
+
+
+def test_stored_projector_owns_only_its_own_storage():
+    """galore-torch hands back a slice of the SVD factor; the state must not pin the whole factor."""
+    from galore_fused import FusedGaLoreAdamW
+
+    w = torch.nn.Parameter(torch.randn(64, 48))
+    opt = FusedGaLoreAdamW([{"params": [w], "rank": 4, "update_proj_gap": 10, "scale": 1.0, "proj_type": "std"}])
+    (w * torch.randn(64, 48)).sum().backward()
+    opt.step()
+    ortho = opt.state[w]["ortho"]
+    assert ortho.untyped_storage().nbytes() == ortho.numel() * ortho.element_size()

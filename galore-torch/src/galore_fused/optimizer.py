@@ -271,10 +271,11 @@ def _projector(group: dict[str, Any], state: dict[str, Any]) -> GaLoreProjector:
 
 
 def _store_projector(projector: GaLoreProjector, state: dict[str, Any]) -> None:
+    """Keep compact copies: galore-torch returns slices of the SVD factors, which pin the whole factor's storage."""
     if isinstance(projector.ortho_matrix, list):
-        state["ortho_left"], state["ortho_right"] = projector.ortho_matrix
+        state["ortho_left"], state["ortho_right"] = (m.contiguous().clone() for m in projector.ortho_matrix)
     else:
-        state["ortho"] = projector.ortho_matrix
+        state["ortho"] = projector.ortho_matrix.contiguous().clone()
 
 
 def _adam_direction(grad: torch.Tensor, state: dict[str, Any], group: dict[str, Any]) -> tuple[torch.Tensor, float]:
