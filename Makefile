@@ -1,3 +1,5 @@
+SHELL := /bin/bash
+.SHELLFLAGS := -eo pipefail -c
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
@@ -28,7 +30,7 @@ demo: $(PY)
 	$(PY) scripts/demo.py
 
 bench: $(PY)
-	$(PY) scripts/bench/optimizer_step.py
+	$(PY) scripts/bench/optimizer_step.py --json results/optimizer_step.json | tee results/optimizer_step.md
 
 bench-methods: $(PY)
 	$(PY) scripts/bench/compare_methods.py --results-dir results
@@ -40,10 +42,10 @@ bench-quality: $(PY)
 	OMP_NUM_THREADS=1 $(PY) scripts/bench/quality_sweep.py --results-dir results
 
 bench-accounting: $(PY)
-	$(PY) scripts/bench/llama_memory_accounting.py
+	$(PY) scripts/bench/llama_memory_accounting.py --out results/llama_memory_accounting
 
 bench-ddp: $(PY)
-	$(PY) scripts/bench/ddp_communication.py
+	$(PY) scripts/bench/ddp_communication.py | tee results/ddp_communication.md
 
 nanogpt-cpu: $(PY)
 	$(PY) scripts/nanogpt/run.py --optimizer mfsgd --config-path scripts/nanogpt/cpu.yaml
