@@ -234,8 +234,9 @@ class MoFaSGD(torch.optim.Optimizer):
                 flags.append((state, flag))
                 tensors += [state["GV"], state["GtU"], flag]
         dp.average_in_place(tensors)
-        for state, flag in flags:
-            if float(flag) == 0.0:
+        seen_anywhere = torch.cat([flag for _, flag in flags]).tolist() if flags else []  # one device sync
+        for (state, _), seen in zip(flags, seen_anywhere):
+            if seen == 0.0:
                 for key in _PENDING:
                     state.pop(key)
         self._pending_synced = True
