@@ -106,8 +106,11 @@ def test_table_rows_split_step_peak_and_ratio_to_adamw(tmp_path):
     }
     markdown = compare_methods.render_markdown(table)
     assert "| mofasgd | 10 | 0.00 |" in markdown and "| 0.50 | 2.1000 | 2.4000 |" in markdown
-    files = compare_methods.write_table(table, tmp_path, "t")
+    files = lf_bench.save_results(
+        table, "t", tmp_path, tmp_path / "results", compare_methods.render_markdown, compare_methods.plot
+    )
     assert [p.name for p in files] == ["t.md", "t.json", "t.png"] and all(p.stat().st_size > 0 for p in files)
+    assert sorted(p.name for p in (tmp_path / "results").iterdir()) == ["t.json", "t.md", "t.png"]
 
 
 def test_best_rank_error_is_zero_at_full_rank_and_the_tail_below_it():

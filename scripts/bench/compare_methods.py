@@ -25,8 +25,6 @@ the runs themselves go to ``--out/<size>/``. Models are built into git-ignored `
 from __future__ import annotations
 
 import argparse
-import json
-import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -42,27 +40,14 @@ from lf_bench import (
     median_step_seconds,
     method_config,
     run_training,
+    save_results,
     window_peak,
 )
 
-GROUPS = ("parameters", "gradients", "optimizer_state", "activations", "other")
-# torch.profiler memory category -> table group; every other category (input, temporary, ...) is "other".
-_GROUP_OF_CATEGORY = {
-    "parameter": "parameters",
-    "gradient": "gradients",
-    "optimizer_state": "optimizer_state",
-    "activation": "activations",
-}
+from llamafactory_mfsgd.memory_report import GROUPS, group_categories
+
 SKIP_STEPS = 2
 MIB = 2**20
-
-
-def group_categories(by_category: dict[str, int]) -> dict[str, int]:
-    """Sum torch.profiler memory categories into the table's groups."""
-    groups = dict.fromkeys(GROUPS, 0)
-    for name, value in by_category.items():
-        groups[_GROUP_OF_CATEGORY.get(name, "other")] += value
-    return groups
 
 
 def step_memory(profiled: RunResult, step: int) -> dict[str, Any]:
@@ -256,16 +241,6 @@ def bench_size(size: str, methods: list[str], args: argparse.Namespace) -> dict[
     }
 
 
-def write_table(table: dict[str, Any], out_dir: Path, stem: str) -> list[Path]:
-    """Write `<stem>.md`, `<stem>.json` and `<stem>.png` into `out_dir`."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    md, js, png = (out_dir / f"{stem}{ext}" for ext in (".md", ".json", ".png"))
-    md.write_text(render_markdown(table))
-    js.write_text(json.dumps(table, indent=2) + "\n")
-    plot(table, png)
-    return [md, js, png]
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", nargs="+", default=["tiny", "small"], choices=sorted(MODEL_SIZES))
@@ -287,12 +262,7 @@ def main(argv: list[str] | None = None) -> None:
         start = time.perf_counter()
         table = bench_size(size, args.methods, args)
         table["setup"]["wall_s"] = round(time.perf_counter() - start, 1)
-        files = write_table(table, Path(args.out), f"bench_methods_{size}")
-        if args.results_dir:
-            Path(args.results_dir).mkdir(parents=True, exist_ok=True)
-            for path in files:
-                shutil.copy(path, Path(args.results_dir) / path.name)
-        print(render_markdown(table))
+        save_results(table, f"bench_methods_{size}", Path(args.out), args.results_dir, render_markdown, plot)
 
 
 if __name__ == "__main__":

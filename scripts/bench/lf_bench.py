@@ -14,10 +14,12 @@ from __future__ import annotations
 import json
 import os
 import platform
+import shutil
 import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -223,6 +225,29 @@ def _worker(config_path: str, timing_path: str) -> None:
     from llamafactory.train.tuner import run_exp
 
     run_exp(yaml.safe_load(Path(config_path).read_text()), callbacks=[_timer_callback(Path(timing_path))])
+
+
+def save_results(
+    result: dict[str, Any],
+    stem: str,
+    out_dir: Path,
+    results_dir: str | Path | None,
+    render_markdown: Callable[[dict[str, Any]], str],
+    plot: Callable[[dict[str, Any], Path], Any],
+) -> list[Path]:
+    """Write `<stem>.md`, `.json` and `.png` into `out_dir`, copy them into `results_dir` if given, print the table."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    md, js, png = (out_dir / f"{stem}{ext}" for ext in (".md", ".json", ".png"))
+    md.write_text(render_markdown(result))
+    js.write_text(json.dumps(result, indent=2) + "\n")
+    plot(result, png)
+    files = [md, js, png]
+    if results_dir:
+        Path(results_dir).mkdir(parents=True, exist_ok=True)
+        for path in files:
+            shutil.copy(path, Path(results_dir) / path.name)
+    print(render_markdown(result))
+    return files
 
 
 if __name__ == "__main__":

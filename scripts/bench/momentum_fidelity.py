@@ -22,13 +22,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import statistics
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
+from lf_bench import save_results
 
 from mofasgd import MoFaSGD, split_for_mofasgd
 from mofasgd import factor_math as fm
@@ -269,17 +269,7 @@ def main(argv: list[str] | None = None) -> None:
         "rows": summarize(runs),
         "runs": runs,
     }
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    files = [out / "momentum_fidelity.md", out / "momentum_fidelity.json", out / "momentum_fidelity.png"]
-    files[0].write_text(render_markdown(result))
-    files[1].write_text(json.dumps(result, indent=1) + "\n")
-    plot(result, files[2])
-    if args.results_dir:
-        Path(args.results_dir).mkdir(parents=True, exist_ok=True)
-        for path in files:
-            shutil.copy(path, Path(args.results_dir) / path.name)
-    print(render_markdown(result))
+    save_results(result, "momentum_fidelity", Path(args.out), args.results_dir, render_markdown, plot)
 
 
 if __name__ == "__main__":

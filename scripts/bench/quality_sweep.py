@@ -15,13 +15,19 @@ whose single rate covers every parameter too. One seed; differences below the sp
 from __future__ import annotations
 
 import argparse
-import json
-import shutil
 import time
 from pathlib import Path
 from typing import Any
 
-from lf_bench import REPO, ensure_model, last_logged, machine_description, method_config, run_training
+from lf_bench import (
+    REPO,
+    ensure_model,
+    last_logged,
+    machine_description,
+    method_config,
+    run_training,
+    save_results,
+)
 
 LR_GRID = (3e-3, 1e-2, 3e-2)
 # Variant -> (method of lf_bench.METHODS, YAML overrides, learning-rate keys the swept rate goes to).
@@ -167,15 +173,7 @@ def main(argv: list[str] | None = None) -> None:
         "records": records,
         "best": best_per_variant(records),
     }
-    files = [out / "quality_sweep.md", out / "quality_sweep.json", out / "quality_sweep.png"]
-    files[0].write_text(render_markdown(result))
-    files[1].write_text(json.dumps(result, indent=2) + "\n")
-    plot(result, files[2])
-    if args.results_dir:
-        Path(args.results_dir).mkdir(parents=True, exist_ok=True)
-        for path in files:
-            shutil.copy(path, Path(args.results_dir) / path.name)
-    print(render_markdown(result))
+    save_results(result, "quality_sweep", out, args.results_dir, render_markdown, plot)
 
 
 if __name__ == "__main__":

@@ -196,12 +196,17 @@ def summarize_cuda_snapshot(
     }
 
 
-def _grouped(names: Sequence[str], row: Sequence[int]) -> dict[str, int]:
-    """Sum one timeline row of profiler categories into the summary groups."""
+def group_categories(by_category: dict[str, int]) -> dict[str, int]:
+    """Sum bytes per torch.profiler category (lower-cased names) into the summary groups."""
     groups = dict.fromkeys(GROUPS, 0)
-    for name, value in zip(names, row):
+    for name, value in by_category.items():
         groups[_GROUP_OF_CATEGORY.get(name, "other")] += value
     return groups
+
+
+def _grouped(names: Sequence[str], row: Sequence[int]) -> dict[str, int]:
+    """Sum one timeline row of profiler categories into the summary groups."""
+    return group_categories(dict(zip(names, row)))
 
 
 def summarize_cpu_timeline(timeline: dict[str, Any], source: str = "") -> dict[str, Any]:
