@@ -44,13 +44,16 @@ def env(**extra) -> dict:
     return out
 
 
-def run_cli(config: dict, workdir: Path, extra_env: dict | None = None, timeout: int = 600):
-    """`llamafactory-cli train <yaml>` in a subprocess; returns the CompletedProcess (stdout+stderr merged)."""
+def _write_config(config: dict, workdir: Path) -> Path:
     path = workdir / f"cfg_{len(list(workdir.glob('cfg_*.yaml')))}.yaml"
     with open(path, "w") as f:
         yaml.safe_dump(config, f)
+    return path
+
+
+def _run(command: list[str], extra_env: dict | None, timeout: int):
     return subprocess.run(
-        [str(BIN / "llamafactory-cli"), "train", str(path)],
+        command,
         cwd=REPO,
         env=env(**(extra_env or {})),
         stdout=subprocess.PIPE,
@@ -58,6 +61,26 @@ def run_cli(config: dict, workdir: Path, extra_env: dict | None = None, timeout:
         text=True,
         timeout=timeout,
     )
+
+
+def run_cli(config: dict, workdir: Path, extra_env: dict | None = None, timeout: int = 600):
+    """`llamafactory-cli train <yaml>` in a subprocess; returns the CompletedProcess (stdout+stderr merged)."""
+    return _run([str(BIN / "llamafactory-cli"), "train", str(_write_config(config, workdir))], extra_env, timeout)
+
+
+def run_py(config: dict, workdir: Path, ngpus: int, base_output_dir: Path, timeout: int = 600):
+    """`python run.py <yaml> --ngpus N --base_output_dir DIR` in a subprocess, like run_cli."""
+    path = _write_config(config, workdir)
+    command = [
+        str(BIN / "python"),
+        "run.py",
+        str(path),
+        "--ngpus",
+        str(ngpus),
+        "--base_output_dir",
+        str(base_output_dir),
+    ]
+    return _run(command, None, timeout)
 
 
 def assert_ok(proc) -> None:

@@ -1,12 +1,10 @@
 """LLaMA-Factory runs that involve more than one optimizer or process: DDP equivalence, fused GaLore, profiling."""
 
 import json
-import subprocess
 
 import pytest
 import torch
-import yaml
-from lf_helpers import BIN, REPO, assert_ok, env, log_history, run_cli, tiny_config, weights
+from lf_helpers import assert_ok, log_history, run_cli, run_py, tiny_config, weights
 
 pytestmark = pytest.mark.slow
 
@@ -21,17 +19,7 @@ def test_two_processes_match_one_process_via_run_py_and_llamafactory_cli(tiny_mo
     single = tiny_config("tiny_sft_mfsgd.yaml", tiny_model, tmp_path / "single", per_device_train_batch_size=4)
     double = tiny_config("tiny_sft_mfsgd.yaml", tiny_model, tmp_path / "unused", per_device_train_batch_size=2)
     assert_ok(run_cli(single, tmp_path))
-    config_path = tmp_path / "double.yaml"
-    config_path.write_text(yaml.safe_dump(double))
-    proc = subprocess.run(
-        [str(BIN / "python"), "run.py", str(config_path), "--ngpus", "2", "--base_output_dir", str(tmp_path / "runs")],
-        cwd=REPO,
-        env=env(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        timeout=600,
-    )
+    proc = run_py(double, tmp_path, ngpus=2, base_output_dir=tmp_path / "runs")
     assert_ok(proc)
     assert "world size: 2" in proc.stdout and "data_parallel=True" in proc.stdout
     (run_dir,) = (tmp_path / "runs").iterdir()

@@ -1,11 +1,9 @@
 """End to end through the real LLaMA-Factory pipeline on CPU: MoFaSGD trains, logs, clips, saves and resumes."""
 
-import subprocess
-
 import pytest
 import torch
 import yaml
-from lf_helpers import BIN, REPO, assert_ok, env, log_history, run_cli, tiny_config, weights
+from lf_helpers import assert_ok, log_history, run_cli, run_py, tiny_config, weights
 
 pytestmark = pytest.mark.slow
 
@@ -70,17 +68,7 @@ def test_resume_from_checkpoint_continues_exactly(mfsgd_run, tmp_path):
 
 def test_run_py_names_the_run_writes_resolved_config_and_trains(tiny_model, tmp_path):
     config = tiny_config("tiny_sft_mfsgd.yaml", tiny_model, tmp_path / "ignored", max_steps=2, save_steps=2)
-    path = tmp_path / "cfg.yaml"
-    path.write_text(yaml.safe_dump(config))
-    proc = subprocess.run(
-        [str(BIN / "python"), "run.py", str(path), "--ngpus", "1", "--base_output_dir", str(tmp_path / "runs")],
-        cwd=REPO,
-        env=env(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        timeout=600,
-    )
+    proc = run_py(config, tmp_path, ngpus=1, base_output_dir=tmp_path / "runs")
     assert_ok(proc)
     (run_dir,) = (tmp_path / "runs").iterdir()
     assert run_dir.name.startswith(f"{tiny_model.name}_tulu3_demo_mfsgd-r8_bs8_")
