@@ -19,7 +19,7 @@ import time
 import torch
 
 from mofasgd import MoFaSGD
-from mofasgd.memory import transient_peak_bytes
+from mofasgd.memory import optimizer_state_bytes, transient_peak_bytes
 
 
 def sync(device: torch.device) -> None:
@@ -33,10 +33,6 @@ def timed(fn, device: torch.device) -> float:
     fn()
     sync(device)
     return time.perf_counter() - start
-
-
-def state_bytes(opt: torch.optim.Optimizer) -> int:
-    return sum(t.numel() * t.element_size() for s in opt.state.values() for t in s.values() if torch.is_tensor(t))
 
 
 def bench_pair(shape, rank, dtype, device, warmup, repeats):
@@ -60,9 +56,9 @@ def bench_pair(shape, rank, dtype, device, warmup, repeats):
     w.grad = grad.clone()
     opt._consume_gradient(w)
     peak = transient_peak_bytes(opt.step, device)
-    adamw = {"state_bytes": state_bytes(adam), "step_s": statistics.median(adam_times)}
+    adamw = {"state_bytes": optimizer_state_bytes(adam), "step_s": statistics.median(adam_times)}
     mofasgd = {
-        "state_bytes": state_bytes(opt),
+        "state_bytes": optimizer_state_bytes(opt),
         "step_s": statistics.median(step_times),
         "hook_plus_step_s": statistics.median(total_times),
         "peak_step_bytes": peak,

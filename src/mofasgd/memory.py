@@ -31,3 +31,9 @@ def transient_peak_bytes(fn: Callable[[], object], device: torch.device | str = 
         current += event.nbytes()
         peak = max(peak, current)
     return peak
+
+
+def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
+    """Bytes of every tensor in an optimizer's state (any torch optimizer)."""
+    tensors = (t for state in optimizer.state.values() for t in state.values() if torch.is_tensor(t))
+    return sum(t.numel() * t.element_size() for t in tensors)

@@ -10,6 +10,7 @@ from torch.optim.adamw import adamw
 
 from mofasgd import data_parallel as dp
 from mofasgd import factor_math as fm
+from mofasgd.memory import optimizer_state_bytes
 
 _INITS = ("weight", "gradient")
 _GROUP_KEYS_NOT_HYPERPARAMS = {"params", "name", "initial_lr"}
@@ -399,7 +400,7 @@ class MoFaSGD(torch.optim.Optimizer):
     # ------------------------------------------------------------------ introspection
     def state_bytes(self) -> int:
         """Bytes held in optimizer state right now (factors, steps, AdamW moments, pending projections)."""
-        return sum(t.numel() * t.element_size() for s in self.state.values() for t in s.values() if torch.is_tensor(t))
+        return optimizer_state_bytes(self)
 
     @staticmethod
     def expected_factor_bytes(shape: torch.Size | tuple[int, int], rank: int, dtype=torch.float32) -> int:
