@@ -28,6 +28,9 @@ Sources not in the table (other releases of the mixture rename components) fall 
 their name (``math``/``gsm``/``algebra`` → math, ``code`` → coding, ``ifdata`` → instruction_following, ...), and
 to ``other`` when nothing matches.
 
+The authors' fork groups the same sources into seven categories of its own, registered as
+``tulu3_mixture_<category>``; those are prepared on first use by ``llamafactory_mfsgd.tulu3_mixture``.
+
 Usage::
 
     # GPU users with internet: the hub mixture (downloads ~1.4 GB once, or --streaming)

@@ -138,3 +138,123 @@ def test_committed_dataset_info_matches_the_script():
         assert info[name] == dataset_entry(f"{name}.jsonl")
     hub = {key: value for key, value in dataset_entry("").items() if key != "file_name"}
     assert info["tulu3_sft_mixture"] == {"hf_hub_url": "allenai/tulu-3-sft-mixture", **hub}
+
+
+# --- The authors' category datasets `tulu3_mixture_<category>` (llamafactory_mfsgd.tulu3_mixture) ---------------
+
+# The fixture's rows per category of the authors' mapping, counted by hand from its sources. Sources the authors
+# do not list (allenai/tulu-3-sft-personas-code, example-org/unlisted_dataset) belong to no category.
+AUTHORS_FIXTURE_COUNTS = {
+    "general": 4,
+    "knowledge_recall": 3,
+    "math_reasoning": 7,
+    "coding": 2,
+    "safety_compliance": 3,
+    "multilingual": 1,
+    "precise_if": 1,
+}
+
+
+@pytest.mark.parametrize(
+    ("source", "category"),
+    [
+        ("ai2-adapt-dev/tulu_v3.9_sciriff_10k", "knowledge_recall"),
+        ("ai2-adapt-dev/flan_v2_converted", "knowledge_recall"),
+        ("ai2-adapt-dev/tulu_v3.9_table_gpt_5k", "knowledge_recall"),
+        ("allenai/tulu-3-sft-personas-math-grade", "math_reasoning"),
+        ("ai2-adapt-dev/personahub_ifdata_manual_seed_v3_29980", "precise_if"),
+        ("ai2-adapt-dev/coconot_converted", "safety_compliance"),
+        ("ai2-adapt-dev/tulu_hard_coded_repeated_10", "general"),
+        ("some-mirror/evol_codealpaca_heval_decontaminated", "coding"),
+        ("allenai/tulu-3-sft-personas-code", None),
+        ("example-org/unlisted_dataset", None),
+    ],
+)
+def test_authors_mapping_puts_each_source_in_its_category(source, category):
+    from llamafactory_mfsgd.tulu3_mixture import category_of
+
+    assert category_of(source) == category
+
+
+def test_authors_mapping_covers_the_same_sources_as_the_report_mapping():
+    from llamafactory_mfsgd.tulu3_mixture import SOURCE_CATEGORY
+
+    assert set(SOURCE_CATEGORY) == set(SOURCE_CATEGORIES)
+
+
+def test_committed_dataset_info_registers_the_authors_names():
+    from llamafactory_mfsgd.tulu3_mixture import CATEGORY_SOURCES, dataset_entry
+
+    info = json.loads((ROOT / "data" / "dataset_info.json").read_text())
+    for category in CATEGORY_SOURCES:
+        assert info[f"tulu3_mixture_{category}"] == dataset_entry(category)
+    assert set(CATEGORY_SOURCES) == set(AUTHORS_FIXTURE_COUNTS)
+
+
+@pytest.fixture()
+def dataset_dir(tmp_path):
+    """A dataset directory holding a copy of the committed dataset_info.json and nothing prepared."""
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "dataset_info.json").write_text((ROOT / "data" / "dataset_info.json").read_text())
+    return tmp_path / "data"
+
+
+def test_first_use_prepares_every_authors_subset_once_and_reuses_it(dataset_dir, monkeypatch):
+    from llamafactory_mfsgd import tulu3_mixture
+
+    monkeypatch.setenv(tulu3_mixture.MIXTURE_ENV, str(FIXTURE))
+    tulu3_mixture.ensure_subsets(["tulu3_mixture_knowledge_recall", "tulu3_demo"], dataset_dir)
+
+    out = dataset_dir / "tulu3_mixture"
+    assert {path.stem: len(_rows(path)) for path in out.glob("*.jsonl")} == AUTHORS_FIXTURE_COUNTS
+    for category in AUTHORS_FIXTURE_COUNTS:
+        expected = [row for row in _rows(FIXTURE) if tulu3_mixture.category_of(row["source"]) == category]
+        assert _rows(out / f"{category}.jsonl") == expected
+    assert not list(out.glob(".*partial"))
+
+    def no_second_load(*args, **kwargs):
+        raise AssertionError("the mixture was loaded again")
+
+    monkeypatch.setattr(tulu3_mixture, "_load_mixture", no_second_load)
+    tulu3_mixture.ensure_subsets(["tulu3_mixture_coding", "tulu3_mixture_precise_if"], dataset_dir)
+
+
+def test_prepare_command_writes_the_subsets(dataset_dir, capsys):
+    from llamafactory_mfsgd.tulu3_mixture import main as prepare_main
+
+    prepare_main(["--dataset-dir", str(dataset_dir), "--mixture", str(FIXTURE)])
+
+    assert "tulu3_mixture_safety_compliance" in capsys.readouterr().out
+    assert len(_rows(dataset_dir / "tulu3_mixture" / "safety_compliance.jsonl")) == 3
+
+
+def _parse(dataset_dir, tmp_path, dataset):
+    from lf_helpers import tiny_config
+    from llamafactory.hparams import get_train_args
+
+    config = tiny_config("tiny_sft_adamw.yaml", tmp_path / "no-model", tmp_path / "out", dataset=dataset)
+    config.update(dataset_dir=str(dataset_dir))
+    config.pop("eval_dataset", None)
+    return get_train_args(config)
+
+
+def test_offline_unprepared_subset_fails_at_parse_time_naming_the_command(dataset_dir, tmp_path, monkeypatch):
+    from llamafactory_mfsgd.tulu3_mixture import MIXTURE_ENV, prepare_command
+
+    monkeypatch.delenv(MIXTURE_ENV, raising=False)
+    with pytest.raises(FileNotFoundError, match="not prepared") as error:
+        _parse(dataset_dir, tmp_path, "tulu3_mixture_coding")
+    assert prepare_command(dataset_dir) in str(error.value)
+    assert not (dataset_dir / "tulu3_mixture").exists()
+
+
+def test_parsing_a_config_prepares_the_subsets_llamafactory_then_resolves(dataset_dir, tmp_path, monkeypatch):
+    from llamafactory.data.parser import get_dataset_list
+    from llamafactory_mfsgd.tulu3_mixture import MIXTURE_ENV
+
+    monkeypatch.setenv(MIXTURE_ENV, str(FIXTURE))
+    _, data_args, _, _, _ = _parse(dataset_dir, tmp_path, "tulu3_mixture_coding,tulu3_mixture_general")
+
+    attrs = get_dataset_list(data_args.dataset, data_args.dataset_dir)
+    assert [attr.dataset_name for attr in attrs] == ["tulu3_mixture/coding.jsonl", "tulu3_mixture/general.jsonl"]
+    assert [len(_rows(dataset_dir / attr.dataset_name)) for attr in attrs] == [2, 4]

@@ -24,6 +24,7 @@ from .arguments import (
     validate_with_training_args,
 )
 from .compat import check_llamafactory_version, require
+from .tulu3_mixture import prepare_for_training
 
 
 def _raw_values(raw: dict[str, Any] | list[str]) -> dict[str, Any]:
@@ -73,6 +74,7 @@ def patch_parser(module: ModuleType) -> None:
         parsed = original(raw)
         model_args, data_args, training_args, finetuning_args, generating_args = parsed
         validate_with_training_args(finetuning_args, training_args)
+        prepare_for_training(data_args, training_args)
         return parsed
 
     get_train_args.__doc__ = original.__doc__
