@@ -233,3 +233,19 @@ def test_stored_projector_owns_only_its_own_storage():
     opt.step()
     ortho = opt.state[w]["ortho"]
     assert ortho.untyped_storage().nbytes() == ortho.numel() * ortho.element_size()
+
+
+def test_recreated_fused_galore_trains_after_the_old_one_is_deleted():
+    import gc
+
+    model = make_model()
+    first = FusedGaLoreAdamW(param_groups(model), **HPARAMS)
+    train_step(model, first, 0)
+    first.zero_grad()
+    del first
+    gc.collect()
+    second = FusedGaLoreAdamW(param_groups(model), **HPARAMS)
+    before = model.up.weight.detach().clone()
+    train_step(model, second, 0)
+    assert (model.up.weight - before).abs().max() > 1e-4
+    assert len(model.up.weight._post_accumulate_grad_hooks) == 1  # the dead optimizer's hook was removed

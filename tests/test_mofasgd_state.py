@@ -264,11 +264,15 @@ def test_state_is_tensors_only_and_fp32():
 
 
 def test_hooks_use_the_param_groups_loaded_from_a_state_dict():
-    source = MoFaSGD([nn.Parameter(torch.randn(8, 6))], rank=2)
+    source = MoFaSGD([nn.Parameter(torch.randn(8, 6))], rank=2, init="weight")
     saved = source.state_dict()
-    saved["param_groups"][0]["rank"] = 3
+    saved["param_groups"][0]["init"] = "gradient"
     w = nn.Parameter(torch.randn(8, 6))
-    opt = MoFaSGD([w], rank=2)
+    opt = MoFaSGD([w], rank=2, init="weight")
     opt.load_state_dict(saved)
-    (w * torch.randn(8, 6)).sum().backward()
-    assert opt.state[w]["U"].shape == (8, 3)
+    g = torch.randn(8, 1) @ torch.randn(1, 6)
+    (w * g).sum().backward()
+    # the loaded group's gradient init makes U span the rank-1 gradient's column space, not W's
+    u = opt.state[w]["U"][:, :1]
+    direction = g[:, :1] / g[:, :1].norm()
+    assert float((u.T @ direction).abs()) == pytest.approx(1.0, abs=1e-5)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -10,18 +11,37 @@ from torch.optim.adamw import adamw
 
 from mofasgd import data_parallel as dp
 from mofasgd import factor_math as fm
+from mofasgd.adamw_side import adamw_update_fp32_
+from mofasgd.hooks import HookRegistry
 from mofasgd.memory import optimizer_state_bytes
+from mofasgd.rounding import GeneratorBank, supports_stochastic_rounding, update_in_fp32_
+
+logger = logging.getLogger("mofasgd")
 
 _INITS = ("weight", "gradient")
-_GROUP_KEYS_NOT_HYPERPARAMS = {"params", "name", "initial_lr"}
+_GROUP_KEYS_NOT_HYPERPARAMS = {"params", "name", "param_names", "initial_lr"}
 _PENDING = ("GV", "GtU")
+_FACTOR_KEYS = ("U", "S", "V", *_PENDING)
+# Hyper-parameters that fix the shape of the saved state: a checkpoint with other values cannot be resumed.
+_SHAPE_KEYS = ("rank", "mofasgd")
+_RNG_KEY = "mofasgd_rng"
+# Largest |U^T U - I| entry accepted for loaded fp32 factors (fresh QR factors are ~1e-6 off).
+_ORTHONORMAL_TOL = {torch.float32: 1e-3, torch.float64: 1e-8}
 
 
 def _check_range(name: str, value: Any, low: float, high: float | None = None, high_open: bool = False) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"Invalid {name}: {value!r}; expected a number, not {type(value).__name__}")
     ok = value >= low and (high is None or (value < high if high_open else value <= high))
     if not ok:
         upper = "" if high is None else (f", {high})" if high_open else f", {high}]")
         raise ValueError(f"Invalid {name}: {value!r}; expected a value in [{low}{upper or ', inf)'}")
+
+
+def _check_flag(name: str, value: Any, allow_none: bool = False) -> None:
+    if not (isinstance(value, bool) or (allow_none and value is None)):
+        expected = "True, False or None" if allow_none else "True or False"
+        raise ValueError(f"Invalid {name}: {value!r}; expected {expected}")
 
 
 class MoFaSGD(torch.optim.Optimizer):
@@ -47,8 +67,16 @@ class MoFaSGD(torch.optim.Optimizer):
 
     With ``fused=True`` each managed gradient is projected to (G V, G^T U) in a post-accumulate-grad hook
     and freed at once, so no m x n gradient outlives backward(); accumulation over several backward
-    passes stays exact because the projections are linear. ``eta2 > 0`` needs the whole gradient, so it
-    requires ``fused=False``. Factor math is fp32 (fp64 for fp64 parameters) whatever the parameter dtype.
+    passes stays exact because the projections are linear. A managed ``.grad`` that no hook consumed
+    (parameter unfrozen after construction, gradient set by hand) is consumed at ``step()``. ``eta2 > 0``
+    needs the whole gradient, so it requires ``fused=False``. Factor math is fp32 (fp64 for fp64
+    parameters) whatever the parameter dtype.
+
+    bf16 parameters: with ``stochastic_rounding`` (None = on for bf16 parameters) each update is computed in
+    fp32 and rounded stochastically to bf16, so that small updates survive in expectation; the random bits
+    come from the optimizer's own generator (``seed``), saved in its state dict. fp32 parameters are untouched
+    by the option. A matrix whose gradient projections are not finite skips its update (factors and weight
+    kept), like AMP's scaler skips a step; the count is logged.
 
     State per managed matrix is tensors only: ``U``, ``S``, ``V``, ``step`` (plus ``GV``/``GtU`` while a
     fused accumulation is pending), so checkpoints load with ``torch.load(weights_only=True)``.
@@ -74,8 +102,10 @@ class MoFaSGD(torch.optim.Optimizer):
         init: str = "weight",
         adam_betas: tuple[float, float] = (0.9, 0.999),
         adam_eps: float = 1e-8,
+        stochastic_rounding: bool | None = None,
         fused: bool = True,
         data_parallel: bool = False,
+        seed: int = 0,
     ) -> None:
         defaults = dict(
             lr=lr,
@@ -95,18 +125,25 @@ class MoFaSGD(torch.optim.Optimizer):
             init=init,
             adam_betas=adam_betas,
             adam_eps=adam_eps,
+            stochastic_rounding=stochastic_rounding,
             mofasgd=True,
         )
-        self.fused = bool(fused)
-        self.data_parallel = bool(data_parallel)
+        _check_flag("fused", fused)
+        _check_flag("data_parallel", data_parallel)
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise ValueError(f"Invalid seed: {seed!r}; expected an integer")
+        self.fused = fused
+        self.data_parallel = data_parallel
         self._pending_synced = True
         if self.data_parallel and not self.fused:
             raise ValueError(
                 "data_parallel=True averages the fused projections across ranks; with fused=False DDP already "
                 "averages .grad, so leave data_parallel=False"
             )
-        self._hook_handles: list[Any] = []
+        self._hooks = HookRegistry(self, "_consume_gradient")
         self._group_index: dict[torch.Tensor, int] = {}
+        self._rng = GeneratorBank(seed)
+        self._diagnostics: dict[str, list[torch.Tensor]] | None = None
         self._validate_group(defaults, where="argument")
         super().__init__(params, defaults)
 
@@ -123,14 +160,23 @@ class MoFaSGD(torch.optim.Optimizer):
         self._validate_group(group, where="param group")
         for p in group["params"]:
             self._group_index[p] = len(self.param_groups) - 1
-            if group["mofasgd"]:
-                if p.dim() != 2:
+            if group["mofasgd"] and p.dim() != 2:
+                raise ValueError(
+                    f"MoFaSGD manages 2-D matrices only; got {self._describe(p)} in a group with "
+                    '"mofasgd": True. Put it in a group with "mofasgd": False (AdamW).'
+                )
+            if (
+                group["stochastic_rounding"]
+                and p.is_floating_point()
+                and p.dtype not in (torch.float32, torch.float64)
+            ):
+                if not supports_stochastic_rounding(p.dtype):
                     raise ValueError(
-                        f"MoFaSGD manages 2-D matrices only; got a parameter of shape {tuple(p.shape)} in a group "
-                        'with "mofasgd": True. Put it in a group with "mofasgd": False (AdamW).'
+                        f"stochastic_rounding=True supports bf16 parameters; {self._describe(p)} is {p.dtype}. "
+                        "Use bf16 weights or stochastic_rounding=None/False."
                     )
-                if self.fused and p.requires_grad:
-                    self._hook_handles.append(p.register_post_accumulate_grad_hook(self._consume_gradient))
+        if self.fused and group["mofasgd"]:
+            self._hooks.register(group["params"])
 
     def _validate_group(self, group: dict[str, Any], where: str) -> None:
         _check_range(f"lr ({where})", group["lr"], 0.0)
@@ -145,8 +191,11 @@ class MoFaSGD(torch.optim.Optimizer):
         _check_range(f"adam_eps ({where})", group["adam_eps"], 0.0)
         for i, b in enumerate(group["adam_betas"]):
             _check_range(f"adam_betas[{i}] ({where})", b, 0.0, 1.0, high_open=True)
+        for key in ("use_ones_for_nonzero_s", "use_current_projection", "nesterov", "mofasgd"):
+            _check_flag(f"{key} ({where})", group[key])
+        _check_flag(f"stochastic_rounding ({where})", group["stochastic_rounding"], allow_none=True)
         steps = group["beta_warmup_steps"]
-        if not isinstance(steps, int) or steps < 0:
+        if not isinstance(steps, int) or isinstance(steps, bool) or steps < 0:
             raise ValueError(f"Invalid beta_warmup_steps ({where}): {steps!r}; expected an integer >= 0")
         if steps > 0:
             for key in ("beta_start", "beta_end"):
@@ -168,15 +217,133 @@ class MoFaSGD(torch.optim.Optimizer):
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
-        self.__dict__.setdefault("_hook_handles", [])
+        if "_hooks" not in self.__dict__:
+            self._hooks = HookRegistry(self, "_consume_gradient")
         self.__dict__.setdefault("_pending_synced", True)
-        self.__dict__.setdefault("_group_index", {p: i for i, g in enumerate(self.param_groups) for p in g["params"]})
+        self.__dict__.setdefault("_rng", GeneratorBank(0))
+        self.__dict__.setdefault("_diagnostics", None)
+        self._group_index = {p: i for i, g in enumerate(self.param_groups) for p in g["params"]}
 
     def remove_hooks(self) -> None:
         """Detach the fused-mode gradient hooks (e.g. before handing the model to another optimizer)."""
-        for handle in self._hook_handles:
-            handle.remove()
-        self._hook_handles.clear()
+        self._hooks.remove()
+
+    def _describe(self, p: torch.Tensor) -> str:
+        """`name` (shape) of a parameter when its group carries param_names, else its group, index and shape."""
+        shape = f"shape {tuple(p.shape)}"
+        for gi, group in enumerate(self.param_groups):
+            for pi, q in enumerate(group["params"]):
+                if q is p:
+                    names = group.get("param_names")
+                    return f"`{names[pi]}` of {shape}" if names else f"param group {gi} parameter {pi} of {shape}"
+        return f"a parameter of {shape}"
+
+    # ------------------------------------------------------------------ state dict
+    def state_dict(self) -> dict[str, Any]:
+        """Torch's optimizer state dict plus the stochastic-rounding generator states (when used)."""
+        state = super().state_dict()
+        rng = self._rng.state()
+        if rng:
+            state[_RNG_KEY] = rng
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a MoFaSGD state dict, refusing checkpoints that do not fit this optimizer with a clear reason.
+
+        Factors keep their fp32 dtype (torch would cast every floating state to the parameter dtype, which for
+        bf16 parameters destroys orthonormality), and are checked for shape, finiteness and orthonormality.
+        """
+        self._check_checkpoint_layout(state_dict["param_groups"])
+        saved_state = state_dict["state"]
+        factors = {pid: {k: v for k, v in st.items() if k in _FACTOR_KEYS} for pid, st in saved_state.items()}
+        stripped = dict(state_dict)
+        stripped["state"] = {
+            pid: {k: v for k, v in st.items() if k not in _FACTOR_KEYS} for pid, st in saved_state.items()
+        }
+        params = [p for g in self.param_groups for p in g["params"]]
+        saved_ids = [pid for g in state_dict["param_groups"] for pid in g["params"]]
+        super().load_state_dict(stripped)
+        for pid, p in zip(saved_ids, params):
+            if factors.get(pid):
+                dtype = fm.factor_dtype(p.dtype)
+                self.state[p].update({k: v.to(device=p.device, dtype=dtype) for k, v in factors[pid].items()})
+                self._check_loaded_factors(p)
+        self._rng.load(state_dict.get(_RNG_KEY, {}))
+        self._pending_synced = not any("GV" in st for st in self.state.values())
+
+    def _check_checkpoint_layout(self, saved_groups: list[dict[str, Any]]) -> None:
+        """Say what changed when a checkpoint's groups do not match this optimizer's (optimizer, target, rank)."""
+        if any("mofasgd" not in g for g in saved_groups):
+            raise ValueError(
+                "This optimizer state was not saved by MoFaSGD (its param groups have no `mofasgd` key): the "
+                "checkpoint comes from another optimizer (e.g. `use_mfsgd: false`). Resume with the optimizer that "
+                "saved it, or start MoFaSGD without resuming the optimizer state."
+            )
+
+        def layout(groups: list[dict[str, Any]]) -> list[tuple[bool, int]]:
+            return [(bool(g["mofasgd"]), len(g["params"])) for g in groups]
+
+        if layout(saved_groups) != layout(self.param_groups):
+
+            def describe(groups: list[dict[str, Any]]) -> str:
+                managed = sum(len(g["params"]) for g in groups if g["mofasgd"])
+                others = sum(len(g["params"]) for g in groups if not g["mofasgd"])
+                return f"{managed} MoFaSGD matrices and {others} AdamW tensors in {len(groups)} groups"
+
+            raise ValueError(
+                f"The checkpoint's optimizer holds {describe(saved_groups)}, this run routes "
+                f"{describe(self.param_groups)}: the set of MoFaSGD matrices changed (`mfsgd_target`, frozen or "
+                "added parameters, a different model). Resume with the routing that saved it, or start fresh."
+            )
+        changed = []
+        for index, (saved, current) in enumerate(zip(saved_groups, self.param_groups)):
+            if saved["mofasgd"] and saved["rank"] != current["rank"]:
+                raise ValueError(
+                    f"The checkpoint's MoFaSGD factors have rank {saved['rank']} (param group {index}), but this "
+                    f"optimizer was built with rank {current['rank']} (`mfsgd_rank`). Resume with "
+                    f"`mfsgd_rank: {saved['rank']}`, or start a new run to change the rank."
+                )
+            ignored = {"params", "param_names", "lr", "initial_lr", *_SHAPE_KEYS}
+            changed += [
+                f"{key}: {current.get(key)!r} -> {saved[key]!r}"
+                for key in sorted(set(saved) - ignored)
+                if key in current and saved[key] != current[key]
+            ]
+        if changed:
+            logger.warning(
+                "MoFaSGD resumes with the checkpoint's hyper-parameters (torch's load_state_dict semantics), "
+                "which differ from this optimizer's: %s",
+                "; ".join(sorted(set(changed))),
+            )
+
+    def _check_loaded_factors(self, p: torch.Tensor) -> None:
+        state = self.state[p]
+        group = self.param_groups[self._group_index[p]]
+        if not group["mofasgd"]:
+            raise ValueError(f"The checkpoint holds MoFaSGD factors for {self._describe(p)}, an AdamW parameter.")
+        if not all(k in state for k in ("U", "S", "V", "step")):
+            raise ValueError(f"Incomplete MoFaSGD state for {self._describe(p)}: it needs U, S, V and step.")
+        m, n = p.shape
+        r = fm.effective_rank(group["rank"], p.shape)
+        expected = {"U": (m, r), "S": (r,), "V": (n, r), "GV": (m, r), "GtU": (n, r)}
+        for key, shape in expected.items():
+            if key in state and tuple(state[key].shape) != shape:
+                raise ValueError(
+                    f"Corrupted MoFaSGD state for {self._describe(p)}: {key} has shape {tuple(state[key].shape)}, "
+                    f"expected {shape} for rank {r}."
+                )
+        for key in _FACTOR_KEYS:
+            if key in state and not bool(torch.isfinite(state[key]).all()):
+                raise ValueError(f"Corrupted MoFaSGD state for {self._describe(p)}: {key} has non-finite values.")
+        tol = _ORTHONORMAL_TOL.get(state["U"].dtype, 1e-3)
+        for key in ("U", "V"):
+            factor = state[key]
+            error = (factor.T @ factor - torch.eye(r, dtype=factor.dtype, device=factor.device)).abs().max()
+            if float(error) > tol:
+                raise ValueError(
+                    f"Corrupted MoFaSGD state for {self._describe(p)}: {key} is not orthonormal "
+                    f"(max |{key}^T {key} - I| = {float(error):.3g} > {tol:g})."
+                )
 
     # ------------------------------------------------------------------ gradient intake
     def _init_factors(self, p: torch.Tensor, group: dict[str, Any], grad: torch.Tensor | None) -> dict[str, Any]:
@@ -211,6 +378,18 @@ class MoFaSGD(torch.optim.Optimizer):
         p.grad = None
         self._pending_synced = False
 
+    def _absorb_unhooked_gradients(self) -> None:
+        """Fused mode: consume managed `.grad`s no hook took (unfrozen later, set by hand), and hook new params."""
+        if not self.fused:
+            return
+        for group in self.param_groups:
+            if not group["mofasgd"]:
+                continue
+            self._hooks.register(group["params"])
+            for p in group["params"]:
+                if p.grad is not None:
+                    self._consume_gradient(p)
+
     @torch.no_grad()
     def _synchronize_pending(self) -> None:
         """Average pending projections over data-parallel ranks once per accumulation window.
@@ -218,6 +397,7 @@ class MoFaSGD(torch.optim.Optimizer):
         Every rank contributes every managed matrix (zeros where it saw no gradient) plus a flag, so the
         collective is the same on all ranks; a matrix no rank saw a gradient for stays without one.
         """
+        self._absorb_unhooked_gradients()
         if not self.data_parallel or self._pending_synced or dp.world_size() == 1:
             return
         flags, tensors = [], []
@@ -270,27 +450,35 @@ class MoFaSGD(torch.optim.Optimizer):
 
         AdamW parameters contribute ||G||. A managed matrix contributes ||G_hat|| (its tangent projection,
         from the projections alone), or ||G|| when the step uses the whole gradient (fused=False, eta2 > 0).
+        Summed on each device in fp64; the result is a 0-d tensor on the first parameter's device (no sync).
         """
         self._synchronize_pending()
-        total = torch.zeros((), dtype=torch.float64)
+        totals: dict[torch.device, torch.Tensor] = {}
         for group in self.param_groups:
             for p in group["params"]:
-                total += self._consumed_norm_sq(p, group).double().cpu()
+                part = self._consumed_norm_sq(p, group)
+                if part is not None:
+                    device = part.device
+                    totals[device] = totals.get(device, 0) + part.double()
+        first = self.param_groups[0]["params"][0].device if self.param_groups[0]["params"] else torch.device("cpu")
+        total = torch.zeros((), dtype=torch.float64, device=first)
+        for part in totals.values():
+            total = total + part.to(first)
         return total.sqrt()
 
-    def _consumed_norm_sq(self, p: torch.Tensor, group: dict[str, Any]) -> torch.Tensor:
+    def _consumed_norm_sq(self, p: torch.Tensor, group: dict[str, Any]) -> torch.Tensor | None:
         if not group["mofasgd"] or self._consumes_whole_gradient(group):
-            return p.grad.float().square().sum() if p.grad is not None else torch.zeros(())
+            return p.grad.double().square().sum() if p.grad is not None else None
         pending = self._pending_projections(p, group)
         if pending is None:
-            return torch.zeros(())
+            return None
         return fm.tangent_norm_sq(self.state[p]["U"], *pending).clamp_min(0)
 
     @torch.no_grad()
     def clip_grad_norm_(self, max_norm: float, eps: float = 1e-6) -> torch.Tensor:
         """Scale every consumed gradient so the global norm is at most max_norm; return the norm before."""
         norm = self.grad_norm()
-        coef = float(max_norm) / (float(norm) + eps)
+        coef = float(max_norm) / (float(norm) + eps)  # the one host-device sync of clipping
         if coef < 1.0:
             for group in self.param_groups:
                 for p in group["params"]:
@@ -312,8 +500,7 @@ class MoFaSGD(torch.optim.Optimizer):
         self._synchronize_pending()
         for group in self.param_groups:
             if group["mofasgd"]:
-                for p in group["params"]:
-                    self._matrix_step(p, group)
+                self._matrix_steps(group)
             else:
                 self._adamw_step(group)
         return loss
@@ -327,12 +514,37 @@ class MoFaSGD(torch.optim.Optimizer):
         frac = min(step / warmup, 1.0)
         return group["beta_start"] + (group["beta_end"] - group["beta_start"]) * frac
 
-    def _matrix_step(self, p: torch.Tensor, group: dict[str, Any]) -> None:
-        pending = self._pending_projections(p, group)
-        if pending is None:
+    def _rounding_generator(self, p: torch.Tensor, group: dict[str, Any]) -> torch.Generator | None:
+        """The generator for stochastic rounding of `p`'s update, or None for plain in-place arithmetic."""
+        enabled = group["stochastic_rounding"]
+        if enabled is False or not supports_stochastic_rounding(p.dtype):
+            return None
+        return self._rng.get(p.device)
+
+    def _matrix_steps(self, group: dict[str, Any]) -> None:
+        """Step every managed matrix of `group` that has a gradient; skip (and log) non-finite ones."""
+        pending = [(p, proj) for p in group["params"] if (proj := self._pending_projections(p, group)) is not None]
+        if not pending:
             return
+        finite = torch.stack([torch.isfinite(gv).all() & torch.isfinite(gtu).all() for _, (gv, gtu) in pending])
+        skipped = 0
+        for (p, (gv, gtu)), ok in zip(pending, finite.tolist()):  # one device sync per group
+            if ok:
+                self._matrix_step(p, group, gv, gtu)
+            else:
+                skipped += 1
+            for key in _PENDING:
+                self.state[p].pop(key, None)
+        if skipped:
+            logger.warning(
+                "MoFaSGD skipped the update of %d of %d matrices whose gradient was not finite (factors and weights "
+                "kept; check the loss scale, learning rate or data).",
+                skipped,
+                len(pending),
+            )
+
+    def _matrix_step(self, p: torch.Tensor, group: dict[str, Any], gv: torch.Tensor, gtu: torch.Tensor) -> None:
         state = self.state[p]
-        gv, gtu = pending
         U, S, V = state["U"], state["S"], state["V"]
         rank = U.shape[1]
         beta = self.current_beta(group, int(state["step"].item()))
@@ -341,19 +553,57 @@ class MoFaSGD(torch.optim.Optimizer):
         direction = fm.nesterov_direction(core, new, beta, rank) if group["nesterov"] else new
 
         lr = group["lr"]
-        if group["weight_decay"] != 0:
-            p.mul_(1.0 - lr * group["weight_decay"])
+        decay = 1.0 - lr * group["weight_decay"]
         scale = fm.step_scaling(direction.S, group["eps"], group["max_value"], group["use_ones_for_nonzero_s"])
-        left = (direction.U * scale).to(p.dtype)
-        p.addmm_(left, direction.V.T.to(p.dtype), alpha=-lr * group["eta1"])
+        left = direction.U * scale
+        complement = None
         if self._consumes_whole_gradient(group):
-            basis_u, basis_v = (new.U, new.V) if group["use_current_projection"] else (U, V)
-            self._complement_step(p, p.grad, basis_u, basis_v, -lr * group["eta2"])
+            complement = (new.U, new.V) if group["use_current_projection"] else (U, V)
+        before = self._diagnostics_before(p, direction, scale, lr, group)
+        generator = self._rounding_generator(p, group)
+        if generator is None:
+            if decay != 1.0:
+                p.mul_(decay)
+            p.addmm_(left.to(p.dtype), direction.V.T.to(p.dtype), alpha=-lr * group["eta1"])
+            if complement is not None:
+                self._complement_step(p, p.grad, *complement, -lr * group["eta2"])
+        else:
+            self._matrix_update_fp32(p, group, decay, left, direction.V, complement, generator)
+        self._diagnostics_after(p, before)
 
         state["U"], state["S"], state["V"] = new.U, new.S, new.V
         state["step"] += 1
-        for key in _PENDING:
-            state.pop(key, None)
+
+    def _matrix_update_fp32(
+        self,
+        p: torch.Tensor,
+        group: dict[str, Any],
+        decay: float,
+        left: torch.Tensor,
+        right: torch.Tensor,
+        complement: tuple[torch.Tensor, torch.Tensor] | None,
+        generator: torch.Generator,
+    ) -> None:
+        """The same update as the in-place path, formed in fp32 row blocks and rounded stochastically into p."""
+        lr = group["lr"]
+        right_t = right.T.float()
+        left = left.float()
+        if complement is not None:
+            basis_u, basis_v = (t.float() for t in complement)
+            gv, gtu = fm.project_gradient(p.grad, basis_u, basis_v)
+            residual = gv - basis_u @ (basis_u.T @ gv)
+
+        def compute(buffer: torch.Tensor, start: int, stop: int) -> None:
+            if decay != 1.0:
+                buffer.mul_(decay)
+            buffer.addmm_(left[start:stop], right_t, alpha=-lr * group["eta1"])
+            if complement is not None:
+                alpha = -lr * group["eta2"]
+                buffer.add_(p.grad[start:stop].float(), alpha=alpha)
+                buffer.addmm_(basis_u[start:stop], gtu.T, alpha=-alpha)
+                buffer.addmm_(residual[start:stop], basis_v.T, alpha=-alpha)
+
+        update_in_fp32_(p, compute, generator)
 
     @staticmethod
     def _complement_step(p: torch.Tensor, grad: torch.Tensor, U: torch.Tensor, V: torch.Tensor, alpha: float) -> None:
@@ -365,6 +615,7 @@ class MoFaSGD(torch.optim.Optimizer):
 
     def _adamw_step(self, group: dict[str, Any]) -> None:
         params, grads, exp_avgs, exp_avg_sqs, steps = [], [], [], [], []
+        beta1, beta2 = group["adam_betas"]
         for p in group["params"]:
             if p.grad is None:
                 continue
@@ -373,6 +624,23 @@ class MoFaSGD(torch.optim.Optimizer):
                 state["step"] = torch.tensor(0.0, dtype=torch.float32)
                 state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            generator = self._rounding_generator(p, group)
+            if generator is not None:
+                state["step"] += 1
+                adamw_update_fp32_(
+                    p,
+                    p.grad,
+                    state["exp_avg"],
+                    state["exp_avg_sq"],
+                    int(state["step"].item()),
+                    lr=group["lr"],
+                    beta1=beta1,
+                    beta2=beta2,
+                    eps=group["adam_eps"],
+                    weight_decay=group["weight_decay"],
+                    generator=generator,
+                )
+                continue
             params.append(p)
             grads.append(p.grad)
             exp_avgs.append(state["exp_avg"])
@@ -380,7 +648,6 @@ class MoFaSGD(torch.optim.Optimizer):
             steps.append(state["step"])
         if not params:
             return
-        beta1, beta2 = group["adam_betas"]
         adamw(
             params,
             grads,
@@ -396,6 +663,64 @@ class MoFaSGD(torch.optim.Optimizer):
             eps=group["adam_eps"],
             maximize=False,
         )
+
+    # ------------------------------------------------------------------ diagnostics
+    def request_diagnostics(self) -> None:
+        """Collect update statistics during the next step(); read them with :meth:`pop_diagnostics`.
+
+        Costs one O(m n r) pass per matrix, so it is meant for logging steps only.
+        """
+        self._diagnostics = {key: [] for key in ("update_sq", "weight_sq", "applied", "intended", "S", "alive")}
+
+    def _diagnostics_before(
+        self, p: torch.Tensor, direction: fm.LowRank, scale: torch.Tensor, lr: float, group: dict[str, Any]
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float] | None:
+        if self._diagnostics is None:
+            return None
+        diag = self._diagnostics
+        diag["S"].append(direction.S.float())
+        diag["alive"].append((direction.S > group["eps"]).float())
+        step_sq = (lr * group["eta1"]) ** 2 * scale.float().square().sum()
+        diag["update_sq"].append(step_sq)
+        weight = p.detach().float()
+        diag["weight_sq"].append(weight.square().sum())
+        # <W, D> with D = U diag(s_hat) V^T, through U^T W V (r x r): intended change along D
+        utwv = direction.U.T.float() @ weight @ direction.V.float()
+        along = (torch.diagonal(utwv) * scale.float()).sum()
+        intended = -(lr * group["eta1"]) * scale.float().square().sum() - lr * group["weight_decay"] * along
+        return direction.U.float(), direction.V.float(), scale.float(), along, intended
+
+    def _diagnostics_after(self, p: torch.Tensor, before: tuple | None) -> None:
+        if before is None:
+            return
+        U, V, scale, along_before, intended = before
+        along_after = (torch.diagonal(U.T @ p.detach().float() @ V) * scale).sum()
+        self._diagnostics["applied"].append(along_after - along_before)
+        self._diagnostics["intended"].append(intended)
+
+    def pop_diagnostics(self) -> dict[str, float]:
+        """Statistics of the last step collected after :meth:`request_diagnostics` (one device sync), then reset.
+
+        ``update_rms_ratio``: ||lr eta1 U diag(s_hat) V^T|| / ||W|| over all managed matrices; ``s_median``,
+        ``s_max``: of the step's singular values; ``alive_fraction``: share of directions with S > eps;
+        ``applied_fraction``: the weight change along the intended step over the intended change (1 in fp32;
+        for bf16 weights it shows how much rounding kept).
+        """
+        diag, self._diagnostics = self._diagnostics, None
+        if not diag or not diag["S"]:
+            return {}
+        s = torch.cat(diag["S"])
+        values = torch.stack(
+            [
+                (torch.stack(diag["update_sq"]).sum() / torch.stack(diag["weight_sq"]).sum().clamp_min(1e-30)).sqrt(),
+                s.median(),
+                s.max(),
+                torch.cat(diag["alive"]).mean(),
+                torch.stack(diag["applied"]).sum() / torch.stack(diag["intended"]).sum(),
+            ]
+        ).tolist()
+        names = ("update_rms_ratio", "s_median", "s_max", "alive_fraction", "applied_fraction")
+        return dict(zip(names, values))
 
     # ------------------------------------------------------------------ introspection
     def state_bytes(self) -> int:

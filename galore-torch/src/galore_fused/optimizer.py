@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import math
-import weakref
 from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
 from galore_torch import GaLoreAdamW
 from galore_torch.galore_projector import GaLoreProjector
+from mofasgd.hooks import HookRegistry
 
 GALORE_KEYS = ("rank", "update_proj_gap", "scale", "proj_type")
 PROJ_TYPES = ("std", "reverse_std", "right", "left", "full")
@@ -84,7 +84,7 @@ class FusedGaLoreAdamW(GaLoreAdamW):
                 )
         self._group_index: dict[torch.Tensor, int] = {}
         self._pending: dict[torch.Tensor, torch.Tensor] = {}
-        self._hook_handles: list[Any] = []
+        self._hooks = HookRegistry(self, "_absorb_gradient")
         super().__init__(
             params,
             lr=lr,
@@ -114,15 +114,11 @@ class FusedGaLoreAdamW(GaLoreAdamW):
                         f"GaLore groups take 2-D matrices only; got a parameter of shape {tuple(p.shape)}. "
                         "Put it in a group without the GaLore keys."
                     )
-                if p.requires_grad:
-                    hook = _ProjectionHook(weakref.ref(self))
-                    self._hook_handles.append(p.register_post_accumulate_grad_hook(hook))
+                self._hooks.register([p])
 
     def remove_hooks(self) -> None:
         """Detach the projection hooks (e.g. before handing the parameters to another optimizer)."""
-        for handle in self._hook_handles:
-            handle.remove()
-        self._hook_handles.clear()
+        self._hooks.remove()
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Clear gradients and the pending low-rank gradients of GaLore matrices."""
@@ -223,18 +219,6 @@ class FusedGaLoreAdamW(GaLoreAdamW):
                 if group["weight_decay"] > 0.0:
                     p.add_(p, alpha=-group["lr"] * group["weight_decay"])
         return loss
-
-
-class _ProjectionHook:
-    """Post-accumulate-grad hook that holds its optimizer weakly, so a dropped optimizer stops consuming grads."""
-
-    def __init__(self, optimizer: weakref.ref[FusedGaLoreAdamW]) -> None:
-        self.optimizer = optimizer
-
-    def __call__(self, p: torch.Tensor) -> None:
-        optimizer = self.optimizer()
-        if optimizer is not None:
-            optimizer._absorb_gradient(p)
 
 
 def _validate_galore_group(group: dict[str, Any]) -> None:

@@ -1,0 +1,109 @@
+"""Stochastic rounding of fp32 values into bf16 tensors, in bounded chunks, from the optimizer's own generator.
+
+A bf16 weight keeps 8 significant bits: an update below half an ulp (|w| * 2**-9) is lost by round-to-nearest.
+MoFaSGD's rank-r step spreads lr * ||s_hat|| over all m * n entries, so at fine-tuning learning rates almost
+every entry's change is far below that and pure-bf16 training would not move the weights. Rounding up with
+probability equal to the discarded fraction (add 16 uniform random bits to the fp32 bit pattern, then drop
+the low 16 bits) makes the expected bf16 result equal the fp32 value, at no persistent memory cost.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+# Elements per chunk: the transient memory of one chunk is CHUNK_ELEMENTS * (4 B fp32 value + 4 B random bits).
+CHUNK_ELEMENTS = 1 << 22
+_LOW_BITS = 1 << 16
+_HIGH_MASK = -_LOW_BITS  # 0xFFFF0000 as a signed int32
+
+
+def supports_stochastic_rounding(dtype: torch.dtype) -> bool:
+    """Stochastic rounding is implemented for bf16 targets (the bf16 bit pattern is the top half of fp32's)."""
+    return dtype == torch.bfloat16
+
+
+def stochastic_round_(target: torch.Tensor, value: torch.Tensor, generator: torch.Generator) -> None:
+    """Write fp32 `value` into bf16 `target`, rounding each entry up or down so that E[target] == value.
+
+    `value` is consumed (its bits are overwritten). Both must have the same shape; `value` must be contiguous.
+    """
+    if value.dtype != torch.float32 or target.dtype != torch.bfloat16:
+        raise TypeError(f"stochastic_round_ needs fp32 -> bf16, got {value.dtype} -> {target.dtype}")
+    bits = value.view(torch.int32)
+    noise = torch.randint(0, _LOW_BITS, value.shape, dtype=torch.int32, device=value.device, generator=generator)
+    bits.add_(noise).bitwise_and_(_HIGH_MASK)
+    target.copy_(value)  # exact: the low 16 bits are zero, so the value is representable in bf16
+
+
+def row_chunks(rows: int, cols: int) -> list[tuple[int, int]]:
+    """(start, stop) row ranges of at most CHUNK_ELEMENTS elements each (at least one row per chunk)."""
+    step = max(1, CHUNK_ELEMENTS // max(cols, 1))
+    return [(start, min(start + step, rows)) for start in range(0, rows, step)]
+
+
+def as_rows(tensor: torch.Tensor) -> torch.Tensor:
+    """A 2-D view of `tensor` for row chunking: matrices as they are, anything else as one column."""
+    return tensor if tensor.dim() == 2 else tensor.view(-1, 1)
+
+
+def update_in_fp32_(
+    param: torch.Tensor,
+    compute: Callable[[torch.Tensor, int, int], None],
+    generator: torch.Generator | None,
+) -> None:
+    """Apply an in-place fp32 update to a low-precision parameter, chunk by chunk (bounded transient memory).
+
+    ``compute(buffer, start, stop)`` updates ``buffer``, the fp32 copy of rows start:stop of ``as_rows(param)``,
+    in place; the result is written back with stochastic rounding when `generator` is given, else rounded to
+    nearest. At most CHUNK_ELEMENTS elements (plus one row) are held in fp32 at a time.
+    """
+    view = as_rows(param)
+    for start, stop in row_chunks(*view.shape):
+        block = view[start:stop]
+        buffer = block.float()
+        compute(buffer, start, stop)
+        if generator is not None:
+            stochastic_round_(block, buffer, generator)
+        else:
+            block.copy_(buffer)
+
+
+class GeneratorBank:
+    """One torch.Generator per device type, seeded from one seed, whose states travel with the optimizer state.
+
+    Data-parallel replicas built with the same seed draw identical bits in the same order, so their bf16
+    weights stay identical; saving and restoring the states makes a resumed run bit-exact.
+    """
+
+    def __init__(self, seed: int) -> None:
+        self.seed = int(seed)
+        self._generators: dict[str, torch.Generator] = {}
+        self._pending_states: dict[str, torch.Tensor] = {}
+
+    def get(self, device: torch.device) -> torch.Generator:
+        """The generator for `device`'s type, created (or restored from a loaded state) on first use."""
+        key = device.type
+        if key not in self._generators:
+            generator = torch.Generator(device=device)
+            generator.manual_seed(self.seed)
+            if key in self._pending_states:
+                generator.set_state(self._pending_states.pop(key))
+            self._generators[key] = generator
+        return self._generators[key]
+
+    def state(self) -> dict[str, torch.Tensor]:
+        """Generator states by device type (uint8 tensors on the CPU; loadable with weights_only=True)."""
+        states = {key: g.get_state() for key, g in self._generators.items()}
+        states.update({k: v for k, v in self._pending_states.items() if k not in states})
+        return states
+
+    def load(self, states: dict[str, torch.Tensor]) -> None:
+        """Restore saved generator states (applied now, or when the device's generator is first created)."""
+        for key, value in states.items():
+            value = value.to("cpu", torch.uint8)
+            if key in self._generators:
+                self._generators[key].set_state(value)
+            else:
+                self._pending_states[key] = value
