@@ -250,6 +250,7 @@ def test_offline_unprepared_subset_fails_at_parse_time_naming_the_command(datase
 
 def test_parsing_a_config_prepares_the_subsets_llamafactory_then_resolves(dataset_dir, tmp_path, monkeypatch):
     from llamafactory.data.parser import get_dataset_list
+
     from llamafactory_mfsgd.tulu3_mixture import MIXTURE_ENV
 
     monkeypatch.setenv(MIXTURE_ENV, str(FIXTURE))

@@ -24,6 +24,7 @@ from .arguments import (
     validate_with_training_args,
 )
 from .compat import check_llamafactory_version, require
+from .schedulers import check_scheduler_kwargs, wrap_create_custom_scheduler
 from .tulu3_mixture import prepare_for_training
 
 
@@ -74,11 +75,19 @@ def patch_parser(module: ModuleType) -> None:
         parsed = original(raw)
         model_args, data_args, training_args, finetuning_args, generating_args = parsed
         validate_with_training_args(finetuning_args, training_args)
+        check_scheduler_kwargs(training_args, _fill_scheduler_defaults)
         prepare_for_training(data_args, training_args)
         return parsed
 
     get_train_args.__doc__ = original.__doc__
     module.get_train_args = get_train_args
+
+
+def _fill_scheduler_defaults(training_args: Any, num_training_steps: int) -> None:
+    """LLaMA-Factory's scheduler-kwargs defaults (WSD stable/decay split), as training will apply them."""
+    from llamafactory.train.trainer_utils import create_custom_scheduler
+
+    create_custom_scheduler(training_args, num_training_steps)
 
 
 def guard_parser(module: ModuleType) -> None:
@@ -156,7 +165,7 @@ def patch_template(module: ModuleType) -> None:
 
 def patch_trainer_utils(module: ModuleType) -> None:
     """Route `use_mfsgd` / `galore_fused` to our optimizers and make HF's grad norm cover MoFaSGD matrices."""
-    require(module, "create_custom_optimizer")
+    require(module, "create_custom_optimizer", "create_custom_scheduler")
     original = module.create_custom_optimizer
 
     def create_custom_optimizer(model, training_args, finetuning_args):
@@ -172,6 +181,7 @@ def patch_trainer_utils(module: ModuleType) -> None:
 
     create_custom_optimizer.__doc__ = original.__doc__
     module.create_custom_optimizer = create_custom_optimizer
+    module.create_custom_scheduler = wrap_create_custom_scheduler(module.create_custom_scheduler)
     _patch_trainer_grad_norm()
     _accept_indexed_cpu_map_location()
 
