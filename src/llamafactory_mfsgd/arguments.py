@@ -11,6 +11,8 @@ import difflib
 from dataclasses import dataclass, field, fields
 from typing import Any, Literal
 
+from .baselines import BaselineArguments, validate_baseline_values
+
 MFSGD_INITS = ("weight", "gradient")
 
 
@@ -95,7 +97,7 @@ class GaloreFusedArguments:
     )
 
 
-EXTENSION_DATACLASSES = (MfsgdArguments, ProfileMemoryArguments, GaloreFusedArguments)
+EXTENSION_DATACLASSES = (MfsgdArguments, ProfileMemoryArguments, GaloreFusedArguments, BaselineArguments)
 
 
 def extension_field_names() -> set[str]:
@@ -109,6 +111,7 @@ def _bad(key: str, value: Any, expected: str) -> ValueError:
 
 def validate_extension_values(args: Any) -> None:
     """Check the extension's own keys (called from FinetuningArguments.__post_init__)."""
+    validate_baseline_values(args)
     if args.galore_fused and not args.use_galore:
         raise ValueError("`galore_fused: true` needs `use_galore: true`.")
     if args.galore_fused and args.galore_layerwise:

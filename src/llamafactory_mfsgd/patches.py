@@ -23,6 +23,7 @@ from .arguments import (
     validate_extension_values,
     validate_with_training_args,
 )
+from .baselines import apply_baseline_keys
 from .compat import check_llamafactory_version, require
 from .schedulers import check_scheduler_kwargs, wrap_create_custom_scheduler
 from .tulu3_mixture import prepare_for_training
@@ -176,8 +177,10 @@ def patch_trainer_utils(module: ModuleType) -> None:
         if getattr(finetuning_args, "galore_fused", False):
             from .galore_factory import create_fused_galore_optimizer
 
-            return create_fused_galore_optimizer(model, training_args, finetuning_args)
-        return original(model, training_args, finetuning_args)
+            return apply_baseline_keys(
+                create_fused_galore_optimizer(model, training_args, finetuning_args), finetuning_args
+            )
+        return apply_baseline_keys(original(model, training_args, finetuning_args), finetuning_args)
 
     create_custom_optimizer.__doc__ = original.__doc__
     module.create_custom_optimizer = create_custom_optimizer
