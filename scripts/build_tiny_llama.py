@@ -129,16 +129,19 @@ def build(
     vocab: int = 1024,
     seed: int = 0,
     data_files: list[Path] | None = None,
+    dtype: str = "float32",
 ) -> None:
-    """Build the tokenizer and the model and save both into ``out``."""
+    """Build the tokenizer and the model and save both into ``out`` (weights in `dtype`, as hub checkpoints are)."""
     if hidden % heads != 0 or heads % kv_heads != 0:
         raise ValueError(f"hidden ({hidden}) must be divisible by heads ({heads}), heads by kv_heads ({kv_heads}).")
 
     tokenizer = train_tokenizer(data_files or [DEFAULT_DATA], vocab)
     model = build_model(tokenizer, hidden, layers, intermediate or 4 * hidden, heads, kv_heads, seed)
+    import torch
+
     out.mkdir(parents=True, exist_ok=True)
     tokenizer.save_pretrained(out)
-    model.save_pretrained(out)
+    model.to(getattr(torch, dtype)).save_pretrained(out)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -152,6 +155,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--vocab", type=int, default=1024, help="target BPE vocabulary size, special tokens included")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--data", type=Path, nargs="+", default=[DEFAULT_DATA], help="Tulu-format JSONL corpus")
+    parser.add_argument(
+        "--dtype",
+        choices=["float32", "bfloat16"],
+        default="float32",
+        help="stored weight dtype; bfloat16 like LLaMA-3.1 on the hub, which `pure_bf16` then trains in bf16",
+    )
     args = parser.parse_args(argv)
 
     build(
@@ -164,6 +173,7 @@ def main(argv: list[str] | None = None) -> None:
         vocab=args.vocab,
         seed=args.seed,
         data_files=args.data,
+        dtype=args.dtype,
     )
     print(f"saved tiny LLaMA to {args.out}")
 

@@ -13,6 +13,7 @@ for _key, _value in {
     "MPLBACKEND": "Agg",
     "WANDB_DISABLED": "true",
     "TOKENIZERS_PARALLELISM": "false",
+    "TORCH_EXTENSIONS_DIR": os.path.join(_CACHE, "torch_extensions"),  # DeepSpeed's CPU ops build here, once
 }.items():
     os.environ.setdefault(_key, _value)
 
@@ -26,14 +27,24 @@ import pytest  # noqa: E402
 REPO = Path(__file__).resolve().parent.parent
 
 
-@pytest.fixture(scope="session")
-def tiny_model(tmp_path_factory) -> Path:
-    """The tiny LLaMA + tokenizer, built once per session by the project's own script (offline, deterministic)."""
-    out = tmp_path_factory.mktemp("models") / "tiny-llama"
+def _build_tiny_model(tmp_path_factory, name: str, *extra: str) -> Path:
+    out = tmp_path_factory.mktemp("models") / name
     subprocess.run(
-        [sys.executable, str(REPO / "scripts" / "build_tiny_llama.py"), "--out", str(out)],
+        [sys.executable, str(REPO / "scripts" / "build_tiny_llama.py"), "--out", str(out), *extra],
         check=True,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    """The tiny LLaMA + tokenizer, built once per session by the project's own script (offline, deterministic)."""
+    return _build_tiny_model(tmp_path_factory, "tiny-llama")
+
+
+@pytest.fixture(scope="session")
+def tiny_model_bf16(tmp_path_factory) -> Path:
+    """The same tiny LLaMA stored in bf16 (as LLaMA-3.1 is on the hub), so `pure_bf16` trains bf16 weights."""
+    return _build_tiny_model(tmp_path_factory, "tiny-llama-bf16", "--dtype", "bfloat16")
