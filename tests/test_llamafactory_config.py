@@ -109,7 +109,11 @@ def test_trainer_grad_norm_and_clipping_go_through_mofasgd():
     optimizer = MoFaSGD([{"params": [weight]}, {"params": [bias], "mofasgd": False}], rank=2)
     ((weight * torch.randn(12, 8) * 50).sum() + (bias * torch.randn(8)).sum()).backward()
     assert weight.grad is None
-    trainer = types.SimpleNamespace(optimizer=types.SimpleNamespace(optimizer=optimizer), args=types.SimpleNamespace())
+    trainer = types.SimpleNamespace(
+        optimizer=types.SimpleNamespace(optimizer=optimizer),
+        accelerator=types.SimpleNamespace(unscale_gradients=lambda: None),  # no fp16 loss scaler
+        args=types.SimpleNamespace(),
+    )
     trainer.args.max_grad_norm = 0.5
     full = float(optimizer.grad_norm())
     assert float(Trainer._get_grad_norm(trainer, None)) == pytest.approx(full)

@@ -2,16 +2,23 @@
 
 The key names follow the authors' LLaMA-Factory fork so their configs run unchanged. Checks that need only
 these values run in ``__post_init__`` (parse time); checks that also need the training arguments (DeepSpeed,
-FSDP, fp16, world size) run in :func:`validate_with_training_args`, also at parse time.
+FSDP, fp16, world size) run in :func:`validate_with_training_args`, also at parse time. Every key's value is
+type-checked by :func:`check_extension_types` against its annotation, on the raw config before LLaMA-Factory's
+parser can coerce it.
 """
 
 from __future__ import annotations
 
 import difflib
-from dataclasses import dataclass, field, fields
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import MISSING, dataclass, field, fields
+from functools import cache
 from typing import Any, Literal
 
 from .baselines import BaselineArguments, validate_baseline_values
+from .config_values import describe, is_set, parse_scalar
 
 MFSGD_INITS = ("weight", "gradient")
 
@@ -77,14 +84,16 @@ class ProfileMemoryArguments:
     profile_memory_from_start: bool = field(
         default=False, metadata={"help": "Record allocator history from before model load and dump a snapshot."}
     )
-    profile_memory_stop_step: int = field(
-        default=1, metadata={"help": "Optimizer steps after which the snapshot is written and recording stops."}
+    profile_memory_stop_step: int | None = field(
+        default=1,
+        metadata={"help": "Optimizer steps after which the snapshot is written and recording stops (null: 1)."},
     )
-    profile_memory_stop_accumulation_step: int = field(
-        default=0, metadata={"help": "If > 0, stop after this many micro-steps of the first optimizer step instead."}
+    profile_memory_stop_accumulation_step: int | None = field(
+        default=0,
+        metadata={"help": "If > 0, stop after this many micro-steps of the first optimizer step instead (null: 0)."},
     )
-    profile_memory_max_entries: int = field(
-        default=1_000_000, metadata={"help": "Allocator events kept in the CUDA history ring buffer."}
+    profile_memory_max_entries: int | None = field(
+        default=1_000_000, metadata={"help": "Allocator events kept in the CUDA history ring buffer (null: 1e6)."}
     )
 
 
@@ -105,12 +114,103 @@ def extension_field_names() -> set[str]:
     return {f.name for cls in EXTENSION_DATACLASSES for f in fields(cls)}
 
 
+@cache
+def _extension_fields() -> dict[str, tuple[Any, Any]]:
+    """Every extension key with its resolved type annotation and its default."""
+    out = {}
+    for cls in EXTENSION_DATACLASSES:
+        hints = typing.get_type_hints(cls)
+        for f in fields(cls):
+            out[f.name] = (hints[f.name], f.default if f.default is not MISSING else None)
+    return out
+
+
+def _split_optional(annotation: Any) -> tuple[Any, bool]:
+    """`X | None` -> (X, True); `X` -> (X, False); unions of several types -> (None, ...) (not checked)."""
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        args = typing.get_args(annotation)
+        rest = [a for a in args if a is not type(None)]
+        return (rest[0] if len(rest) == 1 else None), len(rest) < len(args)
+    return annotation, False
+
+
+def _type_problem(key: str, value: Any, annotation: Any, default: Any) -> str | None:
+    """What `key` takes and how to write it, if `value` does not fit `annotation`; None if it fits."""
+    kind, optional = _split_optional(annotation)
+    if value is None:
+        return None if optional else f"cannot be null: write a value, e.g. `{key}: {_yaml(default)}`"
+    null = " (or null for the default)" if optional else ""
+    quoted = " (remove the quotes)" if isinstance(value, str) and not isinstance(parse_scalar(value), str) else ""
+    if kind is bool:
+        if isinstance(value, bool):
+            return None
+        return f"takes a boolean{null}: write `{key}: true` or `{key}: false`, unquoted{quoted}"
+    if kind is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return None
+        example = default if isinstance(default, int) and not isinstance(default, bool) else 1
+        return f"takes an integer{null}: write it unquoted, e.g. `{key}: {example}`{quoted}"
+    if kind is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return None
+        example = _yaml(default) if isinstance(default, float) else "1.0e-5"
+        return f"takes a number{null}: write it unquoted, e.g. `{key}: {example}`{quoted}"
+    if typing.get_origin(kind) is Literal:
+        choices = typing.get_args(kind)
+        if value in choices and type(value) is type(choices[0]):
+            return None
+        return f"takes one of {', '.join(_yaml(c) for c in choices)}{null}"
+    if kind is str:
+        if isinstance(value, str):
+            return None
+        return f"takes text{null}, e.g. `{key}: {_yaml(default)}` (several names: one comma-separated string)"
+    return None  # other annotations: left to LLaMA-Factory's parser
+
+
+def _yaml(value: Any) -> str:
+    return "null" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
+
+
+def check_extension_types(values: Mapping[str, Any], command_line: bool = False) -> dict[str, Any]:
+    """Refuse an extension key whose value has the wrong type, before anything coerces it; return the values.
+
+    Booleans must be YAML booleans (not `"no"`, `"false"`, 1), integers integers (not booleans or text),
+    numbers integers or floats (not text), choices one of the choices; keys typed `X | None` accept null.
+    With ``command_line=True`` (a `--key value` list) the text of non-text keys is first read as YAML reads it
+    unquoted (:func:`config_values.parse_scalar`), and the returned dict holds those values.
+
+    Raises:
+        ValueError: naming the key, the value and how to write it.
+    """
+    checked = dict(values)
+    for key, (annotation, default) in _extension_fields().items():
+        if key not in checked:
+            continue
+        value = checked[key]
+        if command_line and isinstance(value, str) and _split_optional(annotation)[0] is not str:
+            checked[key] = value = parse_scalar(value)
+        problem = _type_problem(key, value, annotation, default)
+        if problem:
+            raise ValueError(f"`{key}: {value!r}` in the training config is {describe(value)}, but `{key}` {problem}.")
+    return checked
+
+
+def fill_null_defaults(args: Any) -> Any:
+    """Replace null extension values by their defaults (a key declared `X | None` with a non-null default)."""
+    for key, (_, default) in _extension_fields().items():
+        if hasattr(args, key) and getattr(args, key) is None and default is not None:
+            setattr(args, key, default)
+    return args
+
+
 def _bad(key: str, value: Any, expected: str) -> ValueError:
     return ValueError(f"Invalid `{key}: {value!r}` in the MoFaSGD config: expected {expected}.")
 
 
 def validate_extension_values(args: Any) -> None:
     """Check the extension's own keys (called from FinetuningArguments.__post_init__)."""
+    check_extension_types({key: getattr(args, key) for key in _extension_fields() if hasattr(args, key)})
+    fill_null_defaults(args)
     validate_baseline_values(args)
     if args.galore_fused and not args.use_galore:
         raise ValueError("`galore_fused: true` needs `use_galore: true`.")
@@ -164,21 +264,17 @@ def validate_extension_values(args: Any) -> None:
         raise _bad("mfsgd_target", args.mfsgd_target, "`all` or comma-separated module names")
 
 
-def _truthy(value: Any) -> bool:
-    return value not in (None, False, "", [], {}) and str(value).lower() not in ("false", "0", "none", "no")
-
-
 def validate_engine_keys(values: dict[str, Any]) -> None:
     """Refuse sharded engines before the training arguments are built (DeepSpeed would be initialised there)."""
-    if not _truthy(values.get("use_mfsgd")):
+    if not is_set(values.get("use_mfsgd")):
         return
-    if _truthy(values.get("deepspeed")):
+    if is_set(values.get("deepspeed")):
         raise ValueError(
             "`use_mfsgd: true` does not run under DeepSpeed (ZeRO hands the optimizer flattened 1-D shards, so "
             "no weight matrix is left to factor). Remove `deepspeed:`; multi-GPU MoFaSGD runs on plain DDP "
             "(`python run.py CFG --ngpus N` or `FORCE_TORCHRUN=1 llamafactory-cli train CFG`)."
         )
-    if _truthy(values.get("fsdp")) or _truthy(values.get("fsdp_config")):
+    if is_set(values.get("fsdp")) or is_set(values.get("fsdp_config")):
         raise ValueError(
             "`use_mfsgd: true` does not run under FSDP (parameters are sharded and flattened). Remove `fsdp:`; "
             "multi-GPU MoFaSGD runs on plain DDP (`python run.py CFG --ngpus N`)."

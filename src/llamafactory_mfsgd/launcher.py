@@ -20,6 +20,11 @@ from typing import Any
 
 import yaml
 
+from .arguments import check_extension_types
+from .config_values import load_config, parse_scalar
+
+USAGE = "python run.py CONFIG.yaml [--ngpus N] [--base_output_dir DIR] [key=value ...]"
+
 
 def _fmt(value: Any) -> str:
     return f"{value:g}" if isinstance(value, float) else str(value)
@@ -62,23 +67,8 @@ def run_name(config: dict[str, Any], ngpus: int) -> str:
     return re.sub(r"[^A-Za-z0-9._+-]+", "-", "_".join(parts))
 
 
-def parse_scalar(text: str) -> Any:
-    """`true`/`false`, `null`, integers and floats become Python values; anything else (e.g. `no`) stays text."""
-    lowered = text.strip().lower()
-    if lowered in ("true", "false"):
-        return lowered == "true"
-    if lowered in ("null", "none", "~"):
-        return None
-    for cast in (int, float):
-        try:
-            return cast(text)
-        except ValueError:
-            pass
-    return text
-
-
 def apply_overrides(config: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Apply `key=value` overrides (values through :func:`parse_scalar`)."""
+    """Apply `key=value` overrides, each value read as YAML reads it unquoted (like llamafactory-cli's overrides)."""
     result = dict(config)
     for item in overrides:
         if "=" not in item:
@@ -116,9 +106,14 @@ def torchrun_command(config_path: Path, ngpus: int) -> list[str]:
 
 
 def prepare_run(config_file: str, ngpus: int, base_output_dir: str, overrides: list[str]) -> tuple[Path, dict]:
-    """Resolve the config, create the run directory and write the resolved config there."""
-    with open(config_file) as f:
-        config = apply_overrides(yaml.safe_load(f) or {}, overrides)
+    """Resolve and check the config, then create the run directory and write the resolved config there.
+
+    Raises:
+        ValueError: the YAML is empty, not a mapping, repeats a key, or gives an extension key a value of the
+            wrong type; raised before any directory is created.
+    """
+    config = apply_overrides(load_config(config_file), overrides)
+    check_extension_types(config)
     name = run_name(config, ngpus)
     run_dir = Path(base_output_dir) / name
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -132,16 +127,34 @@ def prepare_run(config_file: str, ngpus: int, base_output_dir: str, overrides: l
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of run.py."""
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("config", help="LLaMA-Factory training YAML")
-    parser.add_argument("--ngpus", type=int, default=1, help="processes per node (GPUs; CPU processes without CUDA)")
-    parser.add_argument("--base_output_dir", default="saves", help="parent directory of the run directory")
-    parser.add_argument("overrides", nargs="*", help="key=value overrides of the YAML")
+    parser = argparse.ArgumentParser(
+        prog="run.py",
+        usage=USAGE,
+        description=__doc__.split("\n\n", 1)[1].replace("``", ""),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="example: python run.py configs/mfsgd/tiny_sft_mfsgd.yaml --ngpus 2 mfsgd_rank=16",
+    )
+    parser.add_argument(
+        "config", nargs="+", metavar="CONFIG.yaml", help="LLaMA-Factory training YAML, then key=value overrides"
+    )
+    parser.add_argument(
+        "--ngpus", type=int, default=1, metavar="N", help="processes per node (GPUs; CPU processes without CUDA)"
+    )
+    parser.add_argument(
+        "--base_output_dir", default="saves", metavar="DIR", help="parent directory of the run directory"
+    )
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv:
+        parser.print_help(sys.stderr)
+        return 2
     args = parser.parse_intermixed_args(argv)
     if args.ngpus < 1:
         parser.error("--ngpus must be >= 1")
 
-    resolved, config = prepare_run(args.config, args.ngpus, args.base_output_dir, args.overrides)
+    try:
+        resolved, config = prepare_run(args.config[0], args.ngpus, args.base_output_dir, args.config[1:])
+    except (OSError, ValueError) as error:
+        raise SystemExit(f"run.py: {error}") from None
     os.environ.setdefault("WANDB_NAME", config["run_name"])
     os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
     print(

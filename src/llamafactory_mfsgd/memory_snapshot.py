@@ -67,11 +67,15 @@ class MemorySnapshotSession(TrainerCallback):
     def __init__(
         self,
         output_dir: str,
-        stop_step: int = 1,
-        stop_accumulation_step: int = 0,
-        max_entries: int = 1_000_000,
+        stop_step: int | None = 1,
+        stop_accumulation_step: int | None = 0,
+        max_entries: int | None = 1_000_000,
         device: str | None = None,
     ) -> None:
+        # None (YAML null, the authors' declared default) means the default
+        stop_step = 1 if stop_step is None else stop_step
+        stop_accumulation_step = 0 if stop_accumulation_step is None else stop_accumulation_step
+        max_entries = 1_000_000 if max_entries is None else max_entries
         if stop_step < 1:
             raise ValueError(f"stop_step must be >= 1, got {stop_step}")
         if stop_accumulation_step < 0:

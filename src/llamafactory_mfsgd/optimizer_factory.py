@@ -72,8 +72,33 @@ def create_mfsgd_optimizer(model: nn.Module, training_args: Any, finetuning_args
     )
     if data_parallel:
         ignore_managed_in_ddp(model, [p for _, p in routing.mofasgd])
-    logger.info_rank0(
-        f"Using MoFaSGD (rank {finetuning_args.mfsgd_rank}, lr {lr_mfsgd:g}; AdamW lr {lr_adamw:g}; "
-        f"fused={finetuning_args.mfsgd_fused}, data_parallel={data_parallel}). Routing:\n{routing.table()}"
-    )
+    logger.info_rank0(f"{effective_settings(optimizer, finetuning_args.mfsgd_target)} Routing:\n{routing.table()}")
     return optimizer
+
+
+def effective_settings(optimizer: MoFaSGD, target: str) -> str:
+    """One line with the values the optimizer really uses (read back from its param groups, not from the config)."""
+    mofasgd = next(g for g in optimizer.param_groups if g["mofasgd"])
+    adamw = [g for g in optimizer.param_groups if not g["mofasgd"]]
+
+    def show(group: dict[str, Any], key: str, name: str | None = None) -> str:
+        value = group[key]
+        text = (
+            f"{value:g}"
+            if isinstance(value, float)
+            else ",".join(map(str, value))
+            if isinstance(value, tuple)
+            else value
+        )
+        return f"{name or key}={text}"
+
+    keys = ["rank", "beta", "eta1", "eta2", "eps", "max_value", "use_ones_for_nonzero_s", "nesterov"]
+    keys += ["use_current_projection", "init", "weight_decay", "lr"]
+    parts = [show(mofasgd, k) for k in keys if k in mofasgd]
+    if mofasgd.get("beta_warmup_steps"):
+        warmup = f"{mofasgd['beta_start']:g}->{mofasgd['beta_end']:g} over {mofasgd['beta_warmup_steps']} steps"
+        parts.append(f"beta warm-up {warmup}")
+    parts += [f"fused={optimizer.fused}", f"data_parallel={optimizer.data_parallel}", f"target={target}"]
+    if adamw:
+        parts.append("AdamW " + " ".join(show(adamw[0], k) for k in ("lr", "adam_betas", "adam_eps") if k in adamw[0]))
+    return f"Using MoFaSGD: {', '.join(parts)}."
