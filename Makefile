@@ -9,7 +9,7 @@ $(PY):
 	python3 -m venv $(VENV)
 
 install: $(PY)
-	$(PY) -m pip install -q -e ".[dev]" -e galore-torch
+	DS_BUILD_OPS=0 $(PY) -m pip install -q -e ".[dev]" -e galore-torch
 	$(PY) -m pip check
 
 test: $(PY)
