@@ -1,8 +1,9 @@
 """Stochastic rounding of bf16 updates (issue 10): unbiased, keeps the fp32 update, bounded memory, exact resume."""
 
-import math
 import os
 import socket
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,6 +14,9 @@ from torch import nn
 from mofasgd import MoFaSGD, rounding
 from mofasgd.adamw_side import adamw_update_fp32_
 from mofasgd.memory import transient_peak_bytes
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts" / "bench"))
+import bf16_updates  # noqa: E402  (the benchmark's measurement, so test and results measure the same thing)
 
 
 def test_stochastic_rounding_is_unbiased_within_the_standard_error():
@@ -48,39 +52,8 @@ def test_stochastic_rounding_keeps_exactly_representable_values_and_signs():
     assert set(out.float().unique().tolist()) == {-1.0, -1.0 - 2.0**-7}
 
 
-def _lowrank_grads(m, n, steps, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    basis_l, basis_r = torch.randn(m, 16, generator=gen), torch.randn(16, n, generator=gen)
-    for _ in range(steps):
-        yield (basis_l * torch.randn(16, generator=gen)) @ basis_r / math.sqrt(m * n) + 1e-3 * torch.randn(
-            m, n, generator=gen
-        ) / math.sqrt(n)
-
-
-def kept_fraction(shape, steps, lr, stochastic, make_optimizer, seed=0):
-    """Component of the bf16 run's weight change along the fp32 run's change, over the latter's length squared."""
-    gen = torch.Generator().manual_seed(seed)
-    start = (torch.randn(*shape, generator=gen) * 0.02).to(torch.bfloat16)
-    w32, w16 = nn.Parameter(start.float()), nn.Parameter(start.clone())
-    opt32 = make_optimizer(w32, lr, None)
-    opt16 = make_optimizer(w16, lr, stochastic)
-    for g in _lowrank_grads(*shape, steps, seed):
-        w32.grad, w16.grad = g.clone(), g.to(torch.bfloat16)
-        opt32.step()
-        opt16.step()
-        opt32.zero_grad()
-        opt16.zero_grad()
-    delta32 = (w32.detach() - start.float()).double()
-    delta16 = (w16.detach().float() - start.float()).double()
-    return float((delta16 * delta32).sum() / delta32.square().sum())
-
-
-def mofasgd(use_ones):
-    return lambda w, lr, sr: MoFaSGD([w], lr=lr, rank=8, use_ones_for_nonzero_s=use_ones, stochastic_rounding=sr)
-
-
-def adamw(w, lr, sr):
-    return MoFaSGD([{"params": [w], "mofasgd": False}], lr=lr, stochastic_rounding=sr)
+mofasgd, adamw = bf16_updates.mofasgd_factory, bf16_updates.adamw_factory
+kept_fraction = bf16_updates.kept_fraction
 
 
 @pytest.mark.slow

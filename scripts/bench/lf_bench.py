@@ -32,6 +32,7 @@ CONFIGS = REPO / "configs" / "mfsgd"
 # Model sizes built by scripts/build_tiny_llama.py into git-ignored models/ paths.
 MODEL_SIZES: dict[str, dict[str, Any]] = {
     "tiny": {"path": "models/tiny-llama", "flags": []},
+    "tiny-bf16": {"path": "models/tiny-llama-bf16", "flags": ["--dtype", "bfloat16"]},
     "small": {
         "path": "models/tiny-llama-256",
         "flags": ["--hidden", "256", "--layers", "4", "--intermediate", "688"],

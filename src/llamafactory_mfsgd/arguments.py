@@ -75,6 +75,13 @@ class MfsgdArguments:
         default="all",
         metadata={"help": "Module names routed to MoFaSGD, comma-separated, or `all` (every 2-D hidden weight)."},
     )
+    mfsgd_stochastic_rounding: bool | None = field(
+        default=None,
+        metadata={
+            "help": "Round bf16 weight updates stochastically (unbiased) instead of to nearest; null: on for bf16 "
+            "weights (pure_bf16), `false` for round-to-nearest runs. fp32 weights are never affected."
+        },
+    )
 
 
 @dataclass

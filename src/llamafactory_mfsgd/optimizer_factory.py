@@ -41,9 +41,10 @@ def create_mfsgd_optimizer(model: nn.Module, training_args: Any, finetuning_args
     lr_mfsgd = _or_default(finetuning_args.learning_rate_mfsgd, training_args.learning_rate)
     lr_adamw = _or_default(finetuning_args.learning_rate_adamw, training_args.learning_rate)
     decay_names = decay_parameter_names(model)
-    groups = [{"params": [p for _, p in routing.mofasgd], "lr": lr_mfsgd, "weight_decay": training_args.weight_decay}]
-    decay = [p for n, p in routing.adamw if n in decay_names]
-    no_decay = [p for n, p in routing.adamw if n not in decay_names]
+    # (name, parameter) pairs: torch keeps the names in the param groups, so MoFaSGD's errors name the matrix
+    groups = [{"params": list(routing.mofasgd), "lr": lr_mfsgd, "weight_decay": training_args.weight_decay}]
+    decay = [(n, p) for n, p in routing.adamw if n in decay_names]
+    no_decay = [(n, p) for n, p in routing.adamw if n not in decay_names]
     for params, weight_decay in ((decay, training_args.weight_decay), (no_decay, 0.0)):
         if params:
             groups.append({"params": params, "mofasgd": False, "lr": lr_adamw, "weight_decay": weight_decay})
@@ -67,8 +68,10 @@ def create_mfsgd_optimizer(model: nn.Module, training_args: Any, finetuning_args
         init=finetuning_args.mfsgd_init,
         adam_betas=(training_args.adam_beta1, training_args.adam_beta2),
         adam_eps=training_args.adam_epsilon,
+        stochastic_rounding=finetuning_args.mfsgd_stochastic_rounding,
         fused=finetuning_args.mfsgd_fused,
         data_parallel=data_parallel,
+        seed=training_args.seed,
     )
     if data_parallel:
         ignore_managed_in_ddp(model, [p for _, p in routing.mofasgd])
@@ -93,7 +96,7 @@ def effective_settings(optimizer: MoFaSGD, target: str) -> str:
         return f"{name or key}={text}"
 
     keys = ["rank", "beta", "eta1", "eta2", "eps", "max_value", "use_ones_for_nonzero_s", "nesterov"]
-    keys += ["use_current_projection", "init", "weight_decay", "lr"]
+    keys += ["use_current_projection", "init", "weight_decay", "lr", "stochastic_rounding"]
     parts = [show(mofasgd, k) for k in keys if k in mofasgd]
     if mofasgd.get("beta_warmup_steps"):
         warmup = f"{mofasgd['beta_start']:g}->{mofasgd['beta_end']:g} over {mofasgd['beta_warmup_steps']} steps"

@@ -15,11 +15,11 @@ import torch
 from mofasgd.rounding import as_rows, stochastic_round_, update_in_fp32_
 
 
-def _store(target: torch.Tensor, value: torch.Tensor, generator: torch.Generator | None) -> None:
+def _store(target: torch.Tensor, value: torch.Tensor, generator: torch.Generator | None, noise) -> None:
     if value.data_ptr() == target.data_ptr():
         return
     if generator is not None and target.dtype == torch.bfloat16:
-        stochastic_round_(target, value.contiguous(), generator)
+        stochastic_round_(target, value.contiguous(), generator, noise)
     else:
         target.copy_(value)
 
@@ -42,14 +42,14 @@ def adamw_update_fp32_(
     bias2_sqrt = math.sqrt(1.0 - beta2**step)
     grads, avgs, avg_sqs = as_rows(grad), as_rows(exp_avg), as_rows(exp_avg_sq)
 
-    def compute(buffer: torch.Tensor, start: int, stop: int) -> None:
+    def compute(buffer: torch.Tensor, start: int, stop: int, noise: torch.Tensor | None) -> None:
         g = grads[start:stop].float()
         m = avgs[start:stop].float().lerp_(g, 1.0 - beta1)
         v = avg_sqs[start:stop].float().mul_(beta2).addcmul_(g, g, value=1.0 - beta2)
         if weight_decay != 0:
             buffer.mul_(1.0 - lr * weight_decay)
         buffer.addcdiv_(m, (v.sqrt() / bias2_sqrt).add_(eps), value=-step_size)
-        _store(avgs[start:stop], m, generator)
-        _store(avg_sqs[start:stop], v, generator)
+        _store(avgs[start:stop], m, generator, noise)
+        _store(avg_sqs[start:stop], v, generator, noise)
 
     update_in_fp32_(param, compute, generator)

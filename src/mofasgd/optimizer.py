@@ -593,7 +593,7 @@ class MoFaSGD(torch.optim.Optimizer):
             gv, gtu = fm.project_gradient(p.grad, basis_u, basis_v)
             residual = gv - basis_u @ (basis_u.T @ gv)
 
-        def compute(buffer: torch.Tensor, start: int, stop: int) -> None:
+        def compute(buffer: torch.Tensor, start: int, stop: int, noise: torch.Tensor | None) -> None:
             if decay != 1.0:
                 buffer.mul_(decay)
             buffer.addmm_(left[start:stop], right_t, alpha=-lr * group["eta1"])

@@ -24,16 +24,24 @@ def supports_stochastic_rounding(dtype: torch.dtype) -> bool:
     return dtype == torch.bfloat16
 
 
-def stochastic_round_(target: torch.Tensor, value: torch.Tensor, generator: torch.Generator) -> None:
+def random_low_bits(like: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Uniform random integers in [0, 2**16) shaped like `like`: the bits one stochastic rounding consumes."""
+    return torch.randint(0, _LOW_BITS, like.shape, dtype=torch.int32, device=like.device, generator=generator)
+
+
+def stochastic_round_(
+    target: torch.Tensor, value: torch.Tensor, generator: torch.Generator, noise: torch.Tensor | None = None
+) -> None:
     """Write fp32 `value` into bf16 `target`, rounding each entry up or down so that E[target] == value.
 
     `value` is consumed (its bits are overwritten). Both must have the same shape; `value` must be contiguous.
+    `noise` (from :func:`random_low_bits`) may be shared by several tensors rounded together (a parameter and
+    its moments): each stays unbiased, and drawing the bits once is most of the cost on a CPU.
     """
     if value.dtype != torch.float32 or target.dtype != torch.bfloat16:
         raise TypeError(f"stochastic_round_ needs fp32 -> bf16, got {value.dtype} -> {target.dtype}")
     bits = value.view(torch.int32)
-    noise = torch.randint(0, _LOW_BITS, value.shape, dtype=torch.int32, device=value.device, generator=generator)
-    bits.add_(noise).bitwise_and_(_HIGH_MASK)
+    bits.add_(random_low_bits(value, generator) if noise is None else noise).bitwise_and_(_HIGH_MASK)
     target.copy_(value)  # exact: the low 16 bits are zero, so the value is representable in bf16
 
 
@@ -50,22 +58,24 @@ def as_rows(tensor: torch.Tensor) -> torch.Tensor:
 
 def update_in_fp32_(
     param: torch.Tensor,
-    compute: Callable[[torch.Tensor, int, int], None],
+    compute: Callable[[torch.Tensor, int, int, torch.Tensor | None], None],
     generator: torch.Generator | None,
 ) -> None:
     """Apply an in-place fp32 update to a low-precision parameter, chunk by chunk (bounded transient memory).
 
-    ``compute(buffer, start, stop)`` updates ``buffer``, the fp32 copy of rows start:stop of ``as_rows(param)``,
-    in place; the result is written back with stochastic rounding when `generator` is given, else rounded to
-    nearest. At most CHUNK_ELEMENTS elements (plus one row) are held in fp32 at a time.
+    ``compute(buffer, start, stop, noise)`` updates ``buffer``, the fp32 copy of rows start:stop of
+    ``as_rows(param)``, in place; the result is written back with stochastic rounding when `generator` is
+    given (with ``noise``, this chunk's random bits, which `compute` may reuse for tensors it rounds), else
+    rounded to nearest (``noise`` is None). At most CHUNK_ELEMENTS elements (plus one row) are held at a time.
     """
     view = as_rows(param)
     for start, stop in row_chunks(*view.shape):
         block = view[start:stop]
         buffer = block.float()
-        compute(buffer, start, stop)
+        noise = random_low_bits(buffer, generator) if generator is not None else None
+        compute(buffer, start, stop, noise)
         if generator is not None:
-            stochastic_round_(block, buffer, generator)
+            stochastic_round_(block, buffer, generator, noise)
         else:
             block.copy_(buffer)
 

@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from galore_torch import GaLoreAdamW
 from galore_torch.galore_projector import GaLoreProjector
+
 from mofasgd.hooks import HookRegistry
 
 GALORE_KEYS = ("rank", "update_proj_gap", "scale", "proj_type")

@@ -1,0 +1,47 @@
+"""MoFaSGD's optimizer diagnostics in the Trainer log, every `logging_steps` (then in report_to and trainer_log).
+
+Before a step that will be logged, the callback asks the optimizer to collect a few statistics of its update
+(an extra O(m n r) pass per matrix on that step only); the patched ``Trainer.log`` adds them to the logged
+values under ``mfsgd/…`` with one device sync. Their meaning is in :meth:`mofasgd.MoFaSGD.pop_diagnostics`;
+``mfsgd/applied_fraction`` well below 1 on bf16 weights means rounding is eating the updates.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from transformers import TrainerCallback
+
+PREFIX = "mfsgd/"
+
+
+def unwrap_optimizer(optimizer: Any) -> Any:
+    """The optimizer inside accelerate's / the Trainer's wrappers."""
+    while optimizer is not None and hasattr(optimizer, "optimizer") and not hasattr(optimizer, "pop_diagnostics"):
+        optimizer = optimizer.optimizer
+    return optimizer
+
+
+def will_log(args: Any, state: Any, step: int) -> bool:
+    """Whether the Trainer logs after optimizer step `step` (1-based), by its `logging_*` settings."""
+    if str(getattr(args, "logging_strategy", "steps")).split(".")[-1].lower() != "steps":
+        return False
+    every = int(getattr(state, "logging_steps", 0) or getattr(args, "logging_steps", 0) or 0)
+    return (step == 1 and bool(getattr(args, "logging_first_step", False))) or (every > 0 and step % every == 0)
+
+
+class MfsgdDiagnosticsCallback(TrainerCallback):
+    """Asks MoFaSGD to collect update statistics on the steps the Trainer will log (does nothing otherwise)."""
+
+    def on_step_begin(self, args: Any, state: Any, control: Any, optimizer: Any = None, **kwargs: Any) -> None:
+        """Request diagnostics for the coming optimizer step when it is a logging step."""
+        optimizer = unwrap_optimizer(optimizer)
+        if hasattr(optimizer, "request_diagnostics") and will_log(args, state, state.global_step + 1):
+            optimizer.request_diagnostics()
+
+
+def add_diagnostics(optimizer: Any, logs: dict[str, float]) -> None:
+    """Move the optimizer's collected diagnostics (if any) into a training log entry."""
+    optimizer = unwrap_optimizer(optimizer)
+    if "loss" in logs and hasattr(optimizer, "pop_diagnostics"):
+        logs.update({PREFIX + key: value for key, value in optimizer.pop_diagnostics().items()})
