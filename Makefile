@@ -3,7 +3,7 @@ SHELL := /bin/bash
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: install test test-fast lint format demo bench bench-methods bench-fidelity bench-quality bench-accounting bench-ddp nanogpt-cpu nanogpt-compare clean
+.PHONY: install test test-fast lint format demo bench bench-methods bench-fidelity bench-quality bench-accounting bench-ddp bench-bf16 nanogpt-cpu nanogpt-compare clean
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -43,6 +43,9 @@ bench-quality: $(PY)
 
 bench-accounting: $(PY)
 	$(PY) scripts/bench/llama_memory_accounting.py --out results/llama_memory_accounting
+
+bench-bf16: $(PY)
+	$(PY) scripts/bench/bf16_updates.py --results-dir results
 
 bench-ddp: $(PY)
 	$(PY) scripts/bench/ddp_communication.py | tee results/ddp_communication.md
