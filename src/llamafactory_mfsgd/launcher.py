@@ -1,9 +1,10 @@
 """`python run.py CONFIG [--ngpus N] [--base_output_dir DIR] [key=value ...]`: name, record and launch a run.
 
 The run name is derived from the config (model, data, method and rank, effective batch, learning rates,
-scheduler); the resolved config is written to ``<base_output_dir>/<run_name>/run_config.yaml`` and training
-starts on N processes: in this process for N = 1, through torchrun otherwise. Multi-node runs honour the
-usual torchrun variables (NNODES, NODE_RANK, MASTER_ADDR, MASTER_PORT) like llamafactory-cli does.
+scheduler); the resolved config is written to ``<base_output_dir>/<run_name>/run_config.yaml`` (and, under the
+authors' name, ``training_config.yaml``) and training starts on N processes: in this process for N = 1, through
+torchrun otherwise. Multi-node runs honour the usual torchrun variables (NNODES, NODE_RANK, MASTER_ADDR,
+MASTER_PORT) like llamafactory-cli does.
 """
 
 from __future__ import annotations
@@ -22,8 +23,11 @@ import yaml
 
 from .arguments import check_extension_types
 from .config_values import load_config, parse_scalar
+from .cuda_cache import ENV as CUDA_CACHE_ENV
 
-USAGE = "python run.py CONFIG.yaml [--ngpus N] [--base_output_dir DIR] [key=value ...]"
+USAGE = (
+    "python run.py CONFIG.yaml [--ngpus N] [--base_output_dir DIR] [--enable_mfsgd_debug_empty_cache] [key=value ...]"
+)
 
 
 def _fmt(value: Any) -> str:
@@ -122,6 +126,7 @@ def prepare_run(config_file: str, ngpus: int, base_output_dir: str, overrides: l
     resolved = run_dir / "run_config.yaml"
     with open(resolved, "w") as f:
         yaml.safe_dump(config, f, sort_keys=False)
+    shutil.copyfile(resolved, run_dir / "training_config.yaml")  # the name the authors' analysis scripts read
     return resolved, config
 
 
@@ -143,6 +148,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--base_output_dir", default="saves", metavar="DIR", help="parent directory of the run directory"
     )
+    parser.add_argument(
+        "--enable_mfsgd_debug_empty_cache",
+        action="store_true",
+        help=f"set {CUDA_CACHE_ENV}=1: release cached CUDA blocks after each MoFaSGD gradient hook (memory debugging)",
+    )
     argv = sys.argv[1:] if argv is None else argv
     if not argv:
         parser.print_help(sys.stderr)
@@ -157,6 +167,8 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"run.py: {error}") from None
     os.environ.setdefault("WANDB_NAME", config["run_name"])
     os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+    if args.enable_mfsgd_debug_empty_cache:
+        os.environ[CUDA_CACHE_ENV] = "1"
     print(
         f"[run.py] run: {config['run_name']}\n[run.py] directory: {config['output_dir']}\n[run.py] config: {resolved}"
     )
