@@ -1,10 +1,12 @@
 """What the extension changes in LLaMA-Factory, one function per extended module (applied by `activation`).
 
-- ``hparams.parser``: FinetuningArguments gains our keys; parsing checks their spelling and cross-field rules.
+- ``hparams.parser``: FinetuningArguments gains our keys; parsing checks their spelling and cross-field rules;
+  ``MFSGD_CPU_PURE_BF16=1`` lets ``pure_bf16`` run on a CPU (bf16 weights without a GPU, for tests/benchmarks).
 - ``data.template``: registers the Tulu 3 chat format as ``tulu_v3`` when LLaMA-Factory has none.
 - ``train.trainer_utils``: ``create_custom_optimizer`` builds MoFaSGD / fused GaLore; HF Trainer's gradient
-  norm and clipping see the MoFaSGD matrices (whose gradients live as projections in the optimizer).
-- ``train.tuner``: ``run_exp`` hands our callbacks (memory snapshot) to the trainer.
+  norm and clipping see the MoFaSGD matrices (whose gradients live as projections in the optimizer);
+  ``Trainer.log`` carries MoFaSGD's update diagnostics (``mfsgd/…``).
+- ``train.tuner``: ``run_exp`` hands our callbacks (memory snapshot, diagnostics requests) to the trainer.
 """
 
 from __future__ import annotations
@@ -28,8 +30,11 @@ from .arguments import (
 from .baselines import apply_baseline_keys
 from .compat import check_llamafactory_version, require
 from .cuda_cache import release_cache_after_gradient_hooks
+from .diagnostics import MfsgdDiagnosticsCallback, add_diagnostics
 from .schedulers import check_scheduler_kwargs, wrap_create_custom_scheduler
 from .tulu3_mixture import prepare_for_training
+
+CPU_PURE_BF16_ENV = "MFSGD_CPU_PURE_BF16"
 
 
 def _raw_values(raw: dict[str, Any] | list[str]) -> dict[str, Any]:
@@ -68,6 +73,7 @@ def patch_parser(module: ModuleType) -> None:
         if classes:
             classes[:] = [extended if cls is base else cls for cls in classes]
     module.FinetuningArguments = extended
+    allow_cpu_pure_bf16(module)
     original = module.get_train_args
     known = {f.name for cls in module._TRAIN_ARGS for f in dataclasses.fields(cls)}
 
@@ -147,6 +153,7 @@ def patch_tuner(module: ModuleType) -> None:
         session = _memory_session(check_extension_types(_raw_values(raw), command_line=isinstance(raw, list)))
         if session is not None:
             callbacks.append(session)
+        callbacks.append(MfsgdDiagnosticsCallback())
         return original(raw, callbacks)
 
     run_exp.__doc__ = original.__doc__
@@ -191,6 +198,7 @@ def patch_trainer_utils(module: ModuleType) -> None:
     module.create_custom_optimizer = create_custom_optimizer
     module.create_custom_scheduler = wrap_create_custom_scheduler(module.create_custom_scheduler)
     _patch_trainer_grad_norm()
+    _patch_trainer_log()
     _patch_trainer_resume()
     _accept_indexed_cpu_map_location()
 
@@ -247,6 +255,37 @@ def _patch_trainer_grad_norm() -> None:
     Trainer._clip_grad_norm = _clip_grad_norm
     Trainer._get_grad_norm = _get_grad_norm
     Trainer.__mfsgd_patched__ = True
+
+
+def _patch_trainer_log() -> None:
+    """Trainer.log adds MoFaSGD's diagnostics (collected on logging steps) to every training log entry."""
+    from transformers import Trainer
+
+    require(Trainer, "log")
+    if getattr(Trainer.log, "__mfsgd_patched__", False):
+        return
+    original_log = Trainer.log
+
+    def log(self, logs, *args, **kwargs):
+        add_diagnostics(getattr(self, "optimizer", None), logs)
+        return original_log(self, logs, *args, **kwargs)
+
+    log.__doc__ = original_log.__doc__
+    log.__mfsgd_patched__ = True
+    Trainer.log = log
+
+
+def allow_cpu_pure_bf16(module: ModuleType) -> None:
+    """With MFSGD_CPU_PURE_BF16=1 and no CUDA, let `pure_bf16` pass LLaMA-Factory's device check.
+
+    The model is then loaded and trained in bf16 on the CPU (no AMP, no fp32 master weights): the same
+    weight path as pure_bf16 on a GPU, slower. For tests and benchmarks of bf16 updates without a GPU.
+    """
+    import torch
+
+    if os.environ.get(CPU_PURE_BF16_ENV, "0") == "1" and not torch.cuda.is_available():
+        require(module, "is_torch_bf16_gpu_available")
+        module.is_torch_bf16_gpu_available = lambda: True
 
 
 def _plural(count: int, noun: str, plural: str | None = None) -> str:
