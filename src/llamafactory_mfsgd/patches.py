@@ -167,6 +167,11 @@ def patch_template(module: ModuleType) -> None:
         return
     from llamafactory.data.formatter import EmptyFormatter, StringFormatter
 
+    # `<|assistant|>\n` sits in the user slot, so LLaMA-Factory masks it with the prompt and trains on the reply,
+    # its EOS and the newline only. That is the Tulu 3 recipe's choice: open-instruct's SFT masking
+    # (open_instruct/dataset_transformation.py, sft_tulu_tokenize_and_truncate_v1) ends each masked span with
+    # add_generation_prompt=True "to avoid the assistant generation prefix being included in the loss". The
+    # authors' fork puts the prefix in the assistant slot and so trains on it.
     module.register_template(
         name="tulu_v3",
         format_user=StringFormatter(slots=["<|user|>\n{{content}}\n<|assistant|>\n"]),
