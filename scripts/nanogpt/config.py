@@ -3,7 +3,8 @@
 A run is described by one nested mapping. It is built from layers, later ones winning:
 ``configs/optimizers/<optimizer>.yaml`` < ``--config-path`` YAML < ``--config`` JSON < command-line flags.
 Every key is checked against the dataclasses and `HIDDEN_DEFAULTS` below, so a typo fails with the
-dotted name of the key.
+dotted name of the key. The YAML and JSON layers may also use the authors' flat keys (``{"lr": ..., "rank": ...,
+"warmup_steps": ..., "cooldown_frac": ...}``), mapped onto this layout by `nanogpt.authors_keys`.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
+from nanogpt.authors_keys import from_authors_keys
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 OPTIMIZER_CONFIG_DIR = REPO_ROOT / "configs" / "optimizers"
@@ -53,7 +56,7 @@ HIDDEN_DEFAULTS: dict[str, dict[str, Any]] = {
         "eps": 1e-6,
         "weight_decay": 0.0,
     },
-    "adamw": {"lr": 0.0018, "betas": (0.9, 0.95), "eps": 1e-8, "weight_decay": 0.0},
+    "adamw": {"lr": 0.0018, "betas": (0.9, 0.95), "eps": 1e-8, "weight_decay": 0.0, "fused": False},
     "muon": {
         "lr": 0.05,
         "momentum": 0.95,
@@ -303,8 +306,9 @@ def load_config(
     values = read_yaml(base_path)
     if values.get("optimizer", optimizer) != optimizer:
         raise ValueError(f"{base_path} declares optimizer {values['optimizer']!r}, expected {optimizer!r}")
+    hidden_keys = list(HIDDEN_DEFAULTS.get(optimizer, {}))
     if config_path is not None:
-        values = deep_merge(values, read_yaml(config_path))
+        values = deep_merge(values, from_authors_keys(optimizer, read_yaml(config_path), hidden_keys))
     if isinstance(overrides, str):
         try:
             overrides = json.loads(overrides)
@@ -312,7 +316,7 @@ def load_config(
             raise ValueError(f"--config is not valid JSON: {error}") from None
         if not isinstance(overrides, dict):
             raise ValueError(f"--config must be a JSON object, got {overrides!r}")
-    values = deep_merge(values, overrides or {})
+    values = deep_merge(values, from_authors_keys(optimizer, overrides or {}, hidden_keys))
     values = deep_merge(values, flags or {})
     if values.get("optimizer", optimizer) != optimizer:
         raise ValueError(f"the overrides set optimizer {values['optimizer']!r}, but --optimizer is {optimizer!r}")

@@ -59,7 +59,10 @@ def _hidden_optimizer(name: str, hidden: list[nn.Parameter], h: dict[str, Any]) 
             no_deprecation_warning=True,
         )
     if name == "adamw":
-        return torch.optim.AdamW(hidden, lr=h["lr"], betas=h["betas"], eps=h["eps"], weight_decay=h["weight_decay"])
+        fused = h["fused"] or None  # None: torch's default kernel choice
+        return torch.optim.AdamW(
+            hidden, lr=h["lr"], betas=h["betas"], eps=h["eps"], weight_decay=h["weight_decay"], fused=fused
+        )
     if name == "muon":
         return Muon(
             hidden,
