@@ -3,7 +3,7 @@ SHELL := /bin/bash
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: install test test-fast lint format demo bench bench-methods bench-fidelity bench-quality bench-accounting bench-ddp bench-bf16 nanogpt-cpu nanogpt-compare clean
+.PHONY: install test test-fast lint format demo bench bench-methods bench-fidelity bench-quality bench-sft-quality bench-accounting bench-ddp bench-bf16 nanogpt-cpu nanogpt-compare nanogpt-seeds clean
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -41,6 +41,9 @@ bench-fidelity: $(PY)
 bench-quality: $(PY)
 	OMP_NUM_THREADS=1 $(PY) scripts/bench/quality_sweep.py --results-dir results
 
+bench-sft-quality: $(PY)
+	OMP_NUM_THREADS=1 $(PY) scripts/bench/sft_quality.py --results-dir results
+
 bench-accounting: $(PY)
 	$(PY) scripts/bench/llama_memory_accounting.py --out results/llama_memory_accounting
 
@@ -55,6 +58,10 @@ nanogpt-cpu: $(PY)
 
 nanogpt-compare: $(PY)
 	$(PY) scripts/nanogpt/compare.py --config-path scripts/nanogpt/cpu.yaml
+
+nanogpt-seeds: $(PY)
+	$(PY) scripts/nanogpt/seeds.py --config-path scripts/nanogpt/cpu.yaml --steps 200 --warmup 80 \
+		--config '{"train": {"batch_tokens": 2048}}' --results-dir results
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info .pytest_cache outputs

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import resource
 import shutil
 import statistics
 import subprocess
@@ -214,6 +215,7 @@ def _timer_callback(path: Path) -> Any:
             self.record["steps"].append(step)
 
         def on_train_end(self, args, state, control, **kwargs):
+            self.record["max_rss_kib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # Linux: KiB
             path.write_text(json.dumps(self.record, indent=1) + "\n")
 
     return StepTimer()

@@ -1,0 +1,138 @@
+"""Pure parts of the quality evidence: the SFT sweep's grid logic and results, the pre-training baselines and
+schedule, the NanoGPT multi-seed aggregation. No training runs here."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "scripts" / "bench"))
+sys.path.insert(0, str(ROOT / "scripts"))
+
+import build_pretrained_llama  # noqa: E402
+import sft_quality  # noqa: E402
+from nanogpt import seeds  # noqa: E402
+
+CENTER = 1e-3
+INITIAL = [1e-4, 3.16e-4, 1e-3, 3.16e-3, 1e-2]
+
+
+def test_initial_grid_is_five_half_decade_points_around_the_centre():
+    assert sft_quality.next_lrs(CENTER, {}, 5, 3) == INITIAL
+    assert sft_quality.next_lrs(CENTER, {1e-3: 2.0, 1e-4: 3.0}, 5, 3) == [3.16e-4, 3.16e-3, 1e-2]
+    assert [sft_quality.grid_index(CENTER, lr) for lr in INITIAL] == [-2, -1, 0, 1, 2]
+
+
+def test_grid_extends_beyond_an_edge_best_until_it_is_interior():
+    high_best = dict(zip(INITIAL, [5.0, 4.0, 3.0, 2.5, 2.0]))
+    assert sft_quality.next_lrs(CENTER, high_best, 5, 3) == [3.16e-2]
+    low_best = dict(zip(INITIAL, [1.0, 2.0, 3.0, 4.0, 5.0]))
+    assert sft_quality.next_lrs(CENTER, low_best, 5, 3) == [3.16e-5]
+    # the extension was worse: the best is now inside the grid, the sweep is settled
+    assert sft_quality.next_lrs(CENTER, {**high_best, 3.16e-2: 2.2}, 5, 3) == []
+    # it was better still: keep going
+    assert sft_quality.next_lrs(CENTER, {**high_best, 3.16e-2: 1.9}, 5, 3) == [0.1]
+    assert sft_quality.next_lrs(CENTER, dict(zip(INITIAL, [5.0, 4.0, 1.0, 2.5, 2.0])), 5, 3) == []
+
+
+def test_diverged_rates_count_as_worse_and_extension_is_capped():
+    diverged_top = dict(zip(INITIAL, [5.0, 4.0, 3.0, 2.0, None]))
+    assert sft_quality.next_lrs(CENTER, diverged_top, 5, 3) == []
+    assert sft_quality.best_lr(diverged_top) == 3.16e-3
+    all_diverged = dict.fromkeys(INITIAL)
+    assert sft_quality.next_lrs(CENTER, all_diverged, 5, 3) == [3.16e-5]
+    assert sft_quality.best_lr(all_diverged) is None
+    extended = {**dict(zip(INITIAL, [5.0, 4.0, 3.0, 2.5, 2.0])), 3.16e-2: 1.9, 0.1: 1.8}
+    assert sft_quality.next_lrs(CENTER, extended, 5, 2) == []
+    assert sft_quality.at_edge(0.1, extended)
+
+
+def _run(variant, lr, seed, loss, method="adamw", precision="fp32", rank=None):
+    return {
+        "variant": variant,
+        "method": method,
+        "rank": rank,
+        "precision": precision,
+        "lr": lr,
+        "seed": seed,
+        "eval_loss": loss,
+        "status": "ok" if loss is not None else "diverged",
+        "train_loss": 1.0,
+        "step_time_s": 0.5 + seed,
+        "peak_rss_mib": 100.0 * (seed + 1),
+    }
+
+
+def _runs():
+    runs = [_run("adamw_fp32", lr, 0, loss) for lr, loss in zip(INITIAL, [5.0, 3.0, 2.0, 4.0, None])]
+    runs += [_run("adamw_fp32", 1e-3, 1, 2.2), _run("adamw_fp32", 1e-3, 2, 2.4)]
+    runs += [_run("lora_r8_fp32", lr, 0, loss, "lora", rank=8) for lr, loss in zip(INITIAL, [5, 4, 3, 2, 1.0])]
+    return runs
+
+
+def test_summary_averages_the_seeds_at_the_best_rate_and_flags_edges():
+    adamw, lora = sft_quality.summarize(_runs())
+    assert adamw["best_lr"] == 1e-3 and adamw["seeds"] == [0, 1, 2] and not adamw["edge"]
+    assert adamw["eval_loss_mean"] == pytest.approx(2.2)
+    assert adamw["eval_loss_std"] == pytest.approx(0.2)
+    assert adamw["diverged_lrs"] == [1e-2]
+    assert adamw["step_time_s"] == pytest.approx(1.5) and adamw["peak_rss_mib"] == 300.0
+    assert lora["best_lr"] == 1e-2 and lora["edge"] and lora["eval_loss_std"] is None
+
+
+def test_results_are_a_list_of_runs_and_the_page_says_what_was_not_done(tmp_path):
+    setup = {"base": {"path": "models/x"}, "steps": 10, "points": 5, "max_extend": 3, "seeds": 3}
+    setup.update(mfsgd_adamw_lr=1e-3, batch="4 x 2", wall_s=1.0)
+    result = {"setup": setup, "machine": {"device": "CPU (2 cores)", "torch": "2"}, "runs": _runs()}
+    sft_quality.write_results(result, tmp_path, str(tmp_path / "results"))
+    runs = json.loads((tmp_path / "results" / "sft_quality.json").read_text())
+    assert isinstance(runs, list) and len(runs) == 12
+    assert {"method", "lr", "seed", "eval_loss", "precision", "rank"} <= set(runs[0])
+    page = (tmp_path / "results" / "sft_quality.md").read_text()
+    assert "| adamw |  | fp32 | 0.001 | 2.2000 ± 0.2000 | 3 |" in page
+    assert "**best lr at the grid edge**" in page and "only 1 seed(s)" in page
+    assert "mofasgd_ones_weight_r8_bf16" in page.split("## Not done")[1]  # never run: listed
+    assert "lora_r8_fp32" in page.split("incomplete")[1]
+    assert (tmp_path / "results" / "sft_quality.png").stat().st_size > 0
+
+
+def test_full_grid_has_every_method_form_rank_and_precision():
+    names = set(sft_quality.VARIANTS)
+    assert len(names) == 34
+    assert {"adamw_fp32", "lora_r32_bf16", "galore_fused_r8_fp32", "mofasgd_inv_gradient_r4_bf16"} <= names
+    assert {"mofasgd_ones_weight_r32_fp32", "mofasgd_inv_weight_r8_fp32"} <= names
+
+
+def test_unigram_baseline_and_schedule():
+    assert build_pretrained_llama.unigram_cross_entropy([], [0, 1, 2, 3], 4) == pytest.approx(math.log(4))
+    # counts with add-one: token 0 -> 4 of 5, token 1 -> 1 of 5
+    assert build_pretrained_llama.unigram_cross_entropy([0, 0, 0], [0, 1], 2) == pytest.approx(
+        -(math.log(4 / 5) + math.log(1 / 5)) / 2
+    )
+    lr = build_pretrained_llama.lr_at
+    assert lr(0, 100, 10, 1.0) == pytest.approx(0.1) and lr(9, 100, 10, 1.0) == pytest.approx(1.0)
+    assert lr(10, 100, 10, 1.0) == pytest.approx(1.0) and lr(100, 100, 10, 1.0) == pytest.approx(0.1)
+
+
+def test_nanogpt_seed_runs_set_the_seed_and_shorten_only_the_warmups_that_exist():
+    args = seeds.argparse.Namespace(config='{"train": {"val_every": 10}}', steps=50, warmup=20, out_dir="o")
+    args.config_path = "scripts/nanogpt/cpu.yaml"
+    mfsgd = json.loads(seeds.run_argv("mfsgd", {"rank": 32}, 2, args)[3])
+    assert mfsgd["train"] == {"val_every": 10, "seed": 2, "steps": 50}
+    assert mfsgd["hidden"] == {"rank": 32, "beta_warmup_steps": 20}
+    assert json.loads(seeds.run_argv("adamw", {}, 0, args)[3])["hidden"] == {}
+    assert json.loads(seeds.run_argv("muon", {}, 0, args)[3])["hidden"] == {"momentum_warmup_steps": 20}
+
+
+def test_nanogpt_seed_aggregate_and_bad_variant(capsys, tmp_path):
+    base = {"hidden_state_bytes": 2**20, "total_state_bytes": 2**21, "tokens": 10, "steps": 1, "tokens_per_s": 5.0}
+    rows = seeds.aggregate("x", [{**base, "final_val_loss": v, "best_val_loss": v} for v in (1.0, 2.0, 3.0)])
+    assert (rows["final_val_loss_mean"], rows["final_val_loss_std"], rows["hidden_state_mib"]) == (2.0, 1.0, 1.0)
+    assert "| x | 3 | 2.0000 ± 1.0000 | 1.0000, 2.0000, 3.0000 |" in seeds.table([rows])
+    assert seeds.main(["--variants", "mfsgd:rnak=8", "--out-dir", str(tmp_path)]) == 2
+    assert "hidden.rnak" in capsys.readouterr().err
