@@ -119,7 +119,11 @@ def main(argv: list[str] | None = None) -> int:
             optimizer, hidden = parse_variant(text)
             for seed in range(args.seeds):
                 argv_ = run_argv(optimizer, hidden, seed, args)
-                plans.append((text, argv_, run.resolve(run.parse_args(argv_)).run_dir))
+                config = run.resolve(run.parse_args(argv_))
+                if args.warmup is not None and optimizer in WARMUP_KEYS:  # the derived name omits this warm-up
+                    argv_ += ["--run-name", f"{config.run_name}_hwu{args.warmup}"]
+                    config = run.resolve(run.parse_args(argv_))
+                plans.append((text, argv_, config.run_dir))
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
