@@ -53,7 +53,8 @@ def kept_fraction(shape, steps, lr, stochastic_rounding, make_optimizer, seed=0)
     opt32 = make_optimizer(w32, lr, None)
     opt16 = make_optimizer(w16, lr, stochastic_rounding)
     for g in low_rank_gradients(*shape, steps, seed):
-        w32.grad, w16.grad = g.clone(), g.to(torch.bfloat16)
+        g16 = g.to(torch.bfloat16)  # both runs see the same (bf16-representable) gradient: only rounding differs
+        w32.grad, w16.grad = g16.float(), g16
         opt32.step()
         opt16.step()
         opt32.zero_grad()
@@ -80,14 +81,18 @@ OPTIMIZERS = {
 }
 
 
-def matrix_table(steps: int) -> list[dict[str, Any]]:
+def matrix_table(steps: int, seeds: int) -> list[dict[str, Any]]:
+    """Kept fractions per optimizer and lr: round-to-nearest (deterministic) and stochastic (mean, std over seeds)."""
     rows = []
     for name, factory in OPTIMIZERS.items():
         for lr in LRS:
             nearest = kept_fraction(SHAPE, steps, lr, False, factory)
-            stochastic = kept_fraction(SHAPE, steps, lr, None, factory)
-            rows.append({"optimizer": name, "lr": lr, "nearest": nearest, "stochastic": stochastic})
-            print(f"{name:18s} lr {lr:g}: nearest {nearest:.4f}, stochastic {stochastic:.4f}", flush=True)
+            draws = [kept_fraction(SHAPE, steps, lr, None, factory, seed=seed) for seed in range(seeds)]
+            std = statistics.stdev(draws) if len(draws) > 1 else 0.0
+            rows.append(
+                {"optimizer": name, "lr": lr, "nearest": nearest, "stochastic": statistics.mean(draws), "std": std}
+            )
+            print(f"{name:18s} lr {lr:g}: nearest {nearest:.4f}, stochastic {rows[-1]['stochastic']:.4f}", flush=True)
     return rows
 
 
@@ -163,13 +168,16 @@ def render_markdown(result: dict[str, Any]) -> str:
         "",
         f"## One {SHAPE[0]} x {SHAPE[1]} matrix, {result['matrix_steps']} steps",
         "",
-        "Fraction of the fp32 run's update kept by the bf16 run (projection on the fp32 change; 1 = all of it).",
+        "Fraction of the fp32 run's update kept by the bf16 run (projection on the fp32 change; 1 = all of it). "
+        f"Stochastic rounding: mean ± std over {result['matrix_seeds']} seeds (the spread is the rounding noise's "
+        "component along the update; its mean is 1).",
         "",
         "| optimizer | lr | round-to-nearest | stochastic rounding |",
         "|---|---:|---:|---:|",
     ]
     lines += [
-        f"| {r['optimizer']} | {r['lr']:g} | {r['nearest']:.4f} | {r['stochastic']:.4f} |" for r in result["matrix"]
+        f"| {r['optimizer']} | {r['lr']:g} | {r['nearest']:.4f} | {r['stochastic']:.3f} ± {r['std']:.3f} |"
+        for r in result["matrix"]
     ]
     lines += [
         "",
@@ -218,6 +226,7 @@ def plot(result: dict[str, Any], path: Path) -> Path:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--matrix-steps", type=int, default=40)
+    parser.add_argument("--matrix-seeds", type=int, default=3)
     parser.add_argument("--sft-steps", type=int, default=60)
     parser.add_argument("--sft-lrs", type=float, nargs="+", default=[1e-3, 1e-2])
     parser.add_argument("--timing-repeats", type=int, default=5)
@@ -227,7 +236,8 @@ def main(argv: list[str] | None = None) -> None:
     result = {
         "machine": machine_description(),
         "matrix_steps": args.matrix_steps,
-        "matrix": matrix_table(args.matrix_steps),
+        "matrix_seeds": args.matrix_seeds,
+        "matrix": matrix_table(args.matrix_steps, args.matrix_seeds),
         "step_ms": step_times(args.timing_repeats),
         "sft_steps": args.sft_steps,
         "sft": sft_runs(args.sft_steps, args.sft_lrs),

@@ -144,6 +144,8 @@ class MoFaSGD(torch.optim.Optimizer):
         self._group_index: dict[torch.Tensor, int] = {}
         self._rng = GeneratorBank(seed)
         self._diagnostics: dict[str, list[torch.Tensor]] | None = None
+        self._nonfinite: torch.Tensor | None = None
+        self._nonfinite_total = 0
         self._validate_group(defaults, where="argument")
         super().__init__(params, defaults)
 
@@ -222,6 +224,8 @@ class MoFaSGD(torch.optim.Optimizer):
         self.__dict__.setdefault("_pending_synced", True)
         self.__dict__.setdefault("_rng", GeneratorBank(0))
         self.__dict__.setdefault("_diagnostics", None)
+        self.__dict__.setdefault("_nonfinite", None)
+        self.__dict__.setdefault("_nonfinite_total", 0)
         self._group_index = {p: i for i, g in enumerate(self.param_groups) for p in g["params"]}
 
     def remove_hooks(self) -> None:
@@ -478,7 +482,12 @@ class MoFaSGD(torch.optim.Optimizer):
     def clip_grad_norm_(self, max_norm: float, eps: float = 1e-6) -> torch.Tensor:
         """Scale every consumed gradient so the global norm is at most max_norm; return the norm before."""
         norm = self.grad_norm()
-        coef = float(max_norm) / (float(norm) + eps)  # the one host-device sync of clipping
+        if self._nonfinite is None:
+            value = float(norm)  # the one host-device sync of clipping
+        else:  # also read the last step's skip count, in the same sync
+            value, skipped = torch.stack([norm, self._nonfinite.to(norm)]).tolist()
+            self._report_nonfinite(skipped)
+        coef = float(max_norm) / (value + eps)
         if coef < 1.0:
             for group in self.param_groups:
                 for p in group["params"]:
@@ -522,63 +531,113 @@ class MoFaSGD(torch.optim.Optimizer):
         return self._rng.get(p.device)
 
     def _matrix_steps(self, group: dict[str, Any]) -> None:
-        """Step every managed matrix of `group` that has a gradient; skip (and log) non-finite ones."""
-        pending = [(p, proj) for p in group["params"] if (proj := self._pending_projections(p, group)) is not None]
-        if not pending:
-            return
-        finite = torch.stack([torch.isfinite(gv).all() & torch.isfinite(gtu).all() for _, (gv, gtu) in pending])
-        skipped = 0
-        for (p, (gv, gtu)), ok in zip(pending, finite.tolist()):  # one device sync per group
-            if ok:
-                self._matrix_step(p, group, gv, gtu)
-            else:
-                skipped += 1
-            for key in _PENDING:
-                self.state[p].pop(key, None)
-        if skipped:
-            logger.warning(
-                "MoFaSGD skipped the update of %d of %d matrices whose gradient was not finite (factors and weights "
-                "kept; check the loss scale, learning rate or data).",
-                skipped,
-                len(pending),
-            )
+        """Step every managed matrix of `group` that has a gradient, one batched step per shape bucket.
 
-    def _matrix_step(self, p: torch.Tensor, group: dict[str, Any], gv: torch.Tensor, gtu: torch.Tensor) -> None:
-        state = self.state[p]
-        U, S, V = state["U"], state["S"], state["V"]
-        rank = U.shape[1]
-        beta = self.current_beta(group, int(state["step"].item()))
+        Matrices of one (shape, dtype, device, rank) are stacked: their panels go through one batched QR per side
+        and their cores through one batched SVD, so the solver calls per step scale with the number of distinct
+        shapes, not of matrices. The weight updates stay per matrix (each weight is its own tensor), so the extra
+        transient memory is that of the stacked factors and projections, O(B (m + n) r) per bucket.
+        """
+        buckets: dict[tuple, list[tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]]] = {}
+        for p in group["params"]:
+            projections = self._pending_projections(p, group)
+            if projections is None:
+                continue
+            U = self.state[p]["U"]
+            buckets.setdefault((tuple(p.shape), p.dtype, p.device, U.dtype, U.shape[1]), []).append((p, projections))
+        for items in buckets.values():
+            self._bucket_step(group, items)
+            for p, _ in items:
+                for key in _PENDING:
+                    self.state[p].pop(key, None)
+
+    def _bucket_step(self, group: dict[str, Any], items: list[tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]]):
+        """One MoFaSGD step for matrices of one shape.
+
+        A matrix whose projections are not finite keeps its factors and weight (its step is masked out on the
+        device, without a host sync) and is counted for a warning; its step counter still advances.
+        """
+        params = [p for p, _ in items]
+        states = [self.state[p] for p in params]
+        U, S, V = (torch.stack([st[key] for st in states]) for key in ("U", "S", "V"))
+        gv = torch.stack([proj[0] for _, proj in items])
+        gtu = torch.stack([proj[1] for _, proj in items])
+        finite = torch.isfinite(gv).flatten(1).all(1) & torch.isfinite(gtu).flatten(1).all(1)
+        self._count_nonfinite(finite)
+        gv = torch.where(finite[:, None, None], gv, 0)
+        gtu = torch.where(finite[:, None, None], gtu, 0)
+        rank = U.shape[-1]
+        betas = [self.current_beta(group, int(st["step"])) for st in states]  # CPU step counters: no device sync
+        beta = betas[0] if len(set(betas)) == 1 else torch.tensor(betas, dtype=U.dtype, device=U.device)
         core = fm.momentum_core(U, S, V, gv, gtu, beta)
         new = fm.truncate(core.q_u, core.q_v, core.core, rank)
         direction = fm.nesterov_direction(core, new, beta, rank) if group["nesterov"] else new
+        keep = finite[:, None, None]
+        new = fm.LowRank(
+            torch.where(keep, new.U, U), torch.where(finite[:, None], new.S, S), torch.where(keep, new.V, V)
+        )
 
         lr = group["lr"]
-        decay = 1.0 - lr * group["weight_decay"]
         scale = fm.step_scaling(direction.S, group["eps"], group["max_value"], group["use_ones_for_nonzero_s"])
-        left = direction.U * scale
-        complement = None
-        if self._consumes_whole_gradient(group):
-            complement = (new.U, new.V) if group["use_current_projection"] else (U, V)
-        before = self._diagnostics_before(p, direction, scale, lr, group)
-        generator = self._rounding_generator(p, group)
-        if generator is None:
-            if decay != 1.0:
-                p.mul_(decay)
-            p.addmm_(left.to(p.dtype), direction.V.T.to(p.dtype), alpha=-lr * group["eta1"])
-            if complement is not None:
-                self._complement_step(p, p.grad, *complement, -lr * group["eta2"])
-        else:
-            self._matrix_update_fp32(p, group, decay, left, direction.V, complement, generator)
-        self._diagnostics_after(p, before)
+        scale = scale * finite[:, None]
+        left = direction.U * scale.unsqueeze(-2)
+        for i, p in enumerate(params):
+            complement = None
+            if self._consumes_whole_gradient(group):
+                complement = (new.U[i], new.V[i]) if group["use_current_projection"] else (U[i], V[i])
+                p.grad = torch.where(finite[i], p.grad, 0)
+            one = fm.LowRank(direction.U[i], direction.S[i], direction.V[i])
+            before = self._diagnostics_before(p, one, scale[i], lr, group)
+            generator = self._rounding_generator(p, group)
+            decay = self._masked_decay(group, finite[i], p.dtype if generator is None else torch.float32)
+            if generator is None:
+                if decay is not None:
+                    p.mul_(decay)
+                p.addmm_(left[i].to(p.dtype), one.V.T.to(p.dtype), alpha=-lr * group["eta1"])
+                if complement is not None:
+                    self._complement_step(p, p.grad, *complement, -lr * group["eta2"])
+            else:
+                self._matrix_update_fp32(p, group, decay, left[i], one.V, complement, generator)
+            self._diagnostics_after(p, before)
+            state = states[i]
+            state["U"], state["S"], state["V"] = new.U[i], new.S[i], new.V[i]
+            state["step"] += 1
 
-        state["U"], state["S"], state["V"] = new.U, new.S, new.V
-        state["step"] += 1
+    @staticmethod
+    def _masked_decay(group: dict[str, Any], finite: torch.Tensor, dtype: torch.dtype) -> torch.Tensor | None:
+        """The weight-decay factor 1 - lr wd as a device scalar in `dtype` (1 for a skipped matrix), or None."""
+        if group["weight_decay"] == 0:
+            return None
+        decay = torch.full((), 1.0 - group["lr"] * group["weight_decay"], dtype=dtype, device=finite.device)
+        return torch.where(finite, decay, torch.ones_like(decay))
+
+    def _count_nonfinite(self, finite: torch.Tensor) -> None:
+        """Add the matrices skipped for non-finite gradients to a device counter (read without an extra sync)."""
+        skipped = (~finite).sum()
+        self._nonfinite = skipped if self._nonfinite is None else self._nonfinite + skipped.to(self._nonfinite.device)
+        self._nonfinite_total += finite.numel()
+        if finite.device.type == "cpu":
+            self._report_nonfinite()
+
+    def _report_nonfinite(self, skipped: float | None = None) -> None:
+        """Log how many matrix updates were skipped for non-finite gradients since the last report."""
+        if self._nonfinite is None:
+            return
+        count = int(self._nonfinite if skipped is None else skipped)
+        if count:
+            logger.warning(
+                "MoFaSGD skipped the update of %d of %d matrices whose gradient was not finite (factors and weights "
+                "kept; check the loss scale, learning rate or data).",
+                count,
+                self._nonfinite_total,
+            )
+        self._nonfinite, self._nonfinite_total = None, 0
 
     def _matrix_update_fp32(
         self,
         p: torch.Tensor,
         group: dict[str, Any],
-        decay: float,
+        decay: torch.Tensor | None,
         left: torch.Tensor,
         right: torch.Tensor,
         complement: tuple[torch.Tensor, torch.Tensor] | None,
@@ -594,7 +653,7 @@ class MoFaSGD(torch.optim.Optimizer):
             residual = gv - basis_u @ (basis_u.T @ gv)
 
         def compute(buffer: torch.Tensor, start: int, stop: int, noise: torch.Tensor | None) -> None:
-            if decay != 1.0:
+            if decay is not None:
                 buffer.mul_(decay)
             buffer.addmm_(left[start:stop], right_t, alpha=-lr * group["eta1"])
             if complement is not None:
