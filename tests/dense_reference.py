@@ -1,4 +1,4 @@
-"""A dense float64 MoFaSGD written straight from DESIGN §3 (m x n matrices everywhere), for testing only."""
+"""A dense float64 MoFaSGD written straight from docs/algorithm.md §2 (m x n matrices everywhere), for tests only."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""MoFaSGD equals a dense float64 implementation of DESIGN §3, in fused and non-fused mode, for every option."""
+"""MoFaSGD equals a dense float64 implementation of docs/algorithm.md §2, fused and non-fused, for every option."""
 
 import pytest
 import torch
