@@ -9,6 +9,7 @@ This module is imported at every interpreter start, so it imports only the stand
 
 from __future__ import annotations
 
+import importlib
 import importlib.abc
 import importlib.machinery
 import os
@@ -17,14 +18,20 @@ from types import ModuleType
 
 DISABLE_ENV = "LLAMAFACTORY_MFSGD"
 
-# module -> name of the function in llamafactory_mfsgd.patches applied right after the module executes
+# The whole plan: llamafactory module -> the functions (`module.function` in llamafactory_mfsgd) applied to it,
+# in order, right after it executes. The Trainer patches and the upstream workarounds ride on trainer_utils,
+# which every LLaMA-Factory training run imports before it builds a trainer.
 TARGETS = {
-    "llamafactory.hparams.parser": "patch_parser",
-    "llamafactory.data.template": "patch_template",
-    "llamafactory.train.trainer_utils": "patch_trainer_utils",
-    "llamafactory.train.tuner": "patch_tuner",
+    "llamafactory.hparams.parser": ("patches.patch_parser",),
+    "llamafactory.data.template": ("patches.patch_template",),
+    "llamafactory.train.trainer_utils": (
+        "patches.patch_trainer_utils",
+        "hf_trainer.patch_trainer",
+        "compat.apply_workarounds",
+    ),
+    "llamafactory.train.tuner": ("patches.patch_tuner",),
 }
-DISABLED_TARGETS = {"llamafactory.hparams.parser": "guard_parser"}
+DISABLED_TARGETS = {"llamafactory.hparams.parser": ("patches.guard_parser",)}
 
 
 def is_enabled() -> bool:
@@ -33,20 +40,20 @@ def is_enabled() -> bool:
 
 
 class _PatchingLoader(importlib.abc.Loader):
-    """Runs the real loader, then the patch for that module."""
+    """Runs the real loader, then the patches for that module."""
 
-    def __init__(self, loader: importlib.abc.Loader, patch_name: str) -> None:
+    def __init__(self, loader: importlib.abc.Loader, patches: tuple[str, ...]) -> None:
         self._loader = loader
-        self._patch_name = patch_name
+        self._patches = patches
 
     def create_module(self, spec: importlib.machinery.ModuleSpec) -> ModuleType | None:
         return self._loader.create_module(spec)
 
     def exec_module(self, module: ModuleType) -> None:
         self._loader.exec_module(module)
-        from llamafactory_mfsgd import patches
-
-        getattr(patches, self._patch_name)(module)
+        for name in self._patches:
+            owner, function = name.rsplit(".", 1)
+            getattr(importlib.import_module(f"llamafactory_mfsgd.{owner}"), function)(module)
         module.__mfsgd_patched__ = True
 
     def __getattr__(self, name: str):
@@ -56,7 +63,7 @@ class _PatchingLoader(importlib.abc.Loader):
 class _PatchingFinder(importlib.abc.MetaPathFinder):
     """Finds target modules with the other finders and wraps their loader."""
 
-    def __init__(self, targets: dict[str, str]) -> None:
+    def __init__(self, targets: dict[str, tuple[str, ...]]) -> None:
         self.targets = targets
 
     def find_spec(self, fullname, path, target=None):

@@ -1,9 +1,21 @@
-"""The LLaMA-Factory internals this extension relies on, checked loudly when a module is patched."""
+"""Compatibility with the upstream versions we run on: checks of the internals we patch, and workarounds.
+
+Checks: :func:`check_llamafactory_version` and :func:`require` fail loudly when LLaMA-Factory (or transformers)
+moved an internal the extension patches.
+
+Workarounds for upstream behaviour unrelated to MoFaSGD, applied by :func:`apply_workarounds` when
+LLaMA-Factory's ``train.trainer_utils`` loads (see :data:`llamafactory_mfsgd.activation.TARGETS`); drop each
+one once the versions it is for are no longer supported:
+
+- ``torch.load(map_location="cpu:N")`` (transformers 5.6 resuming a multi-process CPU run, torch 2.14):
+  :func:`_accept_indexed_cpu_map_location`.
+"""
 
 from __future__ import annotations
 
 from importlib.metadata import version
 from types import ModuleType
+from typing import Any
 
 SUPPORTED_LLAMAFACTORY = ("0.9.5",)
 
@@ -29,3 +41,23 @@ def require(module: ModuleType | type, *names: str) -> None:
             f"{owner} has no {missing}: this llamafactory/transformers version changed the internals that "
             f"llama-factory-mfsgd extends (supported llamafactory: {', '.join(SUPPORTED_LLAMAFACTORY)})."
         )
+
+
+def apply_workarounds(trainer_utils: ModuleType) -> None:
+    """Apply every workaround listed in the module docstring (called when `trainer_utils` loads)."""
+    _accept_indexed_cpu_map_location()
+
+
+def _restore_on_indexed_cpu(storage: Any, location: str) -> Any:
+    return storage if location.startswith("cpu:") else None
+
+
+def _accept_indexed_cpu_map_location() -> None:
+    """Let torch.load map to `cpu:N`, which HF Trainer passes when resuming a multi-process CPU (gloo) run.
+
+    transformers 5.6 loads the optimizer with ``map_location=args.device`` (``cpu:0`` on CPU workers) and torch
+    2.14 only knows the location ``cpu``; without this, any optimizer's CPU DDP resume fails.
+    """
+    import torch.serialization
+
+    torch.serialization.register_package(99, lambda obj: None, _restore_on_indexed_cpu)

@@ -1,0 +1,212 @@
+"""What the extension changes in transformers' ``Trainer``, the base class of every LLaMA-Factory trainer.
+
+These are process-wide class patches (LLaMA-Factory subclasses ``Trainer``; it does not wrap it), applied when
+LLaMA-Factory's ``train.trainer_utils`` loads (see :data:`llamafactory_mfsgd.activation.TARGETS`) and once only:
+
+- gradient norm and clipping: HF computes them from ``model.parameters()``, where the MoFaSGD matrices hold no
+  gradient in fused mode; an optimizer with ``grad_norm`` / ``clip_grad_norm_`` answers for its own matrices;
+- ``log``: adds MoFaSGD's update diagnostics (``mfsgd/…``, :mod:`llamafactory_mfsgd.diagnostics`);
+- resuming: a clear error when the checkpoint's optimizer is not this run's (``use_mfsgd`` switched, routing
+  changed), a warning when the checkpoint has no optimizer state.
+"""
+
+from __future__ import annotations
+
+import os
+from types import ModuleType
+from typing import Any
+
+from .compat import require
+from .diagnostics import add_diagnostics
+
+
+def patch_trainer(trainer_utils: ModuleType) -> None:
+    """Patch the ``Trainer`` that LLaMA-Factory's ``trainer_utils`` module imports (transformers' own class)."""
+    require(trainer_utils, "Trainer")
+    _patch_grad_norm(trainer_utils.Trainer)
+    _patch_log(trainer_utils.Trainer)
+    _patch_resume(trainer_utils.Trainer)
+
+
+def _unwrapped_optimizer(trainer: Any) -> Any:
+    optimizer = trainer.optimizer
+    while hasattr(optimizer, "optimizer") and not hasattr(optimizer, "grad_norm"):
+        optimizer = optimizer.optimizer
+    return optimizer
+
+
+def _patch_grad_norm(trainer_class: type) -> None:
+    """HF Trainer clips and logs via clip_grad_norm_(model.parameters()); MoFaSGD answers for its own matrices."""
+    from accelerate import Accelerator
+
+    require(trainer_class, "_clip_grad_norm", "_get_grad_norm")
+    require(Accelerator, "unscale_gradients")
+    if getattr(trainer_class, "__mfsgd_patched__", False):
+        return
+    original_clip, original_norm = trainer_class._clip_grad_norm, trainer_class._get_grad_norm
+
+    def _clip_grad_norm(self, model):
+        optimizer = _unwrapped_optimizer(self)
+        if hasattr(optimizer, "clip_grad_norm_") and hasattr(optimizer, "grad_norm"):
+            # like accelerate's clip_grad_norm_: divide fp16-scaled gradients by the loss scale first (once per
+            # step; the scaler's step then does not unscale again). A no-op without a loss scaler.
+            self.accelerator.unscale_gradients()
+            return optimizer.clip_grad_norm_(self.args.max_grad_norm)
+        return original_clip(self, model)
+
+    def _get_grad_norm(self, model, grad_norm=None):
+        optimizer = _unwrapped_optimizer(self)
+        if grad_norm is None and hasattr(optimizer, "grad_norm"):
+            self.accelerator.unscale_gradients()  # no clipping this step: unscale here, as HF's norm-only path does
+            return optimizer.grad_norm()
+        return original_norm(self, model, grad_norm=grad_norm)
+
+    trainer_class._clip_grad_norm = _clip_grad_norm
+    trainer_class._get_grad_norm = _get_grad_norm
+    trainer_class.__mfsgd_patched__ = True
+
+
+def _patch_log(trainer_class: type) -> None:
+    """Trainer.log adds MoFaSGD's diagnostics (collected on logging steps) to every training log entry."""
+    require(trainer_class, "log")
+    if getattr(trainer_class.log, "__mfsgd_patched__", False):
+        return
+    original_log = trainer_class.log
+
+    def log(self, logs, *args, **kwargs):
+        add_diagnostics(getattr(self, "optimizer", None), logs)
+        return original_log(self, logs, *args, **kwargs)
+
+    log.__doc__ = original_log.__doc__
+    log.__mfsgd_patched__ = True
+    trainer_class.log = log
+
+
+def _plural(count: int, noun: str, plural: str | None = None) -> str:
+    return f"{count} {noun if count == 1 else plural or noun + 's'}"
+
+
+def _routing_summary(groups: list[dict[str, Any]]) -> str:
+    """`2 matrices on MoFaSGD (rank 8) and 17 tensors on AdamW` for a MoFaSGD optimizer's param groups."""
+    managed = sum(len(g.get("params", [])) for g in groups if g.get("mofasgd"))
+    others = sum(len(g.get("params", [])) for g in groups if not g.get("mofasgd"))
+    ranks = sorted({g.get("rank") for g in groups if g.get("mofasgd") and g.get("rank") is not None})
+    rank = f" (rank {', '.join(map(str, ranks))})" if ranks else ""
+    return f"{_plural(managed, 'matrix', 'matrices')} on MoFaSGD{rank} and {_plural(others, 'tensor')} on AdamW"
+
+
+def resume_mismatch(
+    saved_groups: list[dict[str, Any]],
+    running_groups: list[dict[str, Any]],
+    checkpoint: str,
+    running_name: str = "the optimizer",
+    mfsgd_target: str | None = None,
+) -> str | None:
+    """Why a checkpoint's optimizer state cannot resume into this run's optimizer (use_mfsgd / routing), or None.
+
+    A MoFaSGD state carries the key ``mofasgd`` in every param group; other optimizers' states do not.
+    """
+    saved_mofasgd = any("mofasgd" in g for g in saved_groups)
+    running_mofasgd = any("mofasgd" in g for g in running_groups)
+    fresh = (
+        f"To change the optimizer, start a new run from the checkpoint's weights instead of resuming it "
+        f"(`model_name_or_path: {checkpoint}` without `resume_from_checkpoint`); its optimizer state starts fresh."
+    )
+    if saved_mofasgd and not running_mofasgd:
+        return (
+            f"`resume_from_checkpoint: {checkpoint}` holds a MoFaSGD optimizer state "
+            f"({_routing_summary(saved_groups)}), but this run has `use_mfsgd: false` and trains with {running_name}. "
+            f"To resume it, set `use_mfsgd: true` with the checkpoint's `mfsgd_rank` and `mfsgd_target`. {fresh}"
+        )
+    if running_mofasgd and not saved_mofasgd:
+        tensors = sum(len(g.get("params", [])) for g in saved_groups)
+        return (
+            f"This run has `use_mfsgd: true`, but the optimizer state in `resume_from_checkpoint: {checkpoint}` "
+            f"({_plural(len(saved_groups), 'param group')}, {_plural(tensors, 'tensor')}) was saved by another "
+            f"optimizer, not by MoFaSGD (`use_mfsgd: false` when it was saved). Resume it with the settings that "
+            f"saved it (`use_mfsgd: false`). {fresh}"
+        )
+    if not (saved_mofasgd and running_mofasgd):
+        return None
+
+    def layout(groups):
+        return [(bool(g.get("mofasgd")), len(g.get("params", []))) for g in groups]
+
+    if layout(saved_groups) == layout(running_groups):
+        return None
+    target = f" (this run: `mfsgd_target: {mfsgd_target}`)" if mfsgd_target is not None else ""
+    return (
+        f"The MoFaSGD optimizer state in `resume_from_checkpoint: {checkpoint}` routes "
+        f"{_routing_summary(saved_groups)}, but this run routes {_routing_summary(running_groups)}: the routing "
+        f"changed since the checkpoint was saved: `mfsgd_target`{target}, or which parameters are trainable. "
+        f"Resume with the checkpoint's `mfsgd_target`. {fresh}"
+    )
+
+
+def _saved_param_groups(path: str) -> list[dict[str, Any]] | None:
+    """The param groups of a saved optimizer state, read without loading its tensors (memory-mapped)."""
+    import pickle
+
+    import torch
+
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)["param_groups"]
+    except (OSError, RuntimeError, KeyError, TypeError, pickle.UnpicklingError):
+        return None  # not a readable optimizer state: HF's own loading reports it
+
+
+def _warn_fresh_optimizer(trainer: Any, checkpoint: str) -> None:
+    from llamafactory.extras.logging import get_logger
+
+    optimizer = _unwrapped_optimizer(trainer)
+    if any("mofasgd" in g for g in getattr(optimizer, "param_groups", [])):
+        state = "MoFaSGD's momentum factors (U, S, V) and the AdamW moments"
+    else:
+        state = f"the optimizer's state ({type(optimizer).__name__})"
+    get_logger("llamafactory.mfsgd").warning_rank0(
+        f"Resuming from {checkpoint}, which holds no optimizer state (no optimizer.pt / scheduler.pt: saved with "
+        f"`save_only_model: true`?). The weights and the step count resume, but {state} start from scratch and "
+        "the learning-rate schedule restarts at its first step (warm-up included)."
+    )
+
+
+def _patch_resume(trainer_class: type) -> None:
+    """Resume checks: a clear error when the checkpoint's optimizer is not this run's, a warning when it has none."""
+    import transformers.trainer as hf_trainer
+
+    require(trainer_class, "_load_optimizer_and_scheduler")
+    require(hf_trainer, "OPTIMIZER_NAME", "OPTIMIZER_NAME_BIN", "SCHEDULER_NAME")
+    if getattr(trainer_class, "__mfsgd_resume_patched__", False):
+        return
+    original = trainer_class._load_optimizer_and_scheduler
+
+    def _load_optimizer_and_scheduler(self, checkpoint):
+        engines = getattr(self, "is_deepspeed_enabled", False) or getattr(self, "is_fsdp_enabled", False)
+        if checkpoint is None or engines:
+            return original(self, checkpoint)
+        optimizer_file = os.path.join(checkpoint, hf_trainer.OPTIMIZER_NAME)
+        has_optimizer = (
+            os.path.isfile(optimizer_file)
+            or os.path.isfile(os.path.join(checkpoint, hf_trainer.OPTIMIZER_NAME_BIN))
+            or any(
+                hf_trainer.OPTIMIZER_NAME_BIN.split(".")[0] in name and os.path.isdir(os.path.join(checkpoint, name))
+                for name in os.listdir(checkpoint)
+            )
+        )
+        if not (has_optimizer and os.path.isfile(os.path.join(checkpoint, hf_trainer.SCHEDULER_NAME))):
+            _warn_fresh_optimizer(self, checkpoint)  # HF then loads neither, silently
+        elif os.path.isfile(optimizer_file) and (saved := _saved_param_groups(optimizer_file)) is not None:
+            message = resume_mismatch(
+                saved,
+                self.optimizer.param_groups,
+                checkpoint,
+                running_name=type(_unwrapped_optimizer(self)).__name__,
+                mfsgd_target=getattr(getattr(self, "finetuning_args", None), "mfsgd_target", None),
+            )
+            if message:
+                raise ValueError(message)
+        return original(self, checkpoint)
+
+    _load_optimizer_and_scheduler.__doc__ = original.__doc__
+    trainer_class._load_optimizer_and_scheduler = _load_optimizer_and_scheduler
+    trainer_class.__mfsgd_resume_patched__ = True
