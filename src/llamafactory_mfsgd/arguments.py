@@ -20,7 +20,7 @@ from typing import Any, Literal
 from .baselines import BaselineArguments, validate_baseline_values
 from .config_values import describe, is_set, parse_scalar
 
-MFSGD_INITS = ("weight", "gradient")
+MFSGD_INITS = ("weight", "weight_randomized", "gradient")
 
 
 @dataclass
@@ -63,9 +63,12 @@ class MfsgdArguments:
         default=False, metadata={"help": "Use the new factors (not the previous ones) for the eta2 complement."}
     )
     mfsgd_nesterov: bool = field(default=False, metadata={"help": "Nesterov look-ahead step SVD_r(beta M + G_hat)."})
-    mfsgd_init: Literal["weight", "gradient"] = field(
+    mfsgd_init: Literal["weight", "weight_randomized", "gradient"] = field(
         default="weight",
-        metadata={"help": "Factor initialisation: `weight` (top-r SVD of W, the authors') or `gradient` (first one)."},
+        metadata={
+            "help": "Factor initialisation: `weight` (exact top-r SVD of W, the authors'), `weight_randomized` "
+            "(randomized top-r SVD of W: a fast start) or `gradient` (subspaces of the first gradient)."
+        },
     )
     mfsgd_fused: bool = field(
         default=True,

@@ -131,13 +131,14 @@ def top_singular_triplets(matrix: torch.Tensor, rank: int) -> LowRank:
     return LowRank(u[:, :rank].contiguous(), s[:rank].clone(), vh[:rank].T.contiguous())
 
 
-def randomized_subspaces(
+def randomized_top_singular_triplets(
     matrix: torch.Tensor, rank: int, dtype: torch.dtype, oversample: int = 8, power_iters: int = 2, seed: int = 0
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Orthonormal bases (m x rank, n x rank) of the dominant left/right singular subspaces of `matrix`.
+) -> LowRank:
+    """Approximate top-`rank` SVD of `matrix` in `dtype`: orthonormal U (m x rank), V (n x rank) and S.
 
-    Randomized range finder with power iterations (Halko, Martinsson & Tropp 2011); temporaries are
-    O((m + n)(rank + oversample)). Its own generator keeps the global RNG stream untouched.
+    Randomized range finder with power iterations (Halko, Martinsson & Tropp 2011); costs a few products with
+    `matrix` and temporaries of O((m + n)(rank + oversample)), instead of the economy SVD's O(m n min(m, n)).
+    Its own generator keeps the global RNG stream untouched; the same matrix and seed give the same result.
     """
     m, n = matrix.shape
     width = min(rank + oversample, m, n)
@@ -148,5 +149,5 @@ def randomized_subspaces(
         co_basis = torch.linalg.qr((matrix.T @ basis.to(matrix.dtype)).to(dtype))[0]
         basis = torch.linalg.qr((matrix @ co_basis.to(matrix.dtype)).to(dtype))[0]
     small = (matrix.T @ basis.to(matrix.dtype)).to(dtype).T
-    u_small, _, vh = torch.linalg.svd(small, full_matrices=False)
-    return (basis @ u_small[:, :rank]).contiguous(), vh[:rank].T.contiguous()
+    u_small, s, vh = torch.linalg.svd(small, full_matrices=False)
+    return LowRank((basis @ u_small[:, :rank]).contiguous(), s[:rank].clone(), vh[:rank].T.contiguous())

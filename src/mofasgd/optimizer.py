@@ -18,7 +18,9 @@ from mofasgd.rounding import GeneratorBank, supports_stochastic_rounding, update
 
 logger = logging.getLogger("mofasgd")
 
-_INITS = ("weight", "gradient")
+# weight: exact top-r SVD of W (the authors'); weight_randomized: randomized top-r SVD of W (fast start);
+# gradient: randomized subspaces of the first gradient, S = 0.
+_INITS = ("weight", "weight_randomized", "gradient")
 _GROUP_KEYS_NOT_HYPERPARAMS = {"params", "name", "param_names", "initial_lr"}
 _PENDING = ("GV", "GtU")
 _FACTOR_KEYS = ("U", "S", "V", *_PENDING)
@@ -356,12 +358,14 @@ class MoFaSGD(torch.optim.Optimizer):
             return state
         dtype = fm.factor_dtype(p.dtype)
         rank = fm.effective_rank(group["rank"], p.shape)
+        seed = p.shape[0] * 7919 + p.shape[1]  # the same on every data-parallel rank
         if group["init"] == "weight":
-            factors = fm.top_singular_triplets(p.detach().to(dtype), rank)
-            U, S, V = factors.U, factors.S, factors.V
+            U, S, V = fm.top_singular_triplets(p.detach().to(dtype), rank)
+        elif group["init"] == "weight_randomized":
+            U, S, V = fm.randomized_top_singular_triplets(p.detach(), rank, dtype, seed=seed)
         else:
             source = grad if grad is not None else p.grad
-            U, V = fm.randomized_subspaces(source.detach(), rank, dtype, seed=p.shape[0] * 7919 + p.shape[1])
+            U, _, V = fm.randomized_top_singular_triplets(source.detach(), rank, dtype, seed=seed)
             S = torch.zeros(rank, dtype=dtype, device=p.device)
         state["U"], state["S"], state["V"] = U, S, V
         state["step"] = torch.tensor(0.0, dtype=torch.float32)
