@@ -3,7 +3,7 @@ SHELL := /bin/bash
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: install test test-fast lint format demo bench bench-methods bench-fidelity bench-quality bench-sft-quality bench-accounting bench-ddp bench-bf16 nanogpt-cpu nanogpt-compare nanogpt-seeds clean
+.PHONY: install test test-fast lint format demo bench bench-methods bench-fidelity bench-quality bench-sft-quality bench-accounting bench-ddp bench-bf16 bench-init gpu-check nanogpt-cpu nanogpt-compare nanogpt-seeds clean
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -49,6 +49,12 @@ bench-accounting: $(PY)
 
 bench-bf16: $(PY)
 	$(PY) scripts/bench/bf16_updates.py --results-dir results
+
+bench-init: $(PY)
+	$(PY) scripts/bench/init_svd.py --results-dir results
+
+gpu-check: $(PY)
+	$(PY) scripts/gpu_check.py --results-dir results
 
 bench-ddp: $(PY)
 	$(PY) scripts/bench/ddp_communication.py | tee results/ddp_communication.md

@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import os
 import platform
-import resource
 import shutil
 import statistics
 import subprocess
@@ -188,14 +187,18 @@ def _timer_callback(path: Path) -> Any:
     import torch
     from transformers import TrainerCallback
 
+    from memory_profiling import peak_rss_bytes
+
     class StepTimer(TrainerCallback):
-        """Step windows from `on_step_begin` (first micro-batch) to `on_step_end` (after zero_grad)."""
+        """Step windows from `on_step_begin` (first micro-batch) to `on_step_end` (after zero_grad), and the
+        optimizer's share (clipping excluded: `on_pre_optimizer_step` to `on_optimizer_step`)."""
 
         def __init__(self) -> None:
             self.record: dict[str, Any] = {"steps": [], "cuda": torch.cuda.is_available()}
-            self._begin = 0
+            self._begin = self._optimizer_begin = self._optimizer_us = 0
 
         def on_train_begin(self, args, state, control, model=None, **kwargs):
+            self.record["train_begin_us"] = time.time_ns() // 1000
             params = list(model.parameters()) if model is not None else []
             self.record["trainable_params"] = sum(p.numel() for p in params if p.requires_grad)
             self.record["total_params"] = sum(p.numel() for p in params)
@@ -206,8 +209,18 @@ def _timer_callback(path: Path) -> Any:
                 torch.cuda.reset_peak_memory_stats()
             self._begin = time.time_ns() // 1000
 
+        def on_pre_optimizer_step(self, args, state, control, **kwargs):
+            if self.record["cuda"]:
+                torch.cuda.synchronize()
+            self._optimizer_begin = time.time_ns() // 1000
+
+        def on_optimizer_step(self, args, state, control, **kwargs):
+            if self.record["cuda"]:
+                torch.cuda.synchronize()
+            self._optimizer_us = time.time_ns() // 1000 - self._optimizer_begin
+
         def on_step_end(self, args, state, control, **kwargs):
-            step = {"step": state.global_step, "begin_us": self._begin}
+            step = {"step": state.global_step, "begin_us": self._begin, "optimizer_us": self._optimizer_us}
             if self.record["cuda"]:
                 torch.cuda.synchronize()
                 step["cuda_peak_allocated_bytes"] = torch.cuda.max_memory_allocated()
@@ -215,7 +228,7 @@ def _timer_callback(path: Path) -> Any:
             self.record["steps"].append(step)
 
         def on_train_end(self, args, state, control, **kwargs):
-            self.record["max_rss_kib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # Linux: KiB
+            self.record["max_rss_kib"] = peak_rss_bytes() // 1024
             path.write_text(json.dumps(self.record, indent=1) + "\n")
 
     return StepTimer()

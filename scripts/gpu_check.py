@@ -1,0 +1,165 @@
+"""GPU acceptance run: a ~1B LLaMA-shaped model trained a few steps in pure bf16 by every method, with memory
+snapshots, compared in one table (`make gpu-check` -> results/gpu_check.md).
+
+On a CUDA machine: builds the model locally (random weights stored in bf16, no hub), then for AdamW, LoRA,
+GaLore, fused GaLore and MoFaSGD runs LLaMA-Factory's real training path (``lf_bench.run_training``: a fresh
+interpreter, the extension active) with ``pure_bf16: true`` and ``profile_memory_from_start: true``, and
+reports peak memory by category (from each run's memory_summary.json), median step time, the optimizer
+step's share of it and the time from launch to the end of the first step. Snapshot PNGs are copied next to
+the table. On a machine without CUDA it says so in one line and exits 0.
+
+    python scripts/gpu_check.py [--steps 6] [--out outputs/gpu_check] [--results-dir results]
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent / "bench"))
+
+from lf_bench import (  # noqa: E402
+    MODEL_SIZES,
+    REPO,
+    ensure_model,
+    machine_description,
+    method_config,
+    run_training,
+)
+
+METHODS = ("adamw", "lora", "galore", "galore_fused", "mofasgd")
+MODEL = "llama-1b-bf16"
+# ~0.9 B parameters: LLaMA-3.2-1B-like width and depth (hidden 2048, 16 layers, GQA 32/8 heads, MLP 8192)
+MODEL_SIZES[MODEL] = {
+    "path": "models/llama-1b-bf16",
+    "flags": [
+        "--hidden",
+        "2048",
+        "--layers",
+        "16",
+        "--intermediate",
+        "8192",
+        "--heads",
+        "32",
+        "--kv-heads",
+        "8",
+        "--vocab",
+        "4096",
+        "--dtype",
+        "bfloat16",
+    ],
+}
+GROUPS = ("parameters", "gradients", "optimizer_state", "activations_and_other")
+
+
+def run_config(method: str, model_dir: Path, out: Path, steps: int, rank: int) -> dict[str, Any]:
+    """The method's tiny YAML pointed at the 1B model: pure bf16, memory snapshot after step 3, no eval/saves."""
+    return method_config(
+        method,
+        model_dir,
+        out / method,
+        rank,
+        pure_bf16=True,
+        bf16=False,
+        max_steps=steps,
+        per_device_train_batch_size=1,
+        gradient_accumulation_steps=1,
+        cutoff_len=1024,
+        logging_steps=1,
+        eval_strategy="no",
+        learning_rate=1e-5,
+        **({"learning_rate_mfsgd": 1e-5, "learning_rate_adamw": 1e-5} if method == "mofasgd" else {}),
+        profile_memory_from_start=True,
+        profile_memory_stop_step=3,
+    )
+
+
+def summarize(method: str, launched_us: int, timing: dict[str, Any], memory: dict[str, Any] | None) -> dict:
+    """One table row from a run's step timings and memory summary."""
+    steps = timing["steps"]
+    later = steps[1:] or steps
+    step_s = statistics.median((s["end_us"] - s["begin_us"]) / 1e6 for s in later)
+    optimizer_s = statistics.median(s.get("optimizer_us", 0) / 1e6 for s in later)
+    peak = (memory or {}).get("peak") or {}
+    return {
+        "method": method,
+        "peak_bytes": peak.get("total_bytes"),
+        "breakdown": peak.get("breakdown") or {},
+        "step_s": step_s,
+        "optimizer_share": optimizer_s / step_s if step_s else None,
+        "first_step_s": (steps[0]["end_us"] - launched_us) / 1e6 if steps else None,
+        "trainable_params": timing.get("trainable_params"),
+    }
+
+
+def _gib(value: int | None) -> str:
+    return "n/a" if value is None else f"{value / 2**30:.2f}"
+
+
+def render_markdown(rows: list[dict[str, Any]], machine: dict[str, Any], steps: int) -> str:
+    lines = [
+        "# GPU acceptance run",
+        "",
+        f"{MODEL} (random weights, bf16), pure bf16, batch 1 x 1024 tokens, {steps} steps per method; memory "
+        f"from the CUDA snapshot after step 3. Machine: {machine['device']}, torch {machine['torch']}. "
+        "Command: `make gpu-check`.",
+        "",
+        "| method | peak GiB | parameters | gradients | optimizer state | activations+other | step s | "
+        "optimizer share | launch to first step s |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for row in rows:
+        b = row["breakdown"]
+        share = "n/a" if row["optimizer_share"] is None else f"{100 * row['optimizer_share']:.1f} %"
+        lines.append(
+            f"| {row['method']} | {_gib(row['peak_bytes'])} | "
+            + " | ".join(_gib(b.get(g)) for g in GROUPS)
+            + f" | {row['step_s']:.3f} | {share} | {row['first_step_s']:.0f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--rank", type=int, default=8)
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    parser.add_argument("--out", default=str(REPO / "outputs" / "gpu_check"))
+    parser.add_argument("--results-dir", default=None)
+    args = parser.parse_args(argv)
+    import torch
+
+    if not torch.cuda.is_available():
+        print("gpu-check: no CUDA device on this machine, nothing run (it needs a GPU).")
+        return 0
+    model_dir = ensure_model(MODEL)
+    out = Path(args.out)
+    rows = []
+    for method in args.methods:
+        config = run_config(method, model_dir, out, args.steps, args.rank)
+        launched = time.time_ns() // 1000
+        run = run_training(config)
+        rows.append(summarize(method, launched, run.timing, run.memory_summary))
+        print(rows[-1], flush=True)
+    text = render_markdown(rows, machine_description(), args.steps)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "gpu_check.md").write_text(text)
+    print(text)
+    if args.results_dir:
+        target = Path(args.results_dir)
+        target.mkdir(parents=True, exist_ok=True)
+        shutil.copy(out / "gpu_check.md", target / "gpu_check.md")
+        for method in args.methods:
+            png = out / method / "memory_timeline.png"
+            if png.exists():
+                shutil.copy(png, target / f"gpu_check_{method}_memory.png")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

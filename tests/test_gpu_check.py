@@ -1,0 +1,49 @@
+"""What of `make gpu-check` runs without a GPU: the refusal line, the per-method configs and the report."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "scripts"))
+
+import gpu_check  # noqa: E402
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU-only behaviour")
+def test_without_cuda_it_says_so_in_one_line_and_exits_0():
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "gpu_check.py")], capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0
+    lines = proc.stdout.strip().splitlines()
+    assert lines == ["gpu-check: no CUDA device on this machine, nothing run (it needs a GPU)."]
+
+
+@pytest.mark.parametrize("method", gpu_check.METHODS)
+def test_every_method_runs_pure_bf16_with_the_memory_snapshot(method, tmp_path):
+    config = gpu_check.run_config(method, tmp_path / "model", tmp_path, steps=6, rank=8)
+    assert config["pure_bf16"] is True and config["profile_memory_from_start"] is True
+    assert config["profile_memory_stop_step"] == 3 and config["max_steps"] == 6
+    assert config["output_dir"] == str(tmp_path / method)
+    assert config.get("use_mfsgd", False) == (method == "mofasgd")
+    assert config.get("galore_fused", False) == (method == "galore_fused")
+
+
+def test_report_rows_from_timings_and_memory_summary():
+    timing = {
+        "steps": [
+            {"begin_us": 1_000_000, "end_us": 3_000_000, "optimizer_us": 500_000},
+            {"begin_us": 3_000_000, "end_us": 4_000_000, "optimizer_us": 100_000},
+            {"begin_us": 4_000_000, "end_us": 5_000_000, "optimizer_us": 100_000},
+        ]
+    }
+    memory = {"peak": {"total_bytes": 3 * 2**30, "breakdown": {"parameters": 2**30, "gradients": 2**29}}}
+    row = gpu_check.summarize("mofasgd", 0, timing, memory)
+    assert row["step_s"] == pytest.approx(1.0) and row["optimizer_share"] == pytest.approx(0.1)
+    assert row["first_step_s"] == pytest.approx(3.0)
+    text = gpu_check.render_markdown([row], {"device": "GPU", "torch": "x"}, 6)
+    assert "| mofasgd | 3.00 | 1.00 | 0.50 | n/a | n/a | 1.000 | 10.0 % | 3 |" in text
