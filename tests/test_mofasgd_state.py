@@ -276,3 +276,35 @@ def test_hooks_use_the_param_groups_loaded_from_a_state_dict():
     u = opt.state[w]["U"][:, :1]
     direction = g[:, :1] / g[:, :1].norm()
     assert float((u.T @ direction).abs()) == pytest.approx(1.0, abs=1e-5)
+
+
+def test_embeddings_and_head_join_mofasgd_only_when_named_explicitly():
+    model = TinyNet()
+    assert [n for n, _ in split_for_mofasgd(model, "all,head").mofasgd] == [
+        "hidden.weight",
+        "out_proj.weight",
+        "head.weight",
+    ]
+    assert "embed.weight" in [n for n, _ in split_for_mofasgd(model, "all,embed,head").mofasgd]
+    for target in ("all", ".*", "ea", ["hidden", "out_proj"]):
+        names = [n for n, _ in split_for_mofasgd(model, target).mofasgd]
+        assert "head.weight" not in names and "embed.weight" not in names, target
+
+
+def test_mofasgd_on_embeddings_and_head_trains_and_frees_their_gradients():
+    torch.manual_seed(0)
+    model = TinyNet()
+    routing = split_for_mofasgd(model, "all,embed,head")
+    opt = MoFaSGD(
+        [{"params": [p for _, p in routing.mofasgd]}, {"params": [p for _, p in routing.adamw], "mofasgd": False}],
+        lr=1e-2,
+        rank=3,
+    )
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    losses = train(model, opt, 30)
+    assert losses[-1] < losses[0]
+    loss_of(model, *batch(99)).backward()
+    assert model.embed.weight.grad is None and model.head.weight.grad is None  # consumed by the hooks
+    assert "GV" in opt.state[model.embed.weight] and "GV" in opt.state[model.head.weight]
+    assert not torch.equal(model.embed.weight, before["embed.weight"])
+    assert not torch.equal(model.head.weight, before["head.weight"])

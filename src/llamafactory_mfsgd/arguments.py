@@ -76,7 +76,10 @@ class MfsgdArguments:
     )
     mfsgd_target: str = field(
         default="all",
-        metadata={"help": "Module names routed to MoFaSGD, comma-separated, or `all` (every 2-D hidden weight)."},
+        metadata={
+            "help": "Module names routed to MoFaSGD, comma-separated, or `all` (every 2-D hidden weight). The input "
+            "embeddings and LM head join only when named: `all,embed_tokens,lm_head` (LoRA-level memory)."
+        },
     )
     mfsgd_stochastic_rounding: bool | None = field(
         default=None,

@@ -1,4 +1,8 @@
-"""Which parameters MoFaSGD manages: trainable 2-D hidden weights; embeddings, LM head and the rest go to AdamW."""
+"""Which parameters MoFaSGD manages: trainable 2-D hidden weights; embeddings, LM head and the rest go to AdamW.
+
+The input embeddings and the LM head join MoFaSGD only when the target names their module explicitly
+(``"all,embed_tokens,lm_head"``): their gradients then live as projections too, the largest memory saving left.
+"""
 
 from __future__ import annotations
 
@@ -56,9 +60,11 @@ def split_for_mofasgd(model: nn.Module, target: str | list[str] = "all") -> Rout
         model: the model whose parameters are split; tied weights are seen once (by identity).
         target: ``"all"`` or module-name patterns (comma-separated string or list); a pattern matches when
             it equals a dotted component of the parameter's module path or is a regex that ``search``-es it,
-            like LLaMA-Factory's ``galore_target`` (e.g. ``"q_proj,v_proj"`` or ``["mlp"]``).
+            like LLaMA-Factory's ``galore_target`` (e.g. ``"q_proj,v_proj"`` or ``["mlp"]``). ``all`` may be
+            combined with other names. The input embeddings and LM head are included only when a pattern
+            equals their module name (e.g. ``"all,embed_tokens,lm_head"``), never through ``all`` or a regex.
     """
-    patterns = _parse_target(target)
+    match_all, patterns = _parse_target(target)
     excluded = _excluded_ids(model)
     routing = Routing()
     seen: set[int] = set()
@@ -67,20 +73,22 @@ def split_for_mofasgd(model: nn.Module, target: str | list[str] = "all") -> Rout
             continue
         seen.add(id(p))
         module_path = name.rsplit(".", 1)[0]
-        wanted = p.dim() == 2 and id(p) not in excluded and _matches(module_path, patterns)
+        if id(p) in excluded:
+            wanted = p.dim() == 2 and any(pattern in module_path.split(".") for pattern in patterns)
+        else:
+            wanted = p.dim() == 2 and (match_all or _matches(module_path, patterns))
         (routing.mofasgd if wanted else routing.adamw).append((name, p))
     return routing
 
 
-def _parse_target(target: str | list[str]) -> list[str] | None:
+def _parse_target(target: str | list[str]) -> tuple[bool, list[str]]:
+    """(whether `all` was given, the other patterns)."""
     items = [t.strip() for t in (target.split(",") if isinstance(target, str) else target) if t.strip()]
     if not items:
         raise ValueError("target must name at least one module pattern, or be 'all'")
-    return None if items == ["all"] else items
+    return "all" in items, [t for t in items if t != "all"]
 
 
-def _matches(module_path: str, patterns: list[str] | None) -> bool:
-    if patterns is None:
-        return True
+def _matches(module_path: str, patterns: list[str]) -> bool:
     parts = module_path.split(".")
     return any(p in parts or re.search(p, module_path) for p in patterns)
