@@ -10,8 +10,8 @@ import pytest
 import torch
 from transformers import TrainerControl, TrainerState
 
-from llamafactory_mfsgd import memory_report
 from llamafactory_mfsgd.memory_snapshot import MemorySnapshotSession
+from memory_profiling import report as memory_report
 
 MARKER_NUMEL = 2**21  # an 8 MiB float32 tensor: far above everything the tiny model allocates
 MARKER_BYTES = MARKER_NUMEL * 4
@@ -164,7 +164,7 @@ def test_png_failure_only_warns(tmp_path, monkeypatch, caplog):
 
     monkeypatch.setattr(memory_report, "plot_cpu_timeline", broken_plot)
     session = MemorySnapshotSession(str(tmp_path), stop_step=1)
-    with caplog.at_level(logging.WARNING, logger="llamafactory.mfsgd.memory"):
+    with caplog.at_level(logging.WARNING, logger="memory_profiling"):
         _train(session, steps=2)
 
     assert "no renderer" in caplog.text
@@ -176,7 +176,7 @@ def test_recording_errors_are_raised(tmp_path, monkeypatch):
     def broken_timeline(profile):
         raise RuntimeError("profiler broke")
 
-    monkeypatch.setattr("llamafactory_mfsgd.memory_snapshot.MemoryProfileTimeline", broken_timeline)
+    monkeypatch.setattr("memory_profiling.recorder.MemoryProfileTimeline", broken_timeline)
     session = MemorySnapshotSession(str(tmp_path), stop_step=1)
     session.start()
     with pytest.raises(RuntimeError, match="profiler broke"):

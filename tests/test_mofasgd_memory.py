@@ -2,8 +2,8 @@
 
 import torch
 
+from memory_profiling import transient_peak_bytes
 from mofasgd import MoFaSGD
-from mofasgd.memory import transient_peak_bytes
 
 
 def test_fused_step_on_1024x4096_allocates_only_thin_temporaries():

@@ -11,9 +11,9 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
+from memory_profiling import transient_peak_bytes
 from mofasgd import MoFaSGD, rounding
 from mofasgd.adamw_side import adamw_update_fp32_
-from mofasgd.memory import transient_peak_bytes
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts" / "bench"))
 import bf16_updates  # noqa: E402  (the benchmark's measurement, so test and results measure the same thing)

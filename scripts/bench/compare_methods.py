@@ -44,7 +44,7 @@ from lf_bench import (
     window_peak,
 )
 
-from llamafactory_mfsgd.memory_report import GROUPS, group_categories
+from memory_profiling import GROUPS, group_categories
 
 SKIP_STEPS = 2
 MIB = 2**20

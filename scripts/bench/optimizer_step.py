@@ -22,8 +22,9 @@ import time
 
 import torch
 
+from memory_profiling import transient_peak_bytes
 from mofasgd import MoFaSGD
-from mofasgd.memory import optimizer_state_bytes, transient_peak_bytes
+from mofasgd.memory import optimizer_state_bytes
 
 
 def sync(device: torch.device) -> None:

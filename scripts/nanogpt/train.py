@@ -22,7 +22,6 @@ import json
 import logging
 import os
 import platform
-import resource
 import sys
 import time
 from pathlib import Path
@@ -31,6 +30,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import yaml
+
+from memory_profiling import peak_rss_bytes
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script: make `nanogpt` importable
 
@@ -117,7 +118,7 @@ def evaluate(
 def _peak_memory_mb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+    return peak_rss_bytes() / 2**20
 
 
 def _device_name(device: torch.device) -> str:
@@ -166,7 +167,7 @@ def train(config: RunConfig) -> dict[str, Any]:
         torch.cuda.set_device(device)
         torch.set_float32_matmul_precision("high")
 
-    snapshot = CudaMemorySnapshot(config.mem_prof, device, run_dir / "memory_snapshot.pickle", is_main)
+    snapshot = CudaMemorySnapshot(config.mem_prof, device, run_dir, is_main)
     snapshot.before_step(0)
     torch.manual_seed(tc.seed)
     model = GPT(config.model).to(device)

@@ -1,14 +1,14 @@
 """Memory profiling of the first training step(s), from before model load (`profile_memory_from_start`).
 
-On CUDA the caching allocator's history is recorded (`torch.cuda.memory._record_memory_history`) and dumped
-as `memory_snapshot.pickle`; on a machine without CUDA, `torch.profiler` records a CPU memory timeline with
-its tensor categories (`memory_timeline_cpu.json`). Either way a readable summary, a PNG timeline and (CUDA)
-torch's HTML viewer are written next to it by `memory_report.write_report`.
+A Trainer callback around :class:`memory_profiling.MemoryRecorder`: it starts recording before LLaMA-Factory
+loads the model, stops at the configured training step, adds what it measured on the real tensors (parameters,
+gradients, optimizer state) and writes the report (`memory_profiling.write_report`). On CUDA that is the
+allocator's history (`memory_snapshot.pickle`); on a machine without CUDA, torch.profiler's CPU memory timeline
+with its tensor categories (`memory_timeline_cpu.json`).
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from collections.abc import Iterable
@@ -16,28 +16,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch.profiler import ProfilerActivity, profile
-from torch.profiler._memory_profiler import _CATEGORY_TO_INDEX, MemoryProfileTimeline
 from transformers import TrainerCallback
 
-from . import memory_report
+from memory_profiling import MemoryRecorder, storage_bytes, write_report
 
 logger = logging.getLogger("llamafactory.mfsgd.memory")  # under llamafactory.* to share its log handler
-
-
-def _distinct_storage_bytes(tensors: Iterable[Any], device: torch.device) -> int:
-    """Bytes of the distinct storages behind `tensors` on `device` (shared or tied storage counts once)."""
-    seen: set[int] = set()
-    total = 0
-    for tensor in tensors:
-        if not isinstance(tensor, torch.Tensor) or tensor.device != device:
-            continue
-        storage = tensor.untyped_storage()
-        if storage.data_ptr() in seen:
-            continue
-        seen.add(storage.data_ptr())
-        total += storage.nbytes()
-    return total
 
 
 def _optimizer_state_tensors(optimizer: Any) -> Iterable[Any]:
@@ -82,22 +65,21 @@ class MemorySnapshotSession(TrainerCallback):
             raise ValueError(f"stop_accumulation_step must be >= 0, got {stop_accumulation_step}")
         if max_entries < 1:
             raise ValueError(f"max_entries must be >= 1, got {max_entries}")
-        resolved = torch.device(device if device is not None else "cuda" if torch.cuda.is_available() else "cpu")
-        if resolved.type not in ("cuda", "cpu"):
-            raise ValueError(f"memory profiling supports cuda and cpu devices, got {resolved}")
-        if resolved.type == "cuda" and not torch.cuda.is_available():
-            raise ValueError(f"device {resolved} requested for memory profiling but CUDA is not available")
+        self._recorder = MemoryRecorder(output_dir, device, max_entries)
         self.output_dir = Path(output_dir)
         self.stop_step = stop_step
         self.stop_accumulation_step = stop_accumulation_step
         self.max_entries = max_entries
-        self.device = resolved
         self.is_rank0 = int(os.environ.get("RANK", "0")) == 0
         self.files: dict[str, Path] = {}
         self._state = "idle"
-        self._profiler: profile | None = None
         self._micro_steps = 0
         self._gradient_bytes: int | None = None
+
+    @property
+    def device(self) -> torch.device:
+        """The recorded device (on CUDA with its index once recording started)."""
+        return self._recorder.device
 
     @property
     def recording(self) -> bool:
@@ -110,17 +92,9 @@ class MemorySnapshotSession(TrainerCallback):
             return
         if self._state != "idle":
             raise RuntimeError(f"memory snapshot session already {self._state}")
-        self.output_dir.mkdir(parents=True, exist_ok=True)
         if self.device.type == "cuda":
-            if self.device.index is None:
-                self.device = torch.device("cuda", torch.cuda.current_device())
-            torch.cuda.reset_peak_memory_stats(self.device)
-            torch.cuda.memory._record_memory_history(max_entries=self.max_entries)
-        else:
-            self._profiler = profile(
-                activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True, with_stack=True
-            )
-            self._profiler.start()
+            torch.cuda.reset_peak_memory_stats(self.device)  # the summary reports the peaks since recording began
+        self._recorder.start()
         self._state = "recording"
         logger.info("Recording memory on %s; results will go to %s", self.device, self.output_dir)
 
@@ -136,24 +110,16 @@ class MemorySnapshotSession(TrainerCallback):
         measured = self._measure(model, optimizer)
         meta = {"stop_reason": reason, "device": str(self.device), "measured": measured}
         if self.device.type == "cuda":
-            source = self.output_dir / memory_report.SNAPSHOT_PICKLE
-            try:
-                torch.cuda.memory._dump_snapshot(str(source))
-            finally:
-                torch.cuda.memory._record_memory_history(enabled=None)
             meta.update(
                 device_index=self.device.index,
                 max_entries=self.max_entries,
                 allocator_peak_allocated_bytes=torch.cuda.max_memory_allocated(self.device),
                 allocator_peak_reserved_bytes=torch.cuda.max_memory_reserved(self.device),
             )
-            memory_report.snapshot_meta_path(source).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
-        else:
-            source = self.output_dir / memory_report.CPU_TIMELINE_JSON
-            source.write_text(json.dumps(self._cpu_timeline(meta)), encoding="utf-8")
+        source = self._recorder.stop(meta)
         self.files = {"recording": source}
         try:
-            self.files.update(memory_report.write_report(source, self.output_dir))
+            self.files.update(write_report(source, self.output_dir))
         except Exception as exc:  # the recording is saved; training must go on
             logger.warning(
                 "Memory recording saved to %s but summarizing it failed (%s: %s); retry with `mfsgd-memory-report %s`",
@@ -165,29 +131,11 @@ class MemorySnapshotSession(TrainerCallback):
         logger.info("Memory profile (%s) written to %s", reason, self.output_dir)
         return self.files
 
-    def _cpu_timeline(self, meta: dict[str, Any]) -> dict[str, Any]:
-        """Stop the profiler and turn its memory profile into our CPU timeline format (bytes per category)."""
-        profiler, self._profiler = self._profiler, None
-        profiler.stop()
-        times, sizes = MemoryProfileTimeline(profiler._memory_profile())._coalesce_timeline("cpu")
-        # _coalesce_timeline puts category c in column _CATEGORY_TO_INDEX[c] + 1; column 0 stays zero.
-        names = [("unknown" if category is None else category.name.lower()) for category in _CATEGORY_TO_INDEX]
-        return {
-            "format": memory_report.CPU_TIMELINE_FORMAT,
-            "method": memory_report.CPU_METHOD,
-            "device": "cpu",
-            "torch_version": torch.__version__,
-            "categories": names,
-            "times_us": times,
-            "bytes": [row[1:] for row in sizes],
-            "meta": meta,
-        }
-
     def _measure(self, model: Any, optimizer: Any) -> dict[str, Any]:
         """Parameter and optimizer-state bytes now, gradient bytes from the last optimizer step (or now)."""
         measured: dict[str, Any] = {}
         if model is not None:
-            measured["parameters"] = _distinct_storage_bytes(model.parameters(), self.device)
+            measured["parameters"] = storage_bytes(model.parameters(), self.device)
             if self._gradient_bytes is None:
                 measured["gradients"] = self._grad_bytes(model)
                 measured["gradients_at"] = "at the stop point"
@@ -195,12 +143,12 @@ class MemorySnapshotSession(TrainerCallback):
                 measured["gradients"] = self._gradient_bytes
                 measured["gradients_at"] = "just before the last optimizer step (on_pre_optimizer_step)"
         if optimizer is not None:
-            measured["optimizer_state"] = _distinct_storage_bytes(_optimizer_state_tensors(optimizer), self.device)
+            measured["optimizer_state"] = storage_bytes(_optimizer_state_tensors(optimizer), self.device)
         return measured
 
     def _grad_bytes(self, model: Any) -> int:
         """Bytes of the gradients currently held by the model's parameters on the recorded device."""
-        return _distinct_storage_bytes((p.grad for p in model.parameters()), self.device)
+        return storage_bytes((p.grad for p in model.parameters()), self.device)
 
     def on_train_begin(self, args, state, control, **kwargs):
         """Start recording here if `start()` was not called (model loading is then not recorded)."""

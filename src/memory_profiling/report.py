@@ -1,14 +1,15 @@
 """Readable summaries, PNG timelines and the HTML viewer for recorded memory profiles.
 
-Two kinds of recording come in, both written by `MemorySnapshotSession`:
+Two kinds of recording come in, both written by :class:`memory_profiling.MemoryRecorder`:
 
 - a CUDA caching-allocator snapshot (`memory_snapshot.pickle`, torch's own format, plus the sidecar
-  `memory_snapshot_meta.json` with the tensor sizes the session measured), and
+  `memory_snapshot_meta.json` with the tensor sizes the caller measured), and
 - a CPU memory timeline from `torch.profiler` (`memory_timeline_cpu.json`, our format: one row of bytes per
   profiler category for every change of the timeline).
 
-The session and the `mfsgd-memory-report` command both go through `write_report`, so a report regenerated
-offline from a saved file has exactly the numbers the training run wrote.
+Training runs and the `mfsgd-memory-report` command both go through `write_report`, so a report regenerated
+offline from a saved file has exactly the numbers the training run wrote. This module needs no torch except
+for the HTML viewer (torch's own renderer); matplotlib draws the PNGs.
 """
 
 from __future__ import annotations
@@ -22,10 +23,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-logger = logging.getLogger("llamafactory.mfsgd.memory")  # under llamafactory.* to share its log handler
+logger = logging.getLogger("memory_profiling")
 
 CUDA_METHOD = "CUDA caching-allocator snapshot"
 CPU_METHOD = "CPU torch.profiler memory timeline"
+# Format tags written into the JSON files (named after the package that first wrote them; saved files keep loading).
 CPU_TIMELINE_FORMAT = "llamafactory_mfsgd.cpu_memory_timeline/1"
 SUMMARY_FORMAT = "llamafactory_mfsgd.memory_summary/1"
 
@@ -61,7 +63,7 @@ _RESERVED_DELTA = {"segment_alloc": 1, "segment_map": 1, "segment_free": -1, "se
 
 
 def snapshot_meta_path(snapshot_path: str | Path) -> Path:
-    """Sidecar file holding what the session measured next to a snapshot pickle (`<stem>_meta.json`)."""
+    """Sidecar file holding what the recorder's caller measured next to a snapshot pickle (`<stem>_meta.json`)."""
     snapshot_path = Path(snapshot_path)
     return snapshot_path.with_name(f"{snapshot_path.stem}_meta.json")
 
@@ -88,7 +90,7 @@ def pick_cuda_device(snapshot: dict[str, Any]) -> int:
 
 
 def _cuda_device_index(snapshot: dict[str, Any], meta: dict[str, Any] | None) -> int:
-    """The device the session recorded (from `meta`), else the busiest device of the snapshot."""
+    """The device recorded (from `meta`), else the busiest device of the snapshot."""
     return (meta or {}).get("device_index", pick_cuda_device(snapshot))
 
 
@@ -129,7 +131,7 @@ def cuda_memory_timeline(snapshot: dict[str, Any], device_index: int) -> dict[st
 def summarize_cuda_snapshot(
     snapshot: dict[str, Any], meta: dict[str, Any] | None = None, source: str = ""
 ) -> dict[str, Any]:
-    """Peak memory of a CUDA snapshot, split with the tensor sizes the session measured (`meta`).
+    """Peak memory of a CUDA snapshot, split with the tensor sizes measured during recording (`meta`).
 
     The snapshot alone cannot tell parameters from activations; `meta["measured"]` supplies parameter,
     gradient and optimizer-state bytes summed over real tensors, and activations plus everything else are
