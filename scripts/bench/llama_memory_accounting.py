@@ -22,6 +22,8 @@ Assumptions (pure_bf16, as the memory-efficient configs set it):
 - MoFaSGD rank r (fused): every 2-D weight except input embeddings and LM head is managed, the rest is on
   AdamW. State 4 ((m + n) r + r) bytes per managed matrix (fp32 U, S, V); between steps the fp32 projections
   G V and G^T U, 4 (m + n) r bytes, stand in for the gradient.
+- MoFaSGD+emb/head (``mfsgd_target: all,embed_tokens,lm_head``): the same with the input embeddings and the LM
+  head managed too; only the norms stay on AdamW.
 - Fused methods: while backward runs one managed gradient exists at a time before its hook frees it; the
   largest such m x n bf16 gradient is added to their gradient column.
 
@@ -64,7 +66,9 @@ from mofasgd import MoFaSGD, split_for_mofasgd
 BF16 = 2
 FP32 = 4
 GIB = 1024**3
-METHODS = ("AdamW", "LoRA", "GaLore", "GaLore-fused", "MoFaSGD")
+METHODS = ("AdamW", "LoRA", "GaLore", "GaLore-fused", "MoFaSGD", "MoFaSGD+emb/head")
+# mfsgd_target of the MoFaSGD rows: the authors' routing, and with the input embeddings and LM head managed too
+MOFASGD_TARGETS = {"MoFaSGD": "all", "MoFaSGD+emb/head": "all,embed_tokens,lm_head"}
 COMPONENTS = ("weights", "gradients", "optimizer_state", "activations")
 
 LLAMA_SHAPES = {
@@ -85,6 +89,15 @@ LLAMA_SHAPES = {
         "num_key_value_heads": 8,
         "vocab_size": 128256,
         "tie_word_embeddings": True,
+    },
+    "Llama-3.1-70B": {
+        "hidden_size": 8192,
+        "intermediate_size": 28672,
+        "num_hidden_layers": 80,
+        "num_attention_heads": 64,
+        "num_key_value_heads": 8,
+        "vocab_size": 128256,
+        "tie_word_embeddings": False,
     },
 }
 
@@ -112,7 +125,7 @@ class ModelShapes:
 
     all_params: list[torch.Size]
     decoder_linears: list[torch.Size]  # LoRA / GaLore targets: decoder nn.Linear weights (not the LM head)
-    mofasgd_matrices: list[torch.Size]  # what split_for_mofasgd routes to MoFaSGD
+    mofasgd_matrices: dict[str, list[torch.Size]]  # MoFaSGD row -> what split_for_mofasgd routes to MoFaSGD
     lora_in_features: tuple[int, ...]  # input widths of one decoder layer's LoRA targets
 
 
@@ -130,7 +143,10 @@ def model_shapes(model: nn.Module) -> ModelShapes:
     return ModelShapes(
         all_params=[p.shape for p in model.parameters()],
         decoder_linears=[m.weight.shape for _, m in linears],
-        mofasgd_matrices=[p.shape for _, p in split_for_mofasgd(model).mofasgd],
+        mofasgd_matrices={
+            row: [p.shape for _, p in split_for_mofasgd(model, target).mofasgd]
+            for row, target in MOFASGD_TARGETS.items()
+        },
         lora_in_features=tuple(first_layer),
     )
 
@@ -184,11 +200,14 @@ def account(config: LlamaConfig, rank: int = 8, batch_size: int = 1, seq_len: in
     galore_accumulators = sum(FP32 * min(rank, *s) * max(s) for s in shapes.decoder_linears)
     largest_linear = BF16 * max(s.numel() for s in shapes.decoder_linears)
 
-    mofasgd_numel = sum(s.numel() for s in shapes.mofasgd_matrices)
-    mofasgd_state = sum(MoFaSGD.expected_factor_bytes(tuple(s), rank) for s in shapes.mofasgd_matrices)
-    mofasgd_projections = sum(FP32 * (s[0] + s[1]) * min(rank, *s) for s in shapes.mofasgd_matrices)
-    largest_managed = BF16 * max(s.numel() for s in shapes.mofasgd_matrices)
-    mofasgd_rest = total_params - mofasgd_numel
+    def mofasgd_row(row: str) -> MethodMemory:
+        matrices = shapes.mofasgd_matrices[row]
+        state = sum(MoFaSGD.expected_factor_bytes(tuple(s), rank) for s in matrices)
+        projections = sum(FP32 * (s[0] + s[1]) * min(rank, *s) for s in matrices)
+        largest_managed = BF16 * max(s.numel() for s in matrices)
+        rest = total_params - sum(s.numel() for s in matrices)
+        gradients = BF16 * rest + projections + largest_managed
+        return MethodMemory(row, total_params, weights, gradients, state + adam_per_param * rest, acts, acts_full)
 
     return [
         MethodMemory("AdamW", total_params, weights, weights, adam_per_param * total_params, acts, acts_full),
@@ -205,15 +224,7 @@ def account(config: LlamaConfig, rank: int = 8, batch_size: int = 1, seq_len: in
             acts,
             acts_full,
         ),
-        MethodMemory(
-            "MoFaSGD",
-            total_params,
-            weights,
-            BF16 * mofasgd_rest + mofasgd_projections + largest_managed,
-            mofasgd_state + adam_per_param * mofasgd_rest,
-            acts,
-            acts_full,
-        ),
+        *(mofasgd_row(row) for row in MOFASGD_TARGETS),
     ]
 
 

@@ -44,6 +44,12 @@ VARIANTS: dict[str, tuple[str, dict[str, Any], tuple[str, ...]]] = {
         for form in ("inv", "ones")
         for init in ("weight", "gradient")
     },
+    # LoRA-level memory: the input embeddings and the LM head on MoFaSGD too
+    "mofasgd_inv_weight_embhead": (
+        "mofasgd",
+        {"mfsgd_target": "all,embed_tokens,lm_head"},
+        ("learning_rate", "learning_rate_mfsgd", "learning_rate_adamw"),
+    ),
 }
 
 
