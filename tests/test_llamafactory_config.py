@@ -10,7 +10,8 @@ import yaml
 from lf_helpers import CONFIGS, REPO, run_cli, tiny_config
 from llamafactory.hparams import get_train_args
 
-from mofasgd import MoFaSGD
+from llamafactory_mfsgd.arguments import FROM_TRAINING_ARGUMENTS, OPTION_OF_KEY, optimizer_options
+from mofasgd import DEFAULTS, MoFaSGD
 
 
 @pytest.fixture()
@@ -58,6 +59,19 @@ def test_mfsgd_key_typo_is_caught_even_without_use_mfsgd(base):
     base.pop("use_mfsgd")
     with pytest.raises(ValueError, match="mfsgd_beta"):
         get_train_args({**base, "mfsgd_bta": 0.5})
+
+
+def test_every_mofasgd_option_is_a_yaml_key_or_comes_from_the_training_arguments():
+    """A new MoFaSGD constructor option fails here until it gets an `mfsgd_<option>` key (or is listed as set from
+    the training arguments); the key's default and range checks then come from the optimizer."""
+    assert set(OPTION_OF_KEY.values()) | set(FROM_TRAINING_ARGUMENTS) == set(DEFAULTS)
+    assert not set(OPTION_OF_KEY.values()) & set(FROM_TRAINING_ARGUMENTS)
+
+
+def test_yaml_key_defaults_are_the_optimizer_defaults(base):
+    base = {k: v for k, v in base.items() if k not in OPTION_OF_KEY}
+    _, _, _, finetuning_args, _ = get_train_args(base)
+    assert optimizer_options(finetuning_args) == {option: DEFAULTS[option] for option in OPTION_OF_KEY.values()}
 
 
 @pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.yaml")), ids=lambda p: p.name)

@@ -7,8 +7,18 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 
 from nanogpt import run  # noqa: E402
-from nanogpt.config import HIDDEN_DEFAULTS, ScheduleConfig, deep_merge, derive_run_name, load_config  # noqa: E402
+from nanogpt.config import (  # noqa: E402
+    HIDDEN_DEFAULTS,
+    OPTIMIZER_CONFIG_DIR,
+    ScheduleConfig,
+    deep_merge,
+    derive_run_name,
+    load_config,
+    read_yaml,
+)
 from nanogpt.schedules import lr_factor  # noqa: E402
+
+from mofasgd import DEFAULTS as MOFASGD_DEFAULTS  # noqa: E402
 
 
 @pytest.mark.parametrize("optimizer", list(HIDDEN_DEFAULTS))
@@ -16,6 +26,13 @@ def test_base_configs_load_and_match_the_documented_keys(optimizer):
     config = load_config(optimizer)
     assert config.optimizer == optimizer
     assert set(config.hidden) == set(HIDDEN_DEFAULTS[optimizer])
+
+
+def test_mfsgd_base_yaml_agrees_with_the_hidden_defaults_derived_from_mofasgd():
+    """configs/optimizers/mfsgd.yaml repeats, key for key, the defaults derived from MoFaSGD's own table."""
+    hidden = read_yaml(OPTIMIZER_CONFIG_DIR / "mfsgd.yaml")["hidden"]
+    assert hidden == HIDDEN_DEFAULTS["mfsgd"]
+    assert set(hidden) <= set(MOFASGD_DEFAULTS)
 
 
 def test_base_mfsgd_config_has_the_authors_hyperparameters_at_rank_32():

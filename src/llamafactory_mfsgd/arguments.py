@@ -1,6 +1,9 @@
 """YAML keys added to LLaMA-Factory's FinetuningArguments: MoFaSGD (`use_mfsgd`, `mfsgd_*`), profiling, fused GaLore.
 
-The key names follow the authors' LLaMA-Factory fork so their configs run unchanged. Checks that need only
+The key names follow the authors' LLaMA-Factory fork so their configs run unchanged: that is why the keys say
+`mfsgd` and the optimizer package says `mofasgd`. Every `mfsgd_<option>` key is the optimizer's constructor option
+`<option>` (`mofasgd.DEFAULTS`, the one table): its default comes from there, :func:`optimizer_options` hands the
+values to the optimizer, and their ranges are checked by the optimizer's own validation. Checks that need only
 these values run in ``__post_init__`` (parse time); checks that also need the training arguments (DeepSpeed,
 FSDP, fp16, world size) run in :func:`validate_with_training_args`, also at parse time. Every key's value is
 type-checked by :func:`check_extension_types` against its annotation, on the raw config before LLaMA-Factory's
@@ -10,6 +13,7 @@ parser can coerce it.
 from __future__ import annotations
 
 import difflib
+import re
 import types
 import typing
 from collections.abc import Mapping
@@ -17,10 +21,20 @@ from dataclasses import MISSING, dataclass, field, fields
 from functools import cache
 from typing import Any, Literal
 
+from mofasgd import DEFAULTS as OPTIMIZER_DEFAULTS
+from mofasgd import INITS, check_options
+
 from .baselines import BaselineArguments, validate_baseline_values
 from .config_values import describe, is_set, parse_scalar
 
-MFSGD_INITS = ("weight", "weight_randomized", "gradient")
+# MoFaSGD options that no `mfsgd_*` key sets: the run's training arguments give them (`learning_rate_mfsgd` or
+# `learning_rate`, `weight_decay`, `adam_beta1/2`, `adam_epsilon`, the world size, `seed`).
+FROM_TRAINING_ARGUMENTS = ("lr", "weight_decay", "adam_betas", "adam_eps", "data_parallel", "seed")
+
+
+def _option(name: str, description: str) -> Any:
+    """A field for MoFaSGD's constructor option `name`, with the optimizer's default."""
+    return field(default=OPTIMIZER_DEFAULTS[name], metadata={"help": description})
 
 
 @dataclass
@@ -40,39 +54,35 @@ class MfsgdArguments:
             "help": "Learning rate of the AdamW parameters: embeddings, LM head, norms (default: `learning_rate`)."
         },
     )
-    mfsgd_rank: int = field(default=2, metadata={"help": "Rank r of the factored momentum."})
-    mfsgd_beta: float = field(default=0.9, metadata={"help": "Momentum decay beta in [0, 1)."})
-    mfsgd_beta_start: float | None = field(
-        default=None, metadata={"help": "Start of the linear beta warm-up (needs mfsgd_beta_warmup_steps)."}
+    mfsgd_rank: int = _option("rank", "Rank r of the factored momentum.")
+    mfsgd_beta: float = _option("beta", "Momentum decay beta in [0, 1).")
+    mfsgd_beta_start: float | None = _option(
+        "beta_start", "Start of the linear beta warm-up (needs mfsgd_beta_warmup_steps)."
     )
-    mfsgd_beta_end: float | None = field(default=None, metadata={"help": "End of the linear beta warm-up."})
-    mfsgd_beta_warmup_steps: int = field(
-        default=0, metadata={"help": "Steps of linear beta warm-up from mfsgd_beta_start to mfsgd_beta_end (0: off)."}
+    mfsgd_beta_end: float | None = _option("beta_end", "End of the linear beta warm-up.")
+    mfsgd_beta_warmup_steps: int = _option(
+        "beta_warmup_steps", "Steps of linear beta warm-up from mfsgd_beta_start to mfsgd_beta_end (0: off)."
     )
-    mfsgd_eta1: float = field(default=1.0, metadata={"help": "Scale of the low-rank momentum step."})
-    mfsgd_eta2: float = field(
-        default=0.0,
-        metadata={"help": "Scale of the gradient's orthogonal-complement step; > 0 needs `mfsgd_fused: false`."},
+    mfsgd_eta1: float = _option("eta1", "Scale of the low-rank momentum step.")
+    mfsgd_eta2: float = _option(
+        "eta2", "Scale of the gradient's orthogonal-complement step; > 0 needs `mfsgd_fused: false`."
     )
-    mfsgd_eps: float = field(default=1e-4, metadata={"help": "Singular values <= eps take no step."})
-    mfsgd_max_value: float = field(default=1e4, metadata={"help": "Clamp of 1/S in the reciprocal-S step."})
-    mfsgd_use_ones_for_nonzero_s: bool = field(
-        default=False, metadata={"help": "Spectrally normalised step U V^T (the paper's) instead of U diag(1/S) V^T."}
+    mfsgd_eps: float = _option("eps", "Singular values <= eps take no step.")
+    mfsgd_max_value: float = _option("max_value", "Clamp of 1/S in the reciprocal-S step.")
+    mfsgd_use_ones_for_nonzero_s: bool = _option(
+        "use_ones_for_nonzero_s", "Spectrally normalised step U V^T (the paper's) instead of U diag(1/S) V^T."
     )
-    mfsgd_use_current_projection: bool = field(
-        default=False, metadata={"help": "Use the new factors (not the previous ones) for the eta2 complement."}
+    mfsgd_use_current_projection: bool = _option(
+        "use_current_projection", "Use the new factors (not the previous ones) for the eta2 complement."
     )
-    mfsgd_nesterov: bool = field(default=False, metadata={"help": "Nesterov look-ahead step SVD_r(beta M + G_hat)."})
-    mfsgd_init: Literal["weight", "weight_randomized", "gradient"] = field(
-        default="weight",
-        metadata={
-            "help": "Factor initialisation: `weight` (exact top-r SVD of W, the authors'), `weight_randomized` "
-            "(randomized top-r SVD of W: a fast start) or `gradient` (subspaces of the first gradient)."
-        },
+    mfsgd_nesterov: bool = _option("nesterov", "Nesterov look-ahead step SVD_r(beta M + G_hat).")
+    mfsgd_init: Literal[INITS] = _option(
+        "init",
+        "Factor initialisation: `weight` (exact top-r SVD of W, the authors'), `weight_randomized` "
+        "(randomized top-r SVD of W: a fast start) or `gradient` (subspaces of the first gradient).",
     )
-    mfsgd_fused: bool = field(
-        default=True,
-        metadata={"help": "Project gradients in a backward hook and free them at once (LoRA-like memory)."},
+    mfsgd_fused: bool = _option(
+        "fused", "Project gradients in a backward hook and free them at once (LoRA-like memory)."
     )
     mfsgd_target: str = field(
         default="all",
@@ -81,13 +91,22 @@ class MfsgdArguments:
             "embeddings and LM head join only when named: `all,embed_tokens,lm_head` (LoRA-level memory)."
         },
     )
-    mfsgd_stochastic_rounding: bool | None = field(
-        default=None,
-        metadata={
-            "help": "Round bf16 weight updates stochastically (unbiased) instead of to nearest; null: on for bf16 "
-            "weights (pure_bf16), `false` for round-to-nearest runs. fp32 weights are never affected."
-        },
+    mfsgd_stochastic_rounding: bool | None = _option(
+        "stochastic_rounding",
+        "Round bf16 weight updates stochastically (unbiased) instead of to nearest; null: on for bf16 "
+        "weights (pure_bf16), `false` for round-to-nearest runs. fp32 weights are never affected.",
     )
+
+
+# `mfsgd_<option>` key -> MoFaSGD constructor option, for every option a key sets.
+OPTION_OF_KEY = {
+    f"mfsgd_{name}": name for name in OPTIMIZER_DEFAULTS if f"mfsgd_{name}" in {f.name for f in fields(MfsgdArguments)}
+}
+
+
+def optimizer_options(args: Any) -> dict[str, Any]:
+    """MoFaSGD's constructor options from the `mfsgd_*` keys of `args` (the other options: FROM_TRAINING_ARGUMENTS)."""
+    return {option: getattr(args, key) for key, option in OPTION_OF_KEY.items()}
 
 
 @dataclass
@@ -220,6 +239,47 @@ def _bad(key: str, value: Any, expected: str) -> ValueError:
     return ValueError(f"Invalid `{key}: {value!r}` in the MoFaSGD config: expected {expected}.")
 
 
+# Option values under which the optimizer range-checks every option on its own: it checks the warm-up bounds only
+# with a warm-up, and accepts eta2 > 0 only unfused (that pairing is checked with the real values afterwards).
+_EVERY_RANGE_CHECKED = {"beta_start": 0.0, "beta_end": 0.0, "beta_warmup_steps": 1, "fused": False}
+# MoFaSGD's message for one bad value: "Invalid <option> (<where>): <value>; expected <what>".
+_EXPECTED = re.compile(r"^Invalid [^;]*; (expected .+)$", re.DOTALL)
+
+
+def _optimizer_refusal(options: dict[str, Any]) -> str | None:
+    """MoFaSGD's own reason to refuse `options` (its ValueError message), or None when it accepts them."""
+    try:
+        check_options(**options)
+    except ValueError as error:
+        return str(error)
+    return None
+
+
+def _check_with_optimizer(args: Any) -> None:
+    """Check the MoFaSGD keys with the optimizer's own validation: each key alone, then all of them together."""
+    option_of_key = {"learning_rate_mfsgd": "lr", **OPTION_OF_KEY}
+    for key, option in {**option_of_key, "learning_rate_adamw": "lr"}.items():  # AdamW groups: the same lr rule
+        value = getattr(args, key)
+        if value is None:  # unset: the default learning rate, no warm-up, or stochastic rounding's automatic choice
+            continue
+        refusal = _optimizer_refusal({**_EVERY_RANGE_CHECKED, option: value})
+        if refusal:
+            match = _EXPECTED.match(refusal)
+            raise ValueError(f"Invalid `{key}: {value!r}` in the MoFaSGD config: {match[1] if match else refusal}.")
+    options = optimizer_options(args)
+    if args.learning_rate_mfsgd is not None:
+        options["lr"] = args.learning_rate_mfsgd
+    refusal = _optimizer_refusal(options)
+    if refusal:
+        named = ", ".join(f"`{key}`" for key, option in option_of_key.items() if _mentions(refusal, option))
+        raise ValueError(f"Invalid MoFaSGD config: {refusal}" + (f" (the keys {named})." if named else "."))
+
+
+def _mentions(message: str, option: str) -> bool:
+    """Whether `message` names the option `option` (as a word of its own)."""
+    return re.search(rf"(?<![\w`]){re.escape(option)}(?![\w`])", message) is not None
+
+
 def validate_extension_values(args: Any) -> None:
     """Check the extension's own keys (called from FinetuningArguments.__post_init__)."""
     check_extension_types({key: getattr(args, key) for key in _extension_fields() if hasattr(args, key)})
@@ -249,30 +309,7 @@ def validate_extension_values(args: Any) -> None:
         raise ValueError(f"`use_mfsgd: true` cannot be combined with {', '.join(f'`{k}: true`' for k in others)}.")
     if args.stage not in ("sft", "pt", "dpo", "kto", "rm"):
         raise ValueError(f"`use_mfsgd: true` is not supported for `stage: {args.stage}` (use sft, pt, dpo, kto, rm).")
-    if not isinstance(args.mfsgd_rank, int) or args.mfsgd_rank <= 0:
-        raise _bad("mfsgd_rank", args.mfsgd_rank, "a positive integer, e.g. 8")
-    for key in ("mfsgd_beta", "mfsgd_beta_start", "mfsgd_beta_end"):
-        value = getattr(args, key)
-        if value is not None and not 0.0 <= value < 1.0:
-            raise _bad(key, value, "a value in [0, 1)")
-    if args.mfsgd_beta_warmup_steps < 0:
-        raise _bad("mfsgd_beta_warmup_steps", args.mfsgd_beta_warmup_steps, "an integer >= 0")
-    if args.mfsgd_beta_warmup_steps > 0 and (args.mfsgd_beta_start is None or args.mfsgd_beta_end is None):
-        raise ValueError("`mfsgd_beta_warmup_steps > 0` needs both `mfsgd_beta_start` and `mfsgd_beta_end`.")
-    for key in ("learning_rate_mfsgd", "learning_rate_adamw"):
-        value = getattr(args, key)
-        if value is not None and value < 0:
-            raise _bad(key, value, "a learning rate >= 0")
-    for key in ("mfsgd_eta1", "mfsgd_eta2", "mfsgd_eps", "mfsgd_max_value"):
-        if getattr(args, key) < 0:
-            raise _bad(key, getattr(args, key), "a value >= 0")
-    if args.mfsgd_init not in MFSGD_INITS:
-        raise _bad("mfsgd_init", args.mfsgd_init, f"one of {MFSGD_INITS}")
-    if args.mfsgd_fused and args.mfsgd_eta2 > 0:
-        raise ValueError(
-            "`mfsgd_eta2 > 0` needs the whole gradient, which `mfsgd_fused: true` frees during backward; "
-            "set `mfsgd_fused: false` or `mfsgd_eta2: 0`."
-        )
+    _check_with_optimizer(args)
     if not args.mfsgd_target.strip():
         raise _bad("mfsgd_target", args.mfsgd_target, "`all` or comma-separated module names")
 

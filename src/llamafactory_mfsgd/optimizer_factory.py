@@ -12,6 +12,8 @@ from transformers.trainer_pt_utils import get_parameter_names
 from mofasgd import MoFaSGD, split_for_mofasgd
 from mofasgd.data_parallel import ignore_managed_in_ddp
 
+from .arguments import optimizer_options
+
 logger = get_logger("llamafactory.mfsgd")  # under llamafactory.* so it shares its handler and verbosity
 
 
@@ -50,26 +52,14 @@ def create_mfsgd_optimizer(model: nn.Module, training_args: Any, finetuning_args
             groups.append({"params": params, "mofasgd": False, "lr": lr_adamw, "weight_decay": weight_decay})
 
     data_parallel = training_args.world_size > 1 and finetuning_args.mfsgd_fused
+    # every `mfsgd_<option>` key, then the options the training arguments give (arguments.FROM_TRAINING_ARGUMENTS;
+    # weight decay is per group above)
     optimizer = MoFaSGD(
         groups,
+        **optimizer_options(finetuning_args),
         lr=lr_mfsgd,
-        rank=finetuning_args.mfsgd_rank,
-        beta=finetuning_args.mfsgd_beta,
-        eta1=finetuning_args.mfsgd_eta1,
-        eta2=finetuning_args.mfsgd_eta2,
-        eps=finetuning_args.mfsgd_eps,
-        max_value=finetuning_args.mfsgd_max_value,
-        use_ones_for_nonzero_s=finetuning_args.mfsgd_use_ones_for_nonzero_s,
-        use_current_projection=finetuning_args.mfsgd_use_current_projection,
-        nesterov=finetuning_args.mfsgd_nesterov,
-        beta_start=finetuning_args.mfsgd_beta_start,
-        beta_end=finetuning_args.mfsgd_beta_end,
-        beta_warmup_steps=finetuning_args.mfsgd_beta_warmup_steps,
-        init=finetuning_args.mfsgd_init,
         adam_betas=(training_args.adam_beta1, training_args.adam_beta2),
         adam_eps=training_args.adam_epsilon,
-        stochastic_rounding=finetuning_args.mfsgd_stochastic_rounding,
-        fused=finetuning_args.mfsgd_fused,
         data_parallel=data_parallel,
         seed=training_args.seed,
     )
