@@ -28,6 +28,8 @@ tokenizer's actual size.
 
 import argparse
 import json
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -142,6 +144,22 @@ def build(
     out.mkdir(parents=True, exist_ok=True)
     tokenizer.save_pretrained(out)
     model.to(getattr(torch, dtype)).save_pretrained(out)
+
+
+def ensure_built(out: Path, *flags: str, env: dict[str, str] | None = None, quiet: bool = False) -> Path:
+    """Return `out`, first building a model there with this script (and `flags`) if it holds none yet.
+
+    The build runs in a fresh interpreter, so the tokenizer trainer's threads never live in the caller (which
+    may fork workers afterwards). `quiet` hides the build's output.
+    """
+    out = Path(out)
+    if not (out / "config.json").exists():
+        if not quiet:
+            print(f"building a tiny LLaMA into {out} ...", flush=True)
+        output = subprocess.DEVNULL if quiet else None
+        command = [sys.executable, str(Path(__file__).resolve()), "--out", str(out), *flags]
+        subprocess.run(command, check=True, env=env, stdout=output, stderr=output)
+    return out
 
 
 def main(argv: list[str] | None = None) -> None:

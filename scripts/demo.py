@@ -12,18 +12,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
+from build_tiny_llama import ensure_built
+
 REPO = Path(__file__).resolve().parent.parent
-
-
-def ensure_tiny_model(path: Path) -> None:
-    if (path / "config.json").exists():
-        return
-    print(f"[demo] building the tiny LLaMA into {path} ...", flush=True)
-    subprocess.run([sys.executable, str(REPO / "scripts" / "build_tiny_llama.py"), "--out", str(path)], check=True)
 
 
 def main() -> None:
@@ -36,7 +29,7 @@ def main() -> None:
     for key in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
         os.environ.setdefault(key, "1")
     os.chdir(REPO)
-    ensure_tiny_model(REPO / "models" / "tiny-llama")
+    ensure_built(REPO / "models" / "tiny-llama")
 
     from llamafactory_mfsgd.launcher import main as launch
 

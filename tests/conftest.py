@@ -18,24 +18,19 @@ for _key, _value in {
     os.environ.setdefault(_key, _value)
 
 
-import subprocess  # noqa: E402
 import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "scripts"))
+
+from build_tiny_llama import ensure_built  # noqa: E402
 
 
 def _build_tiny_model(tmp_path_factory, name: str, *extra: str) -> Path:
-    out = tmp_path_factory.mktemp("models") / name
-    subprocess.run(
-        [sys.executable, str(REPO / "scripts" / "build_tiny_llama.py"), "--out", str(out), *extra],
-        check=True,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    return out
+    return ensure_built(tmp_path_factory.mktemp("models") / name, *extra, quiet=True)
 
 
 @pytest.fixture(scope="session")

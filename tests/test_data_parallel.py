@@ -1,7 +1,6 @@
 """Two gloo processes with DDP give the same parameters and factors as one process on the whole batch."""
 
 import os
-import socket
 
 import pytest
 import torch
@@ -10,6 +9,7 @@ import torch.multiprocessing as mp
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from llamafactory_mfsgd.launcher import free_port
 from mofasgd import MoFaSGD, split_for_mofasgd
 from mofasgd.data_parallel import ignore_managed_in_ddp
 
@@ -65,12 +65,6 @@ def worker(rank, world, port, out_path):
             torch.save({"model": model.state_dict(), "optim": opt.state_dict()}, out_path)
     finally:
         dist.destroy_process_group()
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_two_process_ddp_equals_single_process(tmp_path):

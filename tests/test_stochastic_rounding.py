@@ -1,7 +1,6 @@
 """Stochastic rounding of bf16 updates (issue 10): unbiased, keeps the fp32 update, bounded memory, exact resume."""
 
 import os
-import socket
 import sys
 from pathlib import Path
 
@@ -11,6 +10,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
+from llamafactory_mfsgd.launcher import free_port
 from memory_profiling import transient_peak_bytes
 from mofasgd import MoFaSGD, rounding
 from mofasgd.adamw_side import adamw_update_fp32_
@@ -166,10 +166,7 @@ def _dp_worker(rank, world, port, out_dir):
 
 @pytest.mark.distributed
 def test_two_data_parallel_ranks_draw_identical_rounding_bits(tmp_path):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(_dp_worker, args=(2, port, str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_dp_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
     r0, r1 = (torch.load(tmp_path / f"rank{i}.pt", weights_only=True) for i in range(2))
     assert torch.equal(r0["w"], r1["w"]) and torch.equal(r0["b"], r1["b"])
     torch.manual_seed(0)

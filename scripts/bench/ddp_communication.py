@@ -1,9 +1,10 @@
 """Bytes all-reduced per optimizer step for one LLaMA decoder layer: AdamW + DDP vs data-parallel MoFaSGD.
 
-Two gloo processes train the seven projection matrices and two RMSNorm gains of a LLaMA layer. Every
-collective is counted where it happens: DDP's gradient buckets through a communication hook, MoFaSGD's
-projection average by wrapping the all-reduce it calls. The measured counts are checked against the
-formulas (AdamW+DDP: every gradient, m n per matrix; MoFaSGD: (m + n) r + 1 per matrix plus the AdamW
+Two gloo processes train the seven projection matrices and two RMSNorm gains of a LLaMA layer. The
+collectives are measured from outside, with no hook into either method: torch.profiler records every
+all-reduce the process group runs during the training steps (DDP's gradient buckets and MoFaSGD's average of
+its projections alike), with the shapes and dtypes of what it reduced. The measured bytes are checked against
+the formulas (AdamW+DDP: every gradient, m n per matrix; MoFaSGD: (m + n) r + 1 per matrix plus the AdamW
 parameters' gradients through DDP), which then give the numbers for the real LLaMA-3.1-8B layer width.
 
     python scripts/bench/ddp_communication.py [--hidden 1024 --intermediate 3584 --kv 256 --rank 8]
@@ -12,17 +13,17 @@ parameters' gradients through DDP), which then give the numbers for the real LLa
 from __future__ import annotations
 
 import argparse
+import math
 import os
-import socket
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
-from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
 from torch.nn.parallel import DistributedDataParallel
+from torch.profiler import ProfilerActivity, profile
 
-import mofasgd.data_parallel as mofasgd_dp
+from llamafactory_mfsgd.launcher import free_port
 from mofasgd import MoFaSGD, split_for_mofasgd
 from mofasgd.data_parallel import ignore_managed_in_ddp
 
@@ -65,12 +66,14 @@ def expected_bytes(hidden: int, intermediate: int, kv: int, rank: int) -> dict[s
     return {"adamw_ddp": 4 * adamw, "mofasgd": 4 * mofasgd}
 
 
-def _count_bucket(counter: list[int]):
-    def hook(state, bucket):
-        counter[0] += bucket.buffer().numel() * bucket.buffer().element_size()
-        return allreduce_hook(state, bucket)
-
-    return hook
+def allreduced_bytes(prof: profile) -> int:
+    """Bytes of every tensor the gloo process group all-reduced while `prof` recorded (record_shapes=True)."""
+    total = 0
+    for event in prof.events():
+        if event.name == "gloo:all_reduce":
+            for shape, dtype in zip(event.input_shapes, event.input_dtypes):
+                total += math.prod(shape) * torch.empty((), dtype=getattr(torch, dtype)).element_size()
+    return total
 
 
 def worker(rank: int, world: int, port: int, args: argparse.Namespace, results) -> None:
@@ -81,7 +84,6 @@ def worker(rank: int, world: int, port: int, args: argparse.Namespace, results) 
         for method in ("adamw_ddp", "mofasgd"):
             torch.manual_seed(0)
             model = LlamaLayerMatrices(args.hidden, args.intermediate, args.kv)
-            ddp_bytes, own_bytes = [0], [0]
             if method == "mofasgd":
                 routing = split_for_mofasgd(model)
                 matrices = [p for _, p in routing.mofasgd]
@@ -91,23 +93,13 @@ def worker(rank: int, world: int, port: int, args: argparse.Namespace, results) 
             else:
                 optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
             ddp = DistributedDataParallel(model)
-            ddp.register_comm_hook(None, _count_bucket(ddp_bytes))
-            original = mofasgd_dp.average_in_place
-
-            def counting_average(tensors, group=None, _original=original, _own=own_bytes):
-                _own[0] += sum(t.numel() * t.element_size() for t in tensors)
-                return _original(tensors, group)
-
-            mofasgd_dp.average_in_place = counting_average
-            try:
+            with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
                 for step in range(args.steps):
                     x = torch.randn(args.tokens, args.hidden, generator=torch.Generator().manual_seed(step + 7 * rank))
                     ddp(x).square().mean().backward()
                     optimizer.step()
                     optimizer.zero_grad()
-            finally:
-                mofasgd_dp.average_in_place = original
-            counts[method] = (ddp_bytes[0] + own_bytes[0]) // args.steps
+            counts[method] = allreduced_bytes(prof) // args.steps
         if rank == 0:
             results.update(counts)
     finally:
@@ -124,12 +116,9 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=8)
     args = parser.parse_args()
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     with mp.Manager() as manager:
         results = manager.dict()
-        mp.spawn(worker, args=(2, port, args, results), nprocs=2, join=True)
+        mp.spawn(worker, args=(2, free_port(), args, results), nprocs=2, join=True)
         measured = dict(results)
     formula = expected_bytes(args.hidden, args.intermediate, args.kv, args.rank)
     real = expected_bytes(LLAMA_8B["hidden"], LLAMA_8B["intermediate"], LLAMA_8B["kv"], args.rank)

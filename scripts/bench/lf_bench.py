@@ -1,8 +1,8 @@
 """Shared pieces of the LLaMA-Factory benchmarks: models, per-method configs, one timed training run, its results.
 
 A run goes through the real training path: a fresh interpreter (so the extension activates as it does for
-``llamafactory-cli train``), ``assert_active()``, then LLaMA-Factory's ``run_exp`` on the method's tiny YAML
-with overrides, exactly what ``python -m llamafactory_mfsgd.train_entry`` does, plus one callback,
+``llamafactory-cli train``) runs ``llamafactory_mfsgd.train_entry.train`` (what ``python -m
+llamafactory_mfsgd.train_entry`` and ``run.py`` run) on the method's tiny YAML with overrides, plus one callback,
 :class:`StepTimer`, that records every optimizer step's wall-clock window (and, on CUDA, the allocator's
 peak during it) into a JSON file. The worker side is this module's ``__main__``::
 
@@ -26,8 +26,13 @@ from typing import Any
 
 import yaml
 
+from llamafactory_mfsgd.config_values import load_config
+
 REPO = Path(__file__).resolve().parents[2]
 CONFIGS = REPO / "configs" / "mfsgd"
+sys.path.insert(0, str(REPO / "scripts"))  # the one tiny-model builder, scripts/build_tiny_llama.py
+
+from build_tiny_llama import ensure_built  # noqa: E402
 
 # Model sizes built by scripts/build_tiny_llama.py into git-ignored models/ paths.
 MODEL_SIZES: dict[str, dict[str, Any]] = {
@@ -53,20 +58,13 @@ RANK_KEYS = {"lora": "lora_rank", "galore": "galore_rank", "galore_fused": "galo
 def ensure_model(size: str) -> Path:
     """The model directory of `size`, built with build_tiny_llama.py first when it is missing."""
     spec = MODEL_SIZES[size]
-    path = REPO / spec["path"]
-    if not (path / "config.json").exists():
-        subprocess.run(
-            [sys.executable, str(REPO / "scripts" / "build_tiny_llama.py"), "--out", str(path), *spec["flags"]],
-            check=True,
-            env=subprocess_env(),
-        )
-    return path
+    return ensure_built(REPO / spec["path"], *spec["flags"], env=subprocess_env())
 
 
 def method_config(method: str, model_dir: Path, output_dir: Path, rank: int, **overrides: Any) -> dict[str, Any]:
     """The method's tiny YAML as a dict, with absolute paths, the shared rank and `overrides` applied."""
     name, method_overrides = METHODS[method]
-    config = yaml.safe_load((CONFIGS / name).read_text())
+    config = load_config(str(CONFIGS / name))
     config.update(
         model_name_or_path=str(model_dir),
         dataset_dir=str(REPO / "data"),
@@ -235,12 +233,9 @@ def _timer_callback(path: Path) -> Any:
 
 
 def _worker(config_path: str, timing_path: str) -> None:
-    from llamafactory_mfsgd.activation import assert_active
+    from llamafactory_mfsgd.train_entry import train
 
-    assert_active()
-    from llamafactory.train.tuner import run_exp
-
-    run_exp(yaml.safe_load(Path(config_path).read_text()), callbacks=[_timer_callback(Path(timing_path))])
+    train(config_path, callbacks=[_timer_callback(Path(timing_path))])
 
 
 def save_results(

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from lf_bench import save_results
+from lf_bench import ensure_built, save_results
 
 from mofasgd import MoFaSGD, split_for_mofasgd
 from mofasgd import factor_math as fm
@@ -230,15 +230,10 @@ def main(argv: list[str] | None = None) -> None:
 
     import os
     import platform
-    import subprocess
-    import sys
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    if not (Path(args.model) / "config.json").exists():
-        subprocess.run(
-            [sys.executable, str(REPO / "scripts" / "build_tiny_llama.py"), "--out", args.model], check=True
-        )
+    ensure_built(Path(args.model))
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     batches = _demo_batches(tokenizer, args.steps, args.batch_size, args.cutoff_len)
     runs = []

@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -35,14 +34,10 @@ from typing import Any
 
 import yaml
 
+from .launcher import free_port
+
 RESULT_PREFIX = "@@check-configs "
 TRIAL_STEPS = 1000
-
-
-def _free_port() -> str:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return str(s.getsockname()[1])
 
 
 def _emulate_bf16_gpu() -> None:
@@ -132,7 +127,7 @@ def _deepspeed_of(config_path: str) -> str | None:
 def _child_env(deepspeed: str | None) -> dict[str, str]:
     env = dict(os.environ)
     if deepspeed and "RANK" not in env:
-        env.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=_free_port())
+        env.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
     return env
 
 

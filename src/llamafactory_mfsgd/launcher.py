@@ -21,6 +21,8 @@ from typing import Any
 
 import yaml
 
+from mofasgd import DEFAULTS
+
 from .arguments import check_extension_types
 from .config_values import load_config, parse_scalar
 from .cuda_cache import ENV as CUDA_CACHE_ENV
@@ -37,7 +39,7 @@ def _fmt(value: Any) -> str:
 def method_tag(config: dict[str, Any]) -> str:
     """Short method description: mfsgd-r8, galore-fused-r8, lora-r8, freeze, full-adamw ..."""
     if config.get("use_mfsgd"):
-        tag = f"mfsgd-r{config.get('mfsgd_rank', 2)}"
+        tag = f"mfsgd-r{config.get('mfsgd_rank', DEFAULTS['rank'])}"
         if config.get("mfsgd_nesterov"):
             tag += "-nesterov"
         if config.get("mfsgd_use_ones_for_nonzero_s"):
@@ -82,10 +84,11 @@ def apply_overrides(config: dict[str, Any], overrides: list[str]) -> dict[str, A
     return result
 
 
-def _free_port() -> str:
+def free_port() -> int:
+    """A TCP port that is free on this machine right now (for a local torch.distributed rendezvous)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        return str(s.getsockname()[1])
+        return s.getsockname()[1]
 
 
 def torchrun_command(config_path: Path, ngpus: int) -> list[str]:
@@ -102,7 +105,7 @@ def torchrun_command(config_path: Path, ngpus: int) -> list[str]:
         "--master_addr",
         os.environ.get("MASTER_ADDR", "127.0.0.1"),
         "--master_port",
-        os.environ.get("MASTER_PORT") or _free_port(),
+        os.environ.get("MASTER_PORT") or str(free_port()),
         "-m",
         "llamafactory_mfsgd.train_entry",
         str(config_path),

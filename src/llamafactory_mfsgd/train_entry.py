@@ -7,19 +7,22 @@ start-up hook alone, it fails before training if the extension is not in effect 
 from __future__ import annotations
 
 import sys
-
-import yaml
+from typing import Any
 
 from .activation import assert_active
+from .config_values import load_config
 
 
-def train(config_path: str) -> None:
-    """Activate (or verify) the extension, then run LLaMA-Factory's training entry on `config_path`."""
+def train(config_path: str, callbacks: list[Any] | None = None) -> None:
+    """Activate (or verify) the extension, then run LLaMA-Factory's training entry on `config_path`.
+
+    The YAML is read like every other path reads it (:func:`config_values.load_config`); `callbacks` (Trainer
+    callbacks) go to the trainer next to the extension's own.
+    """
     assert_active()
     from llamafactory.train.tuner import run_exp
 
-    with open(config_path) as f:
-        run_exp(yaml.safe_load(f))
+    run_exp(load_config(config_path), callbacks=callbacks)
 
 
 if __name__ == "__main__":
