@@ -34,9 +34,21 @@ TARGETS = {
 DISABLED_TARGETS = {"llamafactory.hparams.parser": ("patches.guard_parser",)}
 
 
+def env_flag(name: str, default: bool) -> bool:
+    """An environment switch: unset or empty gives `default`; `0`, `false`, `no`, `off` (any case) are off.
+
+    Anything else is on. The one rule for the extension's switches: ``LLAMAFACTORY_MFSGD`` (here),
+    ``MFSGD_DEBUG_EMPTY_CACHE`` (cuda_cache) and ``MFSGD_CPU_PURE_BF16`` (patches). Config values have their own
+    rule, YAML's (:mod:`llamafactory_mfsgd.config_values`); this one lives here because the start-up hook may
+    import only the standard library.
+    """
+    value = os.environ.get(name, "").strip().lower()
+    return default if not value else value not in ("0", "false", "no", "off")
+
+
 def is_enabled() -> bool:
     """False when the user switched the extension off with LLAMAFACTORY_MFSGD=0/false/off."""
-    return os.environ.get(DISABLE_ENV, "1").strip().lower() not in ("0", "false", "off", "no")
+    return env_flag(DISABLE_ENV, default=True)
 
 
 class _PatchingLoader(importlib.abc.Loader):

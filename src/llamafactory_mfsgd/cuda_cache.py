@@ -9,17 +9,18 @@ registration order. Without CUDA there is nothing cached to release: the option 
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import torch
+
+from .activation import env_flag
 
 ENV = "MFSGD_DEBUG_EMPTY_CACHE"
 
 
 def enabled() -> bool:
-    """True when the environment asks for it (``1``/``true``/``yes``/``on``)."""
-    return os.environ.get(ENV, "").strip().lower() in ("1", "true", "yes", "on")
+    """True when the environment asks for it (``1``, ``true``, ...: :func:`activation.env_flag`)."""
+    return env_flag(ENV, default=False)
 
 
 def _empty_cache(param: torch.Tensor) -> None:

@@ -19,6 +19,7 @@ import os
 from types import ModuleType
 from typing import Any
 
+from .activation import env_flag
 from .arguments import (
     EXTENSION_DATACLASSES,
     ProfileMemoryArguments,
@@ -215,6 +216,6 @@ def allow_cpu_pure_bf16(module: ModuleType) -> None:
     """
     import torch
 
-    if os.environ.get(CPU_PURE_BF16_ENV, "0") == "1" and not torch.cuda.is_available():
+    if env_flag(CPU_PURE_BF16_ENV, default=False) and not torch.cuda.is_available():
         require(module, "is_torch_bf16_gpu_available")
         module.is_torch_bf16_gpu_available = lambda: True
