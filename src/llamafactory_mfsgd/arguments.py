@@ -325,9 +325,18 @@ def validate_engine_keys(values: dict[str, Any]) -> None:
             "(`python run.py CFG --ngpus N` or `FORCE_TORCHRUN=1 llamafactory-cli train CFG`)."
         )
     if is_set(values.get("fsdp")) or is_set(values.get("fsdp_config")):
+        fsdp_config = values.get("fsdp_config")
+        fsdp_config = fsdp_config if isinstance(fsdp_config, dict) else {}
+        version = fsdp_config.get("fsdp_version", fsdp_config.get("version"))
+        why = (
+            "FSDP2 keeps each weight a row-sharded matrix, but MoFaSGD's sharded factor step (U sharded like W, "
+            "V replicated) is not implemented yet"
+            if str(version) == "2"
+            else "FSDP1 hands the optimizer flattened 1-D shards, so no weight matrix is left to factor"
+        )
         raise ValueError(
-            "`use_mfsgd: true` does not run under FSDP (parameters are sharded and flattened). Remove `fsdp:`; "
-            "multi-GPU MoFaSGD runs on plain DDP (`python run.py CFG --ngpus N`)."
+            f"`use_mfsgd: true` does not run under FSDP: {why}. Remove `fsdp:`/`fsdp_config:`; multi-GPU MoFaSGD "
+            "runs on plain DDP (`python run.py CFG --ngpus N` or `FORCE_TORCHRUN=1 llamafactory-cli train CFG`)."
         )
 
 
