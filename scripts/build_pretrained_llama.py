@@ -38,7 +38,7 @@ SCRIPTS = Path(__file__).resolve().parent
 REPO = SCRIPTS.parent
 sys.path.insert(0, str(SCRIPTS))
 
-from build_tiny_llama import BOS_TOKEN, CHAT_TEMPLATE, EOS_TOKEN, SPECIAL_TOKENS, build_model  # noqa: E402
+from build_tiny_llama import build_model, train_tokenizer  # noqa: E402
 from nanogpt.build_offline_corpus import PIECE_BYTES, VAL_PERCENT, _pieces, stdlib_sources  # noqa: E402
 
 REPORT = "pretrain_report.json"
@@ -54,33 +54,6 @@ def split_sources(seed: int = 0) -> tuple[list[str], list[str]]:
     rng.shuffle(train)
     rng.shuffle(val)
     return train, val
-
-
-def train_tokenizer(texts: list[str], vocab_size: int):
-    """Byte-level BPE on `texts`, wrapped like build_tiny_llama's (same special tokens and chat template)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        min_frequency=2,
-        special_tokens=SPECIAL_TOKENS,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tokenizer.train_from_iterator(texts, trainer=trainer)
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer,
-        bos_token=BOS_TOKEN,
-        eos_token=EOS_TOKEN,
-        pad_token=EOS_TOKEN,
-        additional_special_tokens=SPECIAL_TOKENS[1:4] + SPECIAL_TOKENS[5:],
-        chat_template=CHAT_TEMPLATE,
-        model_max_length=2048,
-    )
 
 
 def pack(tokenizer, texts: list[str], max_tokens: int) -> list[int]:

@@ -30,7 +30,7 @@ import argparse
 import json
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 DEFAULT_DATA = Path(__file__).resolve().parent.parent / "data" / "tulu3_demo.jsonl"
@@ -71,8 +71,8 @@ def iter_corpus(data_files: list[Path]) -> Iterator[str]:
                         yield message["content"]
 
 
-def train_tokenizer(data_files: list[Path], vocab_size: int):
-    """Train a byte-level BPE tokenizer and wrap it as a transformers fast tokenizer."""
+def train_tokenizer(texts: Iterable[str], vocab_size: int):
+    """A byte-level BPE tokenizer trained on `texts`, as a fast tokenizer with our special tokens and chat template."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -86,7 +86,7 @@ def train_tokenizer(data_files: list[Path], vocab_size: int):
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tokenizer.train_from_iterator(iter_corpus(data_files), trainer=trainer)
+    tokenizer.train_from_iterator(texts, trainer=trainer)
     return PreTrainedTokenizerFast(
         tokenizer_object=tokenizer,
         bos_token=BOS_TOKEN,
@@ -137,7 +137,7 @@ def build(
     if hidden % heads != 0 or heads % kv_heads != 0:
         raise ValueError(f"hidden ({hidden}) must be divisible by heads ({heads}), heads by kv_heads ({kv_heads}).")
 
-    tokenizer = train_tokenizer(data_files or [DEFAULT_DATA], vocab)
+    tokenizer = train_tokenizer(iter_corpus(data_files or [DEFAULT_DATA]), vocab)
     model = build_model(tokenizer, hidden, layers, intermediate or 4 * hidden, heads, kv_heads, seed)
     import torch
 

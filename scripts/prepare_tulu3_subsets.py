@@ -47,6 +47,8 @@ from collections import Counter
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
+from llamafactory_mfsgd.tulu3_mixture import sharegpt_entry as dataset_entry  # the dataset_info.json entry schema
+
 SOURCE_CATEGORIES = {
     "personahub_math_v5_regen_149960": "math",
     "tulu-3-sft-personas-math-grade": "math",
@@ -113,22 +115,6 @@ def source_category(source: str) -> str:
 def dataset_name(category: str) -> str:
     """The ``dataset_info.json`` key of a category subset, e.g. ``tulu3_coding``."""
     return f"tulu3_{category}"
-
-
-def dataset_entry(file_name: str) -> dict:
-    """A LLaMA-Factory ``dataset_info.json`` entry for a local file in the Tulu 3 (sharegpt) schema."""
-    return {
-        "file_name": file_name,
-        "formatting": "sharegpt",
-        "columns": {"messages": "messages"},
-        "tags": {
-            "role_tag": "role",
-            "content_tag": "content",
-            "user_tag": "user",
-            "assistant_tag": "assistant",
-            "system_tag": "system",
-        },
-    }
 
 
 def iter_rows(source: str, split: str = "train", streaming: bool = False) -> Iterator[dict]:

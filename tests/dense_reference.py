@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
+
+from mofasgd import DEFAULTS
 
 
 def svd_r(matrix: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -11,29 +15,23 @@ def svd_r(matrix: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, 
 
 
 class DenseMoFaSGD:
-    """Keeps M = U diag(S) V^T but computes beta M + G_hat, the SVD and the update with dense matrices."""
+    """Keeps M = U diag(S) V^T but computes beta M + G_hat, the SVD and the update with dense matrices.
 
-    def __init__(
-        self,
-        weight: torch.Tensor,
-        rank: int,
-        lr: float,
-        beta: float = 0.9,
-        eta1: float = 1.0,
-        eta2: float = 0.0,
-        eps: float = 1e-4,
-        max_value: float = 1e4,
-        use_ones: bool = False,
-        use_current_projection: bool = False,
-        nesterov: bool = False,
-        weight_decay: float = 0.0,
-    ):
+    Takes MoFaSGD's options by their names, with MoFaSGD's defaults; those that do not change the math
+    (fused, data_parallel, ...) are accepted and ignored.
+    """
+
+    def __init__(self, weight: torch.Tensor, **options: Any):
+        unknown = set(options) - set(DEFAULTS)
+        if unknown:
+            raise TypeError(f"not MoFaSGD options: {sorted(unknown)}")
+        o = {**DEFAULTS, **options}
         self.W = weight.detach().double().clone()
-        self.rank = min(rank, *weight.shape)
+        self.rank = min(o["rank"], *weight.shape)
         self.U, self.S, self.V = svd_r(self.W, self.rank)
-        self.lr, self.beta, self.eta1, self.eta2 = lr, beta, eta1, eta2
-        self.eps, self.max_value, self.use_ones = eps, max_value, use_ones
-        self.use_current, self.nesterov, self.wd = use_current_projection, nesterov, weight_decay
+        self.lr, self.beta, self.eta1, self.eta2 = o["lr"], o["beta"], o["eta1"], o["eta2"]
+        self.eps, self.max_value, self.use_ones = o["eps"], o["max_value"], o["use_ones_for_nonzero_s"]
+        self.use_current, self.nesterov, self.wd = o["use_current_projection"], o["nesterov"], o["weight_decay"]
 
     @property
     def momentum(self) -> torch.Tensor:

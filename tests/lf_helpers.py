@@ -17,6 +17,22 @@ CONFIGS = REPO / "configs" / "mfsgd"
 BIN = Path(sys.executable).parent
 
 
+def conversation(*turns: str) -> list[dict]:
+    """Chat messages alternating user / assistant, starting with the user."""
+    return [{"role": ("user", "assistant")[i % 2], "content": text} for i, text in enumerate(turns)]
+
+
+def encode_with_template(model_dir: Path, template: str, messages: list[dict], system: str | None = None):
+    """The model's tokenizer and the (prompt ids, answer ids) pairs of `messages` under LLaMA-Factory's `template`."""
+    from llamafactory.data import get_template_and_fix_tokenizer
+    from llamafactory.hparams import DataArguments
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    chat = get_template_and_fix_tokenizer(tokenizer, DataArguments(template=template))
+    return tokenizer, chat.encode_multiturn(tokenizer, messages, system=system)
+
+
 def tiny_config(name: str, model_dir: Path, output_dir: Path, **overrides) -> dict:
     """A tiny CPU config from configs/mfsgd with absolute paths, short schedule, no eval unless asked."""
     with open(CONFIGS / name) as f:

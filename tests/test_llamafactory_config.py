@@ -7,7 +7,7 @@ import llamafactory.train.trainer_utils  # noqa: F401  (applies the trainer patc
 import pytest
 import torch
 import yaml
-from lf_helpers import CONFIGS, REPO, run_cli, tiny_config
+from lf_helpers import CONFIGS, REPO, conversation, encode_with_template, run_cli, tiny_config
 from llamafactory.hparams import get_train_args
 
 from llamafactory_mfsgd.arguments import FROM_TRAINING_ARGUMENTS, OPTION_OF_KEY, optimizer_options
@@ -96,19 +96,8 @@ def test_every_shipped_config_parses_with_the_real_parser(path):
 
 
 def test_tulu_v3_template_is_registered_and_renders_the_tulu_format(tiny_model):
-    from llamafactory.data import get_template_and_fix_tokenizer
-    from llamafactory.hparams import DataArguments
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
-    template = get_template_and_fix_tokenizer(tokenizer, DataArguments(template="tulu_v3"))
-    messages = [
-        {"role": "user", "content": "2+2?"},
-        {"role": "assistant", "content": "4"},
-        {"role": "user", "content": "3+3?"},
-        {"role": "assistant", "content": "6"},
-    ]
-    pairs = template.encode_multiturn(tokenizer, messages, system="Be brief.")
+    messages = conversation("2+2?", "4", "3+3?", "6")
+    tokenizer, pairs = encode_with_template(tiny_model, "tulu_v3", messages, system="Be brief.")
     text = "".join(tokenizer.decode(p + a) for p, a in pairs)
     eos = tokenizer.eos_token
     expected = f"<|system|>\nBe brief.\n<|user|>\n2+2?\n<|assistant|>\n4{eos}\n<|user|>\n3+3?\n<|assistant|>\n6{eos}\n"

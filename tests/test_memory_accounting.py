@@ -32,15 +32,10 @@ def load_script():
 acc = load_script()
 
 
-def tiny_config(tied: bool) -> LlamaConfig:
+def tiny_config(tied: bool, **changes) -> LlamaConfig:
+    default = {"hidden_size": 64, "intermediate_size": 160, "num_hidden_layers": 2, "vocab_size": 320}
     return LlamaConfig(
-        hidden_size=64,
-        intermediate_size=160,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=320,
-        tie_word_embeddings=tied,
+        **{**default, **changes}, num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=tied
     )
 
 
@@ -175,15 +170,8 @@ def test_mofasgd_state_is_the_factor_formula_and_what_the_real_optimizer_holds(c
 
 @pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
 def test_activation_estimate_matches_tensors_saved_by_a_real_forward(lora):
-    config = LlamaConfig(
-        hidden_size=128,
-        intermediate_size=352,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=256,
-        attn_implementation="sdpa",
-    )
+    shape = {"hidden_size": 128, "intermediate_size": 352, "num_hidden_layers": 3, "vocab_size": 256}
+    config = tiny_config(tied=False, **shape, attn_implementation="sdpa")
     model = real_model(config)
     if lora:
         model = get_peft_model(model, LoraConfig(r=RANK, target_modules=TARGETS, lora_dropout=0.0))

@@ -12,15 +12,8 @@ SHAPES = [(12, 7), (6, 15), (9, 9), (4, 10)]  # tall, wide, square, and rank >= 
 def make_pair(shape, rank, fused, seed=0, **options):
     torch.manual_seed(seed)
     weight = torch.nn.Parameter(torch.randn(*shape, dtype=torch.float64))
-    ref = DenseMoFaSGD(
-        weight, rank=rank, lr=options.get("lr", 0.05), **{k: v for k, v in options.items() if k != "lr"}
-    )
-    opt_options = dict(options)
-    if "use_ones" in opt_options:
-        opt_options["use_ones_for_nonzero_s"] = opt_options.pop("use_ones")
-    opt_options.setdefault("lr", 0.05)
-    opt = MoFaSGD([weight], rank=rank, fused=fused, **opt_options)
-    return weight, opt, ref
+    options = {"lr": 0.05, "rank": rank, "fused": fused, **options}
+    return weight, MoFaSGD([weight], **options), DenseMoFaSGD(weight, **options)
 
 
 def backward_with_grad(weight, grad):
@@ -47,10 +40,10 @@ def assert_matches(weight, opt, ref, tol=1e-9):
 
 OPTIONS = {
     "reciprocal_s": {},
-    "spectral_ones": {"use_ones": True},
+    "spectral_ones": {"use_ones_for_nonzero_s": True},
     "nesterov": {"nesterov": True},
     "weight_decay": {"weight_decay": 0.1},
-    "nesterov_ones_wd": {"nesterov": True, "use_ones": True, "weight_decay": 0.05, "beta": 0.5},
+    "nesterov_ones_wd": {"nesterov": True, "use_ones_for_nonzero_s": True, "weight_decay": 0.05, "beta": 0.5},
     "clamped_max_value": {"max_value": 0.3},
 }
 

@@ -1,11 +1,10 @@
 """Scheduler kwargs: refused at parse time when they would fail, and the authors' WSD `cooldown_ratio` as steps."""
 
-import llamafactory.train.trainer_utils as trainer_utils
 import pytest
-import torch
 from lf_helpers import assert_ok, log_history, run_cli, tiny_config
 from llamafactory.hparams import get_train_args
-from transformers.optimization import get_scheduler
+
+from llamafactory_mfsgd.schedulers import lr_factors
 
 WSD = {"lr_scheduler_type": "warmup_stable_decay"}
 
@@ -48,29 +47,11 @@ def test_valid_scheduler_kwargs_parse_unchanged(base, change):
     assert training_args.lr_scheduler_kwargs == change["lr_scheduler_kwargs"]
 
 
-def _lrs(training_args, steps: int) -> list[float]:
-    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
-    trainer_utils.create_custom_scheduler(training_args, steps, optimizer)  # the patched one, as trainers call it
-    scheduler = get_scheduler(
-        training_args.lr_scheduler_type,
-        optimizer,
-        num_warmup_steps=training_args.get_warmup_steps(steps),
-        num_training_steps=steps,
-        scheduler_specific_kwargs=training_args.lr_scheduler_kwargs,
-    )
-    lrs = []
-    for _ in range(steps):
-        lrs.append(optimizer.param_groups[0]["lr"])
-        optimizer.step()
-        scheduler.step()
-    return lrs
-
-
 def test_cooldown_ratio_becomes_decay_and_stable_steps_at_scheduler_creation(base):
     _, _, training_args, _, _ = get_train_args(
         {**base, **WSD, "warmup_ratio": 0.1, "lr_scheduler_kwargs": {"cooldown_ratio": 0.4, "decay_type": "linear"}}
     )
-    lrs = _lrs(training_args, 100)
+    lrs = lr_factors(training_args, 100)  # through the patched create_custom_scheduler, as trainers call it
     assert training_args.lr_scheduler_kwargs == {"decay_type": "linear", "num_decay_steps": 40, "num_stable_steps": 50}
     assert lrs[:10] == pytest.approx([i / 10 for i in range(10)])
     assert lrs[10:60] == [1.0] * 50

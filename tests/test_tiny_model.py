@@ -6,6 +6,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 
 from build_tiny_llama import EOS_TOKEN, SPECIAL_TOKENS, build  # noqa: E402
+from lf_helpers import conversation, encode_with_template  # noqa: E402
 
 
 def _files(directory: Path) -> dict[str, bytes]:
@@ -109,19 +110,8 @@ def test_llama3_template_needs_no_new_tokens(tiny_dir):
 
 
 def test_llamafactory_tulu_v3_template_matches_the_tokenizer_chat_template(tiny_dir):
-    from llamafactory.data import get_template_and_fix_tokenizer
-    from llamafactory.hparams import DataArguments
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(tiny_dir)
-    template = get_template_and_fix_tokenizer(tokenizer, DataArguments(template="tulu_v3"))
-    messages = [
-        {"role": "user", "content": "What is 2 + 2?"},
-        {"role": "assistant", "content": "4"},
-        {"role": "user", "content": "Reverse 'abc'."},
-        {"role": "assistant", "content": "'cba'"},
-    ]
-    turns = template.encode_multiturn(tokenizer, messages, system="Answer briefly.")
+    messages = conversation("What is 2 + 2?", "4", "Reverse 'abc'.", "'cba'")
+    tokenizer, turns = encode_with_template(tiny_dir, "tulu_v3", messages, system="Answer briefly.")
     rendered = tokenizer.apply_chat_template(
         [{"role": "system", "content": "Answer briefly."}, *messages], tokenize=False
     )

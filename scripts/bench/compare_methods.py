@@ -191,36 +191,31 @@ def bench_size(size: str, methods: list[str], args: argparse.Namespace) -> dict[
     model_dir = ensure_model(size)
     run_root = Path(args.out) / size
     common = {"per_device_train_batch_size": args.batch_size, "gradient_accumulation_steps": args.grad_accum}
-    profiled: dict[str, RunResult] = {}
-    for method in methods:
-        config = method_config(
-            method,
-            model_dir,
-            run_root / "profile" / method,
-            args.rank,
-            max_steps=args.profile_step,
-            logging_steps=1,
-            eval_strategy="no",
-            profile_memory_from_start=True,
-            profile_memory_stop_step=args.profile_step,
-            **common,
-        )
-        profiled[method] = run_training(config)
-    timed: dict[str, RunResult] = {}
-    for method in methods:
-        config = method_config(
-            method,
-            model_dir,
-            run_root / "timed" / method,
-            args.rank,
-            max_steps=args.steps,
-            logging_steps=5,
-            eval_strategy="steps",
-            eval_steps=args.steps,
-            profile_memory_from_start=False,
-            **common,
-        )
-        timed[method] = run_training(config)
+
+    def run_every_method(phase: str, **settings: Any) -> dict[str, RunResult]:
+        return {
+            method: run_training(method_config(method, model_dir, run_root / phase / method, args.rank, **settings))
+            for method in methods
+        }
+
+    profiled = run_every_method(
+        "profile",
+        max_steps=args.profile_step,
+        logging_steps=1,
+        eval_strategy="no",
+        profile_memory_from_start=True,
+        profile_memory_stop_step=args.profile_step,
+        **common,
+    )
+    timed = run_every_method(
+        "timed",
+        max_steps=args.steps,
+        logging_steps=5,
+        eval_strategy="steps",
+        eval_steps=args.steps,
+        profile_memory_from_start=False,
+        **common,
+    )
     rows = [method_row(m, profiled[m], timed[m], args.profile_step) for m in methods]
     add_ratios(rows)
     reference = method_config("adamw", model_dir, run_root, args.rank, **common)

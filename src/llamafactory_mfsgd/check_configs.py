@@ -51,24 +51,9 @@ def _emulate_bf16_gpu() -> None:
 
 def _scheduler_summary(training_args: Any, steps: int) -> str:
     """Build the run's scheduler as the trainers do (LLaMA-Factory's hook, then HF's get_scheduler); step it."""
-    import torch
-    from llamafactory.train.trainer_utils import create_custom_scheduler
-    from transformers.optimization import get_scheduler
+    from .schedulers import lr_factors
 
-    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
-    create_custom_scheduler(training_args, steps, optimizer)
-    scheduler = get_scheduler(
-        training_args.lr_scheduler_type,
-        optimizer,
-        num_warmup_steps=training_args.get_warmup_steps(steps),
-        num_training_steps=steps,
-        scheduler_specific_kwargs=training_args.lr_scheduler_kwargs,
-    )
-    factors = []
-    for _ in range(steps):
-        factors.append(optimizer.param_groups[0]["lr"])
-        optimizer.step()
-        scheduler.step()
+    factors = lr_factors(training_args, steps)
     name = getattr(training_args.lr_scheduler_type, "value", training_args.lr_scheduler_type)
     kwargs = training_args.lr_scheduler_kwargs or {}
     return (

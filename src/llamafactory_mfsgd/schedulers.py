@@ -115,6 +115,31 @@ def check_scheduler_kwargs(training_args: Any, fill_defaults: Callable[[Any, int
         ) from error
 
 
+def lr_factors(training_args: Any, steps: int) -> list[float]:
+    """The learning-rate multiplier at each of `steps` optimizer steps under the run's scheduler.
+
+    The scheduler is built as trainers build it (LLaMA-Factory's ``create_custom_scheduler``, then HF's
+    ``get_scheduler``), on a one-parameter optimizer.
+    """
+    from llamafactory.train.trainer_utils import create_custom_scheduler
+
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    create_custom_scheduler(training_args, steps, optimizer)
+    scheduler = get_scheduler(
+        training_args.lr_scheduler_type,
+        optimizer,
+        num_warmup_steps=training_args.get_warmup_steps(steps),
+        num_training_steps=steps,
+        scheduler_specific_kwargs=training_args.lr_scheduler_kwargs,
+    )
+    factors = []
+    for _ in range(steps):
+        factors.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    return factors
+
+
 def wrap_create_custom_scheduler(original: Callable[..., Any]) -> Callable[..., Any]:
     """LLaMA-Factory's ``create_custom_scheduler`` that first turns a WSD ``cooldown_ratio`` into step counts."""
 

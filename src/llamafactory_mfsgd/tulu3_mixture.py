@@ -70,8 +70,13 @@ def category_of(source: str) -> str | None:
 
 def dataset_entry(category: str) -> dict[str, Any]:
     """The ``dataset_info.json`` entry of one category: a local JSONL in the mixture's (sharegpt) schema."""
+    return sharegpt_entry(f"tulu3_mixture/{category}.jsonl")
+
+
+def sharegpt_entry(file_name: str) -> dict[str, Any]:
+    """A LLaMA-Factory ``dataset_info.json`` entry for a local file in the Tulu 3 (sharegpt messages) schema."""
     return {
-        "file_name": f"tulu3_mixture/{category}.jsonl",
+        "file_name": file_name,
         "formatting": "sharegpt",
         "columns": {"messages": "messages"},
         "tags": {
