@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import lf_bench
 import torch
 from lf_bench import REPO, ensure_model, last_logged, machine_description, method_config, run_training, save_results
 from torch import nn
@@ -214,13 +215,8 @@ def plot(result: dict[str, Any], path: Path) -> Path:
         rows = [r for r in result["matrix"] if r["optimizer"] == name]
         ax.plot([r["lr"] for r in rows], [r["nearest"] for r in rows], marker="o", ls="--", label=f"{name}, nearest")
         ax.plot([r["lr"] for r in rows], [r["stochastic"] for r in rows], marker="s", label=f"{name}, stochastic")
-    ax.set_xscale("log")
-    ax.set_xlabel("learning rate")
-    ax.set_ylabel("fraction of the fp32 update kept")
-    ax.set_title(f"bf16 weights, {SHAPE[0]} x {SHAPE[1]} matrix")
-    ax.legend(fontsize="small")
-    fig.savefig(path, format="png")
-    return path
+    title = f"bf16 weights, {SHAPE[0]} x {SHAPE[1]} matrix"
+    return lf_bench.save_lr_plot(fig, ax, path, "fraction of the fp32 update kept", title)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -238,6 +238,17 @@ def _worker(config_path: str, timing_path: str) -> None:
     train(config_path, callbacks=[_timer_callback(Path(timing_path))])
 
 
+def save_lr_plot(fig: Any, ax: Any, path: Path, ylabel: str, title: str) -> Path:
+    """Finish a plot over learning rates (log x axis, labels, legend) and save it as a PNG at `path`."""
+    ax.set_xscale("log")
+    ax.set_xlabel("learning rate")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.legend(fontsize="small")
+    fig.savefig(path, format="png")
+    return path
+
+
 def save_results(
     result: dict[str, Any],
     stem: str,

@@ -26,6 +26,7 @@ from lf_bench import (
     machine_description,
     method_config,
     run_training,
+    save_lr_plot,
     save_results,
 )
 
@@ -114,13 +115,8 @@ def plot(result: dict[str, Any], path: Path) -> Path:
         points = sorted((r["lr"], r["eval_loss"]) for r in result["records"] if r["variant"] == variant)
         points = [(lr, loss) for lr, loss in points if loss is not None]
         ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=variant)
-    ax.set_xscale("log")
-    ax.set_xlabel("learning rate")
-    ax.set_ylabel(f"eval loss after {result['setup']['steps']} steps")
-    ax.set_title(f"tiny Tulu3 task, rank {result['setup']['rank']}")
-    ax.legend(fontsize="small")
-    fig.savefig(path, format="png")
-    return path
+    steps, rank = result["setup"]["steps"], result["setup"]["rank"]
+    return save_lr_plot(fig, ax, path, f"eval loss after {steps} steps", f"tiny Tulu3 task, rank {rank}")
 
 
 def main(argv: list[str] | None = None) -> None:
