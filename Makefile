@@ -67,7 +67,7 @@ nanogpt-compare: $(PY)
 
 nanogpt-seeds: $(PY)
 	$(PY) scripts/nanogpt/seeds.py --config-path scripts/nanogpt/cpu.yaml --steps 200 --warmup 80 \
-		--config '{"train": {"batch_tokens": 2048}}' --results-dir results
+		--config '{"train": {"batch_tokens": 2048, "val_tokens": 32768}}' --results-dir results
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info .pytest_cache outputs

@@ -225,12 +225,9 @@ def render_markdown(result: dict[str, Any]) -> str:
             f"{len(row['seeds'])} | {lrs} | {row['step_time_s']:.3f} | {row['peak_rss_mib']:.0f} | "
             f"{'; '.join(notes)} |"
         )
-    base_losses = {r["base_eval_loss"] for r in runs if r.get("base_eval_loss") is not None}
+    base_losses = {f"{r['precision']} {r['base_eval_loss']:.4f}" for r in runs if r.get("base_eval_loss") is not None}
     if base_losses:
-        lines += [
-            "",
-            f"Eval loss of the base before SFT (step 0): {', '.join(f'{x:.4f}' for x in sorted(base_losses))}.",
-        ]
+        lines += ["", f"Eval loss of the base before SFT (step 0): {', '.join(sorted(base_losses))}."]
     not_run = [name for name in VARIANTS if name not in {r["variant"] for r in runs}]
     unsettled = [r["variant"] for r in rows if r["best_lr"] is None or r["edge"] or len(r["seeds"]) < setup["seeds"]]
     lines += ["", "## Not done", ""]
@@ -288,7 +285,8 @@ def plot(result: dict[str, Any], path: Path) -> Path:
 
 def run_one(variant: Variant, lr: float, seed: int, args: argparse.Namespace, model_dir: Path) -> dict[str, Any]:
     """Train one (variant, lr, seed), or read its record when it already ran; return the record."""
-    run_dir = Path(args.out) / "runs" / variant.name / f"lr{lr:g}_seed{seed}"
+    adamw_side = f"_alr{args.mfsgd_adamw_lr:g}" if variant.bench_method == "mofasgd" else ""
+    run_dir = Path(args.out) / "runs" / variant.name / f"lr{lr:g}{adamw_side}_seed{seed}"
     record_path = run_dir / "record.json"
     if record_path.exists():
         record = json.loads(record_path.read_text())
@@ -324,6 +322,8 @@ def run_one(variant: Variant, lr: float, seed: int, args: argparse.Namespace, mo
         "steps": args.steps,
         "model": model_dir.name,
     }
+    if variant.bench_method == "mofasgd":
+        record["adamw_lr"] = args.mfsgd_adamw_lr
     start = time.perf_counter()
     try:
         run = run_training(config, timeout=args.timeout)
