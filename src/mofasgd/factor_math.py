@@ -1,6 +1,6 @@
 """Pure functions behind MoFaSGD: projections, the 2r x 2r momentum core, step scaling, initialisation.
 
-Notation (DESIGN §3): a managed matrix W is m x n, its momentum M ~= U diag(S) V^T with U (m x r) and
+Notation (docs/algorithm.md): a managed matrix W is m x n, its momentum M ~= U diag(S) V^T with U (m x r) and
 V (n x r) orthonormal. A gradient G enters only through GV = G V (m x r) and GtU = G^T U (n x r); both are
 linear in G, so they can be summed over micro-batches and averaged over data-parallel ranks exactly.
 Every function here costs O((m + n) r^2) time and memory, never O(m n), except the projection of G itself.

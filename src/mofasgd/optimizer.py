@@ -563,13 +563,18 @@ class MoFaSGD(torch.optim.Optimizer):
         """
         params = [p for p, _ in items]
         states = [self.state[p] for p in params]
-        U, S, V = (torch.stack([st[key] for st in states]) for key in ("U", "S", "V"))
-        gv = torch.stack([proj[0] for _, proj in items])
-        gtu = torch.stack([proj[1] for _, proj in items])
+
+        def batch(tensors: list[torch.Tensor]) -> torch.Tensor:  # a view when the bucket holds one matrix
+            return tensors[0].unsqueeze(0) if len(tensors) == 1 else torch.stack(tensors)
+
+        U, S, V = (batch([st[key] for st in states]) for key in ("U", "S", "V"))
+        gv = batch([proj[0] for _, proj in items])
+        gtu = batch([proj[1] for _, proj in items])
         finite = torch.isfinite(gv).flatten(1).all(1) & torch.isfinite(gtu).flatten(1).all(1)
         self._count_nonfinite(finite)
-        gv = torch.where(finite[:, None, None], gv, 0)
-        gtu = torch.where(finite[:, None, None], gtu, 0)
+        # the projections are consumed by this step (pending sums, or fresh in non-fused mode): mask in place
+        gv.masked_fill_(~finite[:, None, None], 0)
+        gtu.masked_fill_(~finite[:, None, None], 0)
         rank = U.shape[-1]
         betas = [self.current_beta(group, int(st["step"])) for st in states]  # CPU step counters: no device sync
         beta = betas[0] if len(set(betas)) == 1 else torch.tensor(betas, dtype=U.dtype, device=U.device)
@@ -577,9 +582,8 @@ class MoFaSGD(torch.optim.Optimizer):
         new = fm.truncate(core.q_u, core.q_v, core.core, rank)
         direction = fm.nesterov_direction(core, new, beta, rank) if group["nesterov"] else new
         keep = finite[:, None, None]
-        new = fm.LowRank(
-            torch.where(keep, new.U, U), torch.where(finite[:, None], new.S, S), torch.where(keep, new.V, V)
-        )
+        for fresh, old, mask in ((new.U, U, keep), (new.S, S, finite[:, None]), (new.V, V, keep)):
+            torch.where(mask, fresh, old, out=fresh)  # a skipped matrix keeps its factors
 
         lr = group["lr"]
         scale = fm.step_scaling(direction.S, group["eps"], group["max_value"], group["use_ones_for_nonzero_s"])
