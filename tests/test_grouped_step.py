@@ -22,6 +22,13 @@ def grads(step, micro, shapes=SHAPES, dtype=torch.float64):
     return [torch.randn(*shape, generator=gen, dtype=dtype) for shape in shapes]
 
 
+def step_both(opt, singles):
+    """One step of the shared optimizer and of each single-matrix one."""
+    for optimizer in (opt, *singles):
+        optimizer.step()
+        optimizer.zero_grad()
+
+
 OPTIONS = {
     "plain": {},
     "nesterov_wd": {"nesterov": True, "weight_decay": 0.1},
@@ -48,11 +55,7 @@ def test_grouped_step_equals_each_matrix_stepped_alone(options, fused):
                     continue  # one matrix misses a step: its step counter (and warm-up beta) falls behind
                 (a * g).sum().backward()
                 (b * g).sum().backward()
-        opt.step()
-        opt.zero_grad()
-        for single in singles:
-            single.step()
-            single.zero_grad()
+        step_both(opt, singles)
     for a, b, single in zip(together, alone, singles):
         torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-10)
         for key in ("U", "S", "V", "step"):
@@ -89,11 +92,7 @@ def test_non_finite_matrix_in_a_bucket_is_masked_without_disturbing_the_others()
                 g[0, 0] = float("nan")
             (a * g).sum().backward()
             (b * g).sum().backward()
-        opt.step()
-        opt.zero_grad()
-        for single in singles:
-            single.step()
-            single.zero_grad()
+        step_both(opt, singles)
     for a, b in zip(together, alone):
         torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-10)
         assert torch.isfinite(opt.state[a]["U"]).all()
