@@ -96,10 +96,10 @@ def momentum_core(
     utgv = U.mT @ gv
     q_u, r_u = torch.linalg.qr(torch.cat([U, gv], dim=-1))
     q_v, r_v = torch.linalg.qr(torch.cat([V, gtu], dim=-1))
-    eye = torch.eye(r, dtype=U.dtype, device=U.device).expand(*U.shape[:-2], r, r)
-    middle = torch.cat([torch.cat([-utgv, eye], dim=-1), torch.cat([eye, torch.zeros_like(eye)], dim=-1)], dim=-2)
-    grad_core = r_u @ middle @ r_v.mT
-    momentum_part = (r_u[..., :r] * (_as_scale(beta, S) * S).unsqueeze(-2)) @ r_v[..., :r].mT
+    # R_U C R_V^T by blocks (R_1 = first r columns, R_2 = the rest), without forming C
+    ru1, ru2, rv1, rv2 = r_u[..., :r], r_u[..., r:], r_v[..., :r], r_v[..., r:]
+    grad_core = ru1 @ (rv2.mT - utgv @ rv1.mT) + ru2 @ rv1.mT
+    momentum_part = (ru1 * (_as_scale(beta, S) * S).unsqueeze(-2)) @ rv1.mT
     return MomentumCore(q_u, q_v, grad_core + momentum_part, grad_core)
 
 
