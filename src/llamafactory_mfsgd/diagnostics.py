@@ -16,8 +16,8 @@ PREFIX = "mfsgd/"
 
 
 def unwrap_optimizer(optimizer: Any) -> Any:
-    """The optimizer inside accelerate's / the Trainer's wrappers."""
-    while optimizer is not None and hasattr(optimizer, "optimizer") and not hasattr(optimizer, "pop_diagnostics"):
+    """The optimizer inside accelerate's / the Trainer's wrappers (MoFaSGD and fused GaLore answer `grad_norm`)."""
+    while hasattr(optimizer, "optimizer") and not hasattr(optimizer, "grad_norm"):
         optimizer = optimizer.optimizer
     return optimizer
 

@@ -17,7 +17,7 @@ from types import ModuleType
 from typing import Any
 
 from .compat import require
-from .diagnostics import add_diagnostics
+from .diagnostics import add_diagnostics, unwrap_optimizer
 
 
 def patch_trainer(trainer_utils: ModuleType) -> None:
@@ -29,10 +29,7 @@ def patch_trainer(trainer_utils: ModuleType) -> None:
 
 
 def _unwrapped_optimizer(trainer: Any) -> Any:
-    optimizer = trainer.optimizer
-    while hasattr(optimizer, "optimizer") and not hasattr(optimizer, "grad_norm"):
-        optimizer = optimizer.optimizer
-    return optimizer
+    return unwrap_optimizer(trainer.optimizer)
 
 
 def _patch_grad_norm(trainer_class: type) -> None:

@@ -12,16 +12,7 @@ import math
 
 import torch
 
-from mofasgd.rounding import as_rows, stochastic_round_, update_in_fp32_
-
-
-def _store(target: torch.Tensor, value: torch.Tensor, generator: torch.Generator | None, noise) -> None:
-    if value.data_ptr() == target.data_ptr():
-        return
-    if generator is not None and target.dtype == torch.bfloat16:
-        stochastic_round_(target, value.contiguous(), generator, noise)
-    else:
-        target.copy_(value)
+from mofasgd.rounding import as_rows, store_, update_in_fp32_
 
 
 def adamw_update_fp32_(
@@ -49,7 +40,7 @@ def adamw_update_fp32_(
         if weight_decay != 0:
             buffer.mul_(1.0 - lr * weight_decay)
         buffer.addcdiv_(m, (v.sqrt() / bias2_sqrt).add_(eps), value=-step_size)
-        _store(avgs[start:stop], m, generator, noise)
-        _store(avg_sqs[start:stop], v, generator, noise)
+        store_(avgs[start:stop], m, generator, noise)
+        store_(avg_sqs[start:stop], v, generator, noise)
 
     update_in_fp32_(param, compute, generator)

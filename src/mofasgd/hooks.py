@@ -53,13 +53,9 @@ class HookRegistry:
         self._handles: dict[int, Any] = {}
         weakref.finalize(optimizer, _remove_handles, self._handles)
 
-    def __contains__(self, param: torch.Tensor) -> bool:
-        return id(param) in self._handles
-
-    def register(self, params: Iterable[torch.Tensor]) -> int:
-        """Hook every parameter that requires grad and is not hooked yet; return how many were added."""
+    def register(self, params: Iterable[torch.Tensor]) -> None:
+        """Hook every parameter that requires grad and is not hooked yet."""
         optimizer = self._optimizer_ref()
-        added = 0
         for p in params:
             if id(p) in self._handles or not p.requires_grad:
                 continue
@@ -75,8 +71,6 @@ class HookRegistry:
             self._handles[id(p)] = p.register_post_accumulate_grad_hook(
                 GradientConsumerHook(self._optimizer_ref, self._method)
             )
-            added += 1
-        return added
 
     def remove(self) -> None:
         """Detach every hook of this optimizer and give up ownership of the parameters."""
@@ -85,9 +79,6 @@ class HookRegistry:
             if optimizer is not None and owner_of(p) is optimizer:
                 del _OWNERS[p]
         _remove_handles(self._handles)
-
-    def __len__(self) -> int:
-        return len(self._handles)
 
 
 def _remove_handles(handles: dict[int, Any]) -> None:

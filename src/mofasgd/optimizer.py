@@ -741,21 +741,21 @@ class MoFaSGD(torch.optim.Optimizer):
 
     def _diagnostics_before(
         self, p: torch.Tensor, direction: fm.LowRank, scale: torch.Tensor, lr: float, group: dict[str, Any]
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float] | None:
+    ) -> tuple[torch.Tensor, ...] | None:
         if self._diagnostics is None:
             return None
         diag = self._diagnostics
+        U, V, scale = direction.U.float(), direction.V.float(), scale.float()
         diag["S"].append(direction.S.float())
         diag["alive"].append((direction.S > group["eps"]).float())
-        step_sq = (lr * group["eta1"]) ** 2 * scale.float().square().sum()
-        diag["update_sq"].append(step_sq)
+        scale_sq = scale.square().sum()
+        diag["update_sq"].append((lr * group["eta1"]) ** 2 * scale_sq)
         weight = p.detach().float()
         diag["weight_sq"].append(weight.square().sum())
         # <W, D> with D = U diag(s_hat) V^T, through U^T W V (r x r): intended change along D
-        utwv = direction.U.T.float() @ weight @ direction.V.float()
-        along = (torch.diagonal(utwv) * scale.float()).sum()
-        intended = -(lr * group["eta1"]) * scale.float().square().sum() - lr * group["weight_decay"] * along
-        return direction.U.float(), direction.V.float(), scale.float(), along, intended
+        along = (torch.diagonal(U.T @ weight @ V) * scale).sum()
+        intended = -(lr * group["eta1"]) * scale_sq - lr * group["weight_decay"] * along
+        return U, V, scale, along, intended
 
     def _diagnostics_after(self, p: torch.Tensor, before: tuple | None) -> None:
         if before is None:

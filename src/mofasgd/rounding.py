@@ -45,6 +45,22 @@ def stochastic_round_(
     target.copy_(value)  # exact: the low 16 bits are zero, so the value is representable in bf16
 
 
+def store_(
+    target: torch.Tensor, value: torch.Tensor, generator: torch.Generator | None, noise: torch.Tensor | None = None
+) -> None:
+    """Write an fp32 result back into `target`.
+
+    Nothing to do when `value` is `target` itself (fp32 storage); rounded stochastically into bf16 when
+    `generator` is given, else rounded to nearest.
+    """
+    if value.data_ptr() == target.data_ptr():
+        return
+    if generator is not None and supports_stochastic_rounding(target.dtype):
+        stochastic_round_(target, value.contiguous(), generator, noise)
+    else:
+        target.copy_(value)
+
+
 def row_chunks(rows: int, cols: int) -> list[tuple[int, int]]:
     """(start, stop) row ranges of at most CHUNK_ELEMENTS elements each (at least one row per chunk)."""
     step = max(1, CHUNK_ELEMENTS // max(cols, 1))
@@ -74,10 +90,7 @@ def update_in_fp32_(
         buffer = block.float()
         noise = random_low_bits(buffer, generator) if generator is not None else None
         compute(buffer, start, stop, noise)
-        if generator is not None:
-            stochastic_round_(block, buffer, generator, noise)
-        else:
-            block.copy_(buffer)
+        store_(block, buffer, generator, noise)
 
 
 class GeneratorBank:
