@@ -476,7 +476,10 @@ class MoFaSGD(torch.optim.Optimizer):
 
     def _consumed_norm_sq(self, p: torch.Tensor, group: dict[str, Any]) -> torch.Tensor | None:
         if not group["mofasgd"] or self._consumes_whole_gradient(group):
-            return p.grad.double().square().sum() if p.grad is not None else None
+            if p.grad is None:
+                return None
+            # the norm's own upcast (one copy at most fp32) instead of an fp64 copy squared into another
+            return torch.linalg.vector_norm(p.grad, dtype=torch.promote_types(p.grad.dtype, torch.float32)).square()
         pending = self._pending_projections(p, group)
         if pending is None:
             return None
