@@ -22,14 +22,19 @@ def world_size(group: dist.ProcessGroup | None = None) -> int:
 
 def average_in_place(tensors: list[torch.Tensor], group: dist.ProcessGroup | None = None) -> None:
     """Average `tensors` over ranks with one flattened all-reduce per (dtype, device) bucket."""
+    sum_in_place(tensors, group, divide_by=world_size(group))
+
+
+def sum_in_place(tensors: list[torch.Tensor], group: dist.ProcessGroup | None = None, divide_by: int = 1) -> None:
+    """Sum `tensors` over ranks (then divide by `divide_by`), one flattened all-reduce per (dtype, device)."""
     buckets: dict[tuple[torch.dtype, torch.device], list[torch.Tensor]] = {}
     for t in tensors:
         buckets.setdefault((t.dtype, t.device), []).append(t)
-    size = world_size(group)
     for bucket in buckets.values():
         flat = torch.cat([t.reshape(-1) for t in bucket])
         dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group)
-        flat.div_(size)
+        if divide_by != 1:
+            flat.div_(divide_by)
         offset = 0
         for t in bucket:
             t.copy_(flat[offset : offset + t.numel()].view_as(t))

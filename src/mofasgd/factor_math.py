@@ -10,7 +10,7 @@ be stepped together with one batched QR and one batched SVD per group.
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import NamedTuple, Protocol
 
 import torch
 
@@ -30,6 +30,54 @@ class LowRank(NamedTuple):
     U: torch.Tensor
     S: torch.Tensor
     V: torch.Tensor
+
+
+class RowReduction(Protocol):
+    """How a row-sharded panel's pieces meet (sharding.RowGroup): sum small matrices, or gather the rows."""
+
+    def sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        """All-reduce a small tensor in place (SUM over the ranks holding the rows) and return it."""
+
+    def gather(self, piece: torch.Tensor) -> torch.Tensor:
+        """Every rank's rows of a panel (..., rows, k), in order: the whole panel."""
+
+    def mine(self, full: torch.Tensor) -> torch.Tensor:
+        """This rank's rows of a whole panel."""
+
+
+# CholeskyQR2 is accurate to O(eps) when cond(A) < ~eps^-1/2 (Yamamoto et al. 2015): ~4e3 in fp32. Panels whose
+# column-scaled R has diag(R) spread by more than this fall back to a Householder QR of the gathered rows.
+_CHOLESKY_QR_MAX_SPREAD = {torch.float32: 1e3, torch.float64: 1e6}
+
+
+def cholesky_qr2(panel: torch.Tensor, rows: RowReduction) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Thin QR of a tall panel whose rows are spread over ranks: (local rows of Q, R, the Gram A^T A).
+
+    Only k x k Gram matrices (k = panel width) cross ranks. The columns are scaled to unit norm first, so a
+    panel of an orthonormal U beside a small G V is not mistaken for an ill-conditioned one; a panel that is
+    ill-conditioned after scaling (G V nearly inside span(U), a zero gradient) or whose Cholesky fails is
+    factored instead by Householder QR of the whole panel, all-gathered (m k numbers) - identical on every rank
+    since the decision is made from all-reduced numbers. Batched over leading dimensions.
+    """
+    gram = rows.sum(panel.mT @ panel)
+    norms = torch.diagonal(gram, dim1=-2, dim2=-1).clamp_min(torch.finfo(gram.dtype).tiny).sqrt()
+    scaled = gram / (norms.unsqueeze(-1) * norms.unsqueeze(-2))
+    r1, info1 = torch.linalg.cholesky_ex(scaled, upper=True)
+    r1 = r1 * norms.unsqueeze(-2)  # R of the unscaled panel: A = Q1 (R1' D^-1)
+    q1 = torch.linalg.solve_triangular(r1, panel, upper=True, left=False)
+    r2, info2 = torch.linalg.cholesky_ex(rows.sum(q1.mT @ q1), upper=True)
+    q = torch.linalg.solve_triangular(r2, q1, upper=True, left=False)
+    r = r2 @ r1
+    diag = torch.diagonal(r1, dim1=-2, dim2=-1) / norms
+    spread = diag.amax(-1) / diag.amin(-1)
+    limit = _CHOLESKY_QR_MAX_SPREAD.get(panel.dtype, 1e3)
+    bad = (info1 != 0) | (info2 != 0) | ~(spread <= limit) | ~torch.isfinite(r).flatten(-2).all(-1)
+    if bool(bad.any()):  # one host read per bucket; the decision is identical on every rank
+        q_full, r_full = torch.linalg.qr(rows.gather(panel))
+        mask = bad.reshape(*bad.shape, 1, 1)
+        q = torch.where(mask, rows.mine(q_full), q)
+        r = torch.where(mask, r_full, r)
+    return q, r, gram
 
 
 def factor_dtype(param_dtype: torch.dtype) -> torch.dtype:
@@ -84,17 +132,28 @@ def _as_scale(beta: float | torch.Tensor, like: torch.Tensor) -> float | torch.T
 
 
 def momentum_core(
-    U: torch.Tensor, S: torch.Tensor, V: torch.Tensor, gv: torch.Tensor, gtu: torch.Tensor, beta: float | torch.Tensor
+    U: torch.Tensor,
+    S: torch.Tensor,
+    V: torch.Tensor,
+    gv: torch.Tensor,
+    gtu: torch.Tensor,
+    beta: float | torch.Tensor,
+    rows: RowReduction | None = None,
 ) -> MomentumCore:
     """Factor beta U diag(S) V^T + G_hat as Q_U K Q_V^T with K at most 2r x 2r (batched over leading dims).
 
     [U | GV] = Q_U R_U and [V | G^T U] = Q_V R_V; the middle block C = [[beta diag(S) - U^T G V, I], [I, 0]]
     makes [U | GV] C [V | G^T U]^T = beta U S V^T + U U^T G + G V V^T - U U^T G V V^T exactly. `beta` is a
-    number or one value per batch entry.
+    number or one value per batch entry. With `rows` (FSDP2), U, GV and Q_U hold this rank's rows only: [U | GV]
+    goes through CholeskyQR2, whose Gram also gives U^T G V; V, G^T U and everything 2r x 2r are replicated.
     """
     r = U.shape[-1]
-    utgv = U.mT @ gv
-    q_u, r_u = torch.linalg.qr(torch.cat([U, gv], dim=-1))
+    if rows is None:
+        utgv = U.mT @ gv
+        q_u, r_u = torch.linalg.qr(torch.cat([U, gv], dim=-1))
+    else:
+        q_u, r_u, gram = cholesky_qr2(torch.cat([U, gv], dim=-1), rows)
+        utgv = gram[..., :r, r:]
     q_v, r_v = torch.linalg.qr(torch.cat([V, gtu], dim=-1))
     # R_U C R_V^T by blocks (R_1 = first r columns, R_2 = the rest), without forming C
     ru1, ru2, rv1, rv2 = r_u[..., :r], r_u[..., r:], r_v[..., :r], r_v[..., r:]
@@ -109,9 +168,11 @@ def truncate(q_u: torch.Tensor, q_v: torch.Tensor, core: torch.Tensor, rank: int
     return LowRank(q_u @ a[..., :rank], s[..., :rank].clone(), q_v @ bt[..., :rank, :].mT)
 
 
-def nesterov_direction(core: MomentumCore, new: LowRank, beta: float | torch.Tensor, rank: int) -> LowRank:
+def nesterov_direction(
+    core: MomentumCore, new: LowRank, beta: float | torch.Tensor, rank: int, rows: RowReduction | None = None
+) -> LowRank:
     """SVD_r(beta M_new + G_hat), formed inside span(Q_U) x span(Q_V) where both terms live."""
-    a = core.q_u.mT @ new.U
+    a = core.q_u.mT @ new.U if rows is None else rows.sum(core.q_u.mT @ new.U)
     b = core.q_v.mT @ new.V
     lookahead = (a * (_as_scale(beta, new.S) * new.S).unsqueeze(-2)) @ b.mT + core.grad_core
     return truncate(core.q_u, core.q_v, lookahead, rank)

@@ -11,6 +11,7 @@ from torch.optim.adamw import adamw
 
 from mofasgd import data_parallel as dp
 from mofasgd import factor_math as fm
+from mofasgd import sharding
 from mofasgd.adamw_side import adamw_update_fp32_
 from mofasgd.hooks import HookRegistry
 from mofasgd.memory import optimizer_state_bytes
@@ -82,6 +83,11 @@ class MoFaSGD(torch.optim.Optimizer):
 
     State per managed matrix is tensors only: ``U``, ``S``, ``V``, ``step`` (plus ``GV``/``GtU`` while a
     fused accumulation is pending), so checkpoints load with ``torch.load(weights_only=True)``.
+
+    FSDP2 (``fully_shard``): managed matrices may be DTensors sharded along rows. Each rank then keeps U's rows
+    of its shard (a DTensor, so distributed checkpoints shard it like W) and all of V and S; G V stays local,
+    G^T U and the (2r)^2 Gram matrices are all-reduced (module ``sharding``). This needs ``fused=True`` and
+    ``data_parallel=False`` (FSDP2 already averages the gradient), and an init from the weight.
     """
 
     def __init__(
@@ -148,6 +154,7 @@ class MoFaSGD(torch.optim.Optimizer):
         self._diagnostics: dict[str, list[torch.Tensor]] | None = None
         self._nonfinite: torch.Tensor | None = None
         self._nonfinite_total = 0
+        self._sharded = False  # any managed matrix is an FSDP2 DTensor
         self._validate_group(defaults, where="argument")
         super().__init__(params, defaults)
 
@@ -169,6 +176,8 @@ class MoFaSGD(torch.optim.Optimizer):
                     f"MoFaSGD manages 2-D matrices only; got {self._describe(p)} in a group with "
                     '"mofasgd": True. Put it in a group with "mofasgd": False (AdamW).'
                 )
+            if group["mofasgd"] and sharding.is_dtensor(p):
+                self._check_sharded(p, group)
             if (
                 group["stochastic_rounding"]
                 and p.is_floating_point()
@@ -181,6 +190,22 @@ class MoFaSGD(torch.optim.Optimizer):
                     )
         if self.fused and group["mofasgd"]:
             self._hooks.register(group["params"])
+
+    def _check_sharded(self, p: torch.Tensor, group: dict[str, Any]) -> None:
+        """Refuse what the row-sharded (FSDP2) step does not support, naming the matrix and the fix."""
+        sharding.check_row_sharded(p, self._describe(p))
+        reason = (
+            "fused=False (the sharded step consumes projections, not whole gradients; set eta2=0, fused=True)"
+            if not self.fused
+            else "data_parallel=True (FSDP2 already averages gradients over ranks; leave data_parallel=False)"
+            if self.data_parallel
+            else "init='gradient' (ranks would draw different subspaces; use init='weight' or 'weight_randomized')"
+            if group["init"] == "gradient"
+            else None
+        )
+        if reason:
+            raise ValueError(f"{self._describe(p)} is FSDP2-sharded; MoFaSGD cannot step it with {reason}.")
+        self._sharded = True
 
     def _validate_group(self, group: dict[str, Any], where: str) -> None:
         _check_range(f"lr ({where})", group["lr"], 0.0)
@@ -228,6 +253,7 @@ class MoFaSGD(torch.optim.Optimizer):
         self.__dict__.setdefault("_diagnostics", None)
         self.__dict__.setdefault("_nonfinite", None)
         self.__dict__.setdefault("_nonfinite_total", 0)
+        self.__dict__.setdefault("_sharded", False)
         self._group_index = {p: i for i, g in enumerate(self.param_groups) for p in g["params"]}
 
     def remove_hooks(self) -> None:
@@ -272,7 +298,18 @@ class MoFaSGD(torch.optim.Optimizer):
         for pid, p in zip(saved_ids, params):
             if factors.get(pid):
                 dtype = fm.factor_dtype(p.dtype)
-                self.state[p].update({k: v.to(device=p.device, dtype=dtype) for k, v in factors[pid].items()})
+                loaded = {k: v.to(device=p.device, dtype=dtype) for k, v in factors[pid].items()}
+                if sharding.is_dtensor(p):  # a full (unsharded) checkpoint resumed under FSDP2: keep own rows of U
+                    if not sharding.is_dtensor(loaded["U"]):
+                        loaded["U"] = sharding.shard_rows_like(loaded["U"], p)
+                    if any(key in loaded for key in _PENDING):
+                        raise ValueError(
+                            f"The checkpoint holds a pending gradient accumulation for {self._describe(p)}; resume "
+                            "under FSDP2 from a checkpoint saved after an optimizer step."
+                        )
+                elif sharding.is_dtensor(loaded["U"]):
+                    loaded["U"] = loaded["U"].full_tensor()
+                self.state[p].update(loaded)
                 self._check_loaded_factors(p)
         self._rng.load(state_dict.get(_RNG_KEY, {}))
         self._pending_synced = not any("GV" in st for st in self.state.values())
@@ -339,17 +376,24 @@ class MoFaSGD(torch.optim.Optimizer):
                     f"expected {shape} for rank {r}."
                 )
         for key in _FACTOR_KEYS:
-            if key in state and not bool(torch.isfinite(state[key]).all()):
+            if key in state and not self._all_finite(state[key]):
                 raise ValueError(f"Corrupted MoFaSGD state for {self._describe(p)}: {key} has non-finite values.")
         tol = _ORTHONORMAL_TOL.get(state["U"].dtype, 1e-3)
         for key in ("U", "V"):
-            factor = state[key]
-            error = (factor.T @ factor - torch.eye(r, dtype=factor.dtype, device=factor.device)).abs().max()
+            factor = sharding.local(state[key])
+            gram = sharding.sum_over(sharding.process_group(state[key]), factor.T @ factor)
+            error = (gram - torch.eye(r, dtype=factor.dtype, device=factor.device)).abs().max()
             if float(error) > tol:
                 raise ValueError(
                     f"Corrupted MoFaSGD state for {self._describe(p)}: {key} is not orthonormal "
                     f"(max |{key}^T {key} - I| = {float(error):.3g} > {tol:g})."
                 )
+
+    @staticmethod
+    def _all_finite(tensor: torch.Tensor) -> bool:
+        """Whether every entry is finite, on every rank for a sharded DTensor (so all ranks raise or none)."""
+        bad = (~torch.isfinite(sharding.local(tensor))).sum().to(torch.float32)
+        return float(sharding.sum_over(sharding.process_group(tensor), bad.reshape(1))) == 0
 
     # ------------------------------------------------------------------ gradient intake
     def _init_factors(self, p: torch.Tensor, group: dict[str, Any], grad: torch.Tensor | None) -> dict[str, Any]:
@@ -359,15 +403,17 @@ class MoFaSGD(torch.optim.Optimizer):
         dtype = fm.factor_dtype(p.dtype)
         rank = fm.effective_rank(group["rank"], p.shape)
         seed = p.shape[0] * 7919 + p.shape[1]  # the same on every data-parallel rank
+        weight = sharding.full_tensor(p.detach())  # FSDP2: every rank factors the whole W (one all-gather)
         if group["init"] == "weight":
-            U, S, V = fm.top_singular_triplets(p.detach().to(dtype), rank)
+            U, S, V = fm.top_singular_triplets(weight.to(dtype), rank)
         elif group["init"] == "weight_randomized":
-            U, S, V = fm.randomized_top_singular_triplets(p.detach(), rank, dtype, seed=seed)
+            U, S, V = fm.randomized_top_singular_triplets(weight, rank, dtype, seed=seed)
         else:
             source = grad if grad is not None else p.grad
             U, _, V = fm.randomized_top_singular_triplets(source.detach(), rank, dtype, seed=seed)
             S = torch.zeros(rank, dtype=dtype, device=p.device)
-        state["U"], state["S"], state["V"] = U, S, V
+        del weight
+        state["U"], state["S"], state["V"] = sharding.shard_rows_like(U, p), S, V
         state["step"] = torch.tensor(0.0, dtype=torch.float32)
         return state
 
@@ -376,8 +422,11 @@ class MoFaSGD(torch.optim.Optimizer):
         """Post-accumulate-grad hook: add (G V, G^T U) to the pending sums and free the m x n gradient."""
         if p.grad is None:
             return
+        if sharding.is_dtensor(p) and "U" not in self.state[p]:
+            return  # the first init of a sharded matrix is collective: step() does it, in the same order everywhere
         state = self._init_factors(p, self.param_groups[self._group_index[p]], p.grad)
-        gv, gtu = fm.project_gradient(p.grad, state["U"], state["V"])
+        # FSDP2: local rows of G give local rows of G V and this rank's share of G^T U (summed at synchronisation)
+        gv, gtu = fm.project_gradient(sharding.local(p.grad), sharding.local(state["U"]), state["V"])
         if "GV" in state:
             state["GV"].add_(gv)
             state["GtU"].add_(gtu)
@@ -396,6 +445,7 @@ class MoFaSGD(torch.optim.Optimizer):
             self._hooks.register(group["params"])
             for p in group["params"]:
                 if p.grad is not None:
+                    self._init_factors(p, group, p.grad)  # collective for FSDP2: same order on every rank
                     self._consume_gradient(p)
 
     @torch.no_grad()
@@ -406,7 +456,8 @@ class MoFaSGD(torch.optim.Optimizer):
         collective is the same on all ranks; a matrix no rank saw a gradient for stays without one.
         """
         self._absorb_unhooked_gradients()
-        if not self.data_parallel or self._pending_synced or dp.world_size() == 1:
+        sharded = self._sharded and not self._pending_synced
+        if not sharded and (not self.data_parallel or self._pending_synced or dp.world_size() == 1):
             return
         flags, tensors = [], []
         for group in self.param_groups:
@@ -416,19 +467,37 @@ class MoFaSGD(torch.optim.Optimizer):
                 if not p.requires_grad:
                     continue
                 state = self._init_factors(p, group, None)
-                flag = torch.ones(1, dtype=state["U"].dtype, device=state["U"].device)
+                U = sharding.local(state["U"])
+                flag = torch.ones(1, dtype=U.dtype, device=U.device)
                 if "GV" not in state:
                     flag.zero_()
-                    state["GV"], state["GtU"] = torch.zeros_like(state["U"]), torch.zeros_like(state["V"])
+                    state["GV"], state["GtU"] = torch.zeros_like(U), torch.zeros_like(state["V"])
                 flags.append((state, flag))
-                tensors += [state["GV"], state["GtU"], flag]
-        dp.average_in_place(tensors)
+                # FSDP2: G V stays local; G^T U is this rank's rows' share of the sum
+                tensors += [state["GtU"], flag] if sharded else [state["GV"], state["GtU"], flag]
+        if sharded:
+            dp.sum_in_place(tensors, self._process_group())
+        else:
+            dp.average_in_place(tensors)
         seen_anywhere = torch.cat([flag for _, flag in flags]).tolist() if flags else []  # one device sync
         for (state, _), seen in zip(flags, seen_anywhere):
             if seen == 0.0:
                 for key in _PENDING:
                     state.pop(key)
         self._pending_synced = True
+
+    def _process_group(self):
+        """The process group the FSDP2-sharded matrices are sharded over (one mesh per model)."""
+        managed = [(gi, p) for gi, g in enumerate(self.param_groups) if g["mofasgd"] for p in g["params"]]
+        plain = [p for _, p in managed if not sharding.is_dtensor(p)]
+        groups = {sharding.process_group(p) for _, p in managed if sharding.is_dtensor(p)}
+        if plain or len(groups) != 1:
+            where = f"{self._describe(plain[0])} is not sharded" if plain else "they span several meshes"
+            raise ValueError(
+                f"MoFaSGD's FSDP2 step needs every managed matrix sharded on one device mesh, but {where}: "
+                "apply fully_shard to every module holding a managed matrix (and the root)."
+            )
+        return groups.pop()
 
     def _pending_projections(self, p: torch.Tensor, group: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor] | None:
         """(G V, G^T U) of the gradient the next step consumes, or None when p received no gradient."""
@@ -459,12 +528,28 @@ class MoFaSGD(torch.optim.Optimizer):
         AdamW parameters contribute ||G||. A managed matrix contributes ||G_hat|| (its tangent projection,
         from the projections alone), or ||G|| when the step uses the whole gradient (fused=False, eta2 > 0).
         Summed on each device in fp64; the result is a 0-d tensor on the first parameter's device (no sync).
+        FSDP2 shards add their shares of ||G||^2, ||G V||^2 and U^T G V over ranks in one small all-reduce.
         """
         self._synchronize_pending()
         totals: dict[torch.device, torch.Tensor] = {}
+        shares: list[torch.Tensor] = []  # per-rank shares of sharded squared norms: summed over ranks
+        blocks: list[torch.Tensor] = []  # per-rank shares of U^T G V of sharded matrices: summed, then squared
         for group in self.param_groups:
             for p in group["params"]:
-                part = self._consumed_norm_sq(p, group)
+                if group["mofasgd"] and sharding.is_dtensor(p):
+                    pending = self._pending_projections(p, group)
+                    if pending is not None:
+                        gv, gtu = pending
+                        part = gtu.square().sum()  # G^T U is already summed: the same on every rank
+                        shares.append(gv.square().sum().double())
+                        blocks.append((sharding.local(self.state[p]["U"]).T @ gv).double().flatten())
+                    else:
+                        part = None
+                else:
+                    part = self._consumed_norm_sq(p, group)
+                    if part is not None and sharding.is_dtensor(p):
+                        shares.append(part.double())
+                        part = None
                 if part is not None:
                     device = part.device
                     totals[device] = totals.get(device, 0) + part.double()
@@ -472,14 +557,20 @@ class MoFaSGD(torch.optim.Optimizer):
         total = torch.zeros((), dtype=torch.float64, device=first)
         for part in totals.values():
             total = total + part.to(first)
+        if self._sharded:
+            zero = torch.zeros(1, dtype=torch.float64, device=first)
+            flat = torch.cat([sum((t.to(first) for t in shares), zero).reshape(1), *(b.to(first) for b in blocks)])
+            sharding.sum_over(self._process_group(), flat)
+            total = total + (flat[0] - flat[1:].square().sum()).clamp_min(0)
         return total.sqrt()
 
     def _consumed_norm_sq(self, p: torch.Tensor, group: dict[str, Any]) -> torch.Tensor | None:
         if not group["mofasgd"] or self._consumes_whole_gradient(group):
             if p.grad is None:
                 return None
+            grad = sharding.local(p.grad)
             # the norm's own upcast (one copy at most fp32) instead of an fp64 copy squared into another
-            return torch.linalg.vector_norm(p.grad, dtype=torch.promote_types(p.grad.dtype, torch.float32)).square()
+            return torch.linalg.vector_norm(grad, dtype=torch.promote_types(grad.dtype, torch.float32)).square()
         pending = self._pending_projections(p, group)
         if pending is None:
             return None
@@ -550,16 +641,23 @@ class MoFaSGD(torch.optim.Optimizer):
             projections = self._pending_projections(p, group)
             if projections is None:
                 continue
-            U = self.state[p]["U"]
-            buckets.setdefault((tuple(p.shape), p.dtype, p.device, U.dtype, U.shape[1]), []).append((p, projections))
+            U = sharding.local(self.state[p]["U"])
+            shape = tuple(sharding.local(p).shape) + (sharding.is_dtensor(p),)
+            buckets.setdefault((shape, p.dtype, p.device, U.dtype, U.shape[1]), []).append((p, projections))
         for items in buckets.values():
-            self._bucket_step(group, items)
+            first = items[0][0]
+            self._bucket_step(group, items, sharding.RowGroup(first) if sharding.is_dtensor(first) else None)
             for p, _ in items:
                 for key in _PENDING:
                     self.state[p].pop(key, None)
 
-    def _bucket_step(self, group: dict[str, Any], items: list[tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]]):
-        """One MoFaSGD step for matrices of one shape.
+    def _bucket_step(
+        self,
+        group: dict[str, Any],
+        items: list[tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]],
+        rows: sharding.RowGroup | None = None,
+    ) -> None:
+        """One MoFaSGD step for matrices of one shape (with `rows`: FSDP2 shards of one local shape).
 
         A matrix whose projections are not finite keeps its factors and weight (its step is masked out on the
         device, without a host sync) and is counted for a warning; its step counter still advances.
@@ -570,10 +668,13 @@ class MoFaSGD(torch.optim.Optimizer):
         def batch(tensors: list[torch.Tensor]) -> torch.Tensor:  # a view when the bucket holds one matrix
             return tensors[0].unsqueeze(0) if len(tensors) == 1 else torch.stack(tensors)
 
-        U, S, V = (batch([st[key] for st in states]) for key in ("U", "S", "V"))
+        U = batch([sharding.local(st["U"]) for st in states])
+        S, V = (batch([st[key] for st in states]) for key in ("S", "V"))
         gv = batch([proj[0] for _, proj in items])
         gtu = batch([proj[1] for _, proj in items])
         finite = torch.isfinite(gv).flatten(1).all(1) & torch.isfinite(gtu).flatten(1).all(1)
+        if rows is not None:  # a shard's non-finite rows skip the matrix on every rank
+            finite = rows.sum((~finite).to(gv.dtype)) == 0
         self._count_nonfinite(finite)
         # the projections are consumed by this step (pending sums, or fresh in non-fused mode): mask in place
         gv.masked_fill_(~finite[:, None, None], 0)
@@ -581,9 +682,9 @@ class MoFaSGD(torch.optim.Optimizer):
         rank = U.shape[-1]
         betas = [self.current_beta(group, int(st["step"])) for st in states]  # CPU step counters: no device sync
         beta = betas[0] if len(set(betas)) == 1 else torch.tensor(betas, dtype=U.dtype, device=U.device)
-        core = fm.momentum_core(U, S, V, gv, gtu, beta)
+        core = fm.momentum_core(U, S, V, gv, gtu, beta, rows)
         new = fm.truncate(core.q_u, core.q_v, core.core, rank)
-        direction = fm.nesterov_direction(core, new, beta, rank) if group["nesterov"] else new
+        direction = fm.nesterov_direction(core, new, beta, rank, rows) if group["nesterov"] else new
         keep = finite[:, None, None]
         for fresh, old, mask in ((new.U, U, keep), (new.S, S, finite[:, None]), (new.V, V, keep)):
             torch.where(mask, fresh, old, out=fresh)  # a skipped matrix keeps its factors
@@ -592,7 +693,8 @@ class MoFaSGD(torch.optim.Optimizer):
         scale = fm.step_scaling(direction.S, group["eps"], group["max_value"], group["use_ones_for_nonzero_s"])
         scale = scale * finite[:, None]
         left = direction.U * scale.unsqueeze(-2)
-        for i, p in enumerate(params):
+        for i, param in enumerate(params):
+            p = sharding.local(param)  # FSDP2: this rank's rows, updated in place
             complement = None
             if self._consumes_whole_gradient(group):
                 complement = (new.U[i], new.V[i]) if group["use_current_projection"] else (U[i], V[i])
@@ -611,7 +713,8 @@ class MoFaSGD(torch.optim.Optimizer):
                 self._matrix_update_fp32(p, group, decay, left[i], one.V, complement, generator)
             self._diagnostics_after(p, before)
             state = states[i]
-            state["U"], state["S"], state["V"] = new.U[i], new.S[i], new.V[i]
+            new_u = new.U[i] if rows is None else sharding.wrap_rows_like(new.U[i], state["U"])
+            state["U"], state["S"], state["V"] = new_u, new.S[i], new.V[i]
             state["step"] += 1
 
     @staticmethod
@@ -695,13 +798,16 @@ class MoFaSGD(torch.optim.Optimizer):
                 state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
             generator = self._rounding_generator(p, group)
+            # FSDP2: the moments are DTensors sharded like p (so checkpoints shard them); the math is elementwise,
+            # so it runs on the local shards
+            exp_avg, exp_avg_sq = sharding.local(state["exp_avg"]), sharding.local(state["exp_avg_sq"])
             if generator is not None:
                 state["step"] += 1
                 adamw_update_fp32_(
-                    p,
-                    p.grad,
-                    state["exp_avg"],
-                    state["exp_avg_sq"],
+                    sharding.local(p),
+                    sharding.local(p.grad),
+                    exp_avg,
+                    exp_avg_sq,
                     int(state["step"].item()),
                     lr=group["lr"],
                     beta1=beta1,
@@ -711,10 +817,10 @@ class MoFaSGD(torch.optim.Optimizer):
                     generator=generator,
                 )
                 continue
-            params.append(p)
-            grads.append(p.grad)
-            exp_avgs.append(state["exp_avg"])
-            exp_avg_sqs.append(state["exp_avg_sq"])
+            params.append(sharding.local(p))
+            grads.append(sharding.local(p.grad))
+            exp_avgs.append(exp_avg)
+            exp_avg_sqs.append(exp_avg_sq)
             steps.append(state["step"])
         if not params:
             return
@@ -740,7 +846,8 @@ class MoFaSGD(torch.optim.Optimizer):
 
         Costs one O(m n r) pass per matrix, so it is meant for logging steps only.
         """
-        self._diagnostics = {key: [] for key in ("update_sq", "weight_sq", "applied", "intended", "S", "alive")}
+        keys = ("update_sq", "weight_sq", "applied", "intended", "along", "S", "alive")
+        self._diagnostics = {key: [] for key in keys}
 
     def _diagnostics_before(
         self, p: torch.Tensor, direction: fm.LowRank, scale: torch.Tensor, lr: float, group: dict[str, Any]
@@ -755,18 +862,19 @@ class MoFaSGD(torch.optim.Optimizer):
         diag["update_sq"].append((lr * group["eta1"]) ** 2 * scale_sq)
         weight = p.detach().float()
         diag["weight_sq"].append(weight.square().sum())
-        # <W, D> with D = U diag(s_hat) V^T, through U^T W V (r x r): intended change along D
+        # <W, D> with D = U diag(s_hat) V^T, through U^T W V (r x r): intended change along D. Under FSDP2 U and W
+        # are this rank's rows, so `along` and the weight terms are shares summed over ranks in pop_diagnostics.
         along = (torch.diagonal(U.T @ weight @ V) * scale).sum()
-        intended = -(lr * group["eta1"]) * scale_sq - lr * group["weight_decay"] * along
-        return U, V, scale, along, intended
+        diag["intended"].append(-(lr * group["eta1"]) * scale_sq)
+        diag["along"].append(-lr * group["weight_decay"] * along)
+        return U, V, scale, along
 
     def _diagnostics_after(self, p: torch.Tensor, before: tuple | None) -> None:
         if before is None:
             return
-        U, V, scale, along_before, intended = before
+        U, V, scale, along_before = before
         along_after = (torch.diagonal(U.T @ p.detach().float() @ V) * scale).sum()
         self._diagnostics["applied"].append(along_after - along_before)
-        self._diagnostics["intended"].append(intended)
 
     def pop_diagnostics(self) -> dict[str, float]:
         """Statistics of the last step collected after :meth:`request_diagnostics` (one device sync), then reset.
@@ -780,13 +888,19 @@ class MoFaSGD(torch.optim.Optimizer):
         if not diag or not diag["S"]:
             return {}
         s = torch.cat(diag["S"])
+        # shares of the sharded (FSDP2) rows: summed over ranks; the other terms are the same on every rank
+        shares = torch.stack([torch.stack(diag[key]).sum() for key in ("weight_sq", "applied", "along")])
+        if self._sharded:
+            sharding.sum_over(self._process_group(), shares)
+        weight_sq, applied, along = shares
+        intended = torch.stack(diag["intended"]).sum() + along
         values = torch.stack(
             [
-                (torch.stack(diag["update_sq"]).sum() / torch.stack(diag["weight_sq"]).sum().clamp_min(1e-30)).sqrt(),
+                (torch.stack(diag["update_sq"]).sum() / weight_sq.clamp_min(1e-30)).sqrt(),
                 s.median(),
                 s.max(),
                 torch.cat(diag["alive"]).mean(),
-                torch.stack(diag["applied"]).sum() / torch.stack(diag["intended"]).sum(),
+                applied / intended,
             ]
         ).tolist()
         names = ("update_rms_ratio", "s_median", "s_max", "alive_fraction", "applied_fraction")

@@ -1,0 +1,244 @@
+"""MoFaSGD on FSDP2 row-sharded matrices: two gloo processes equal one process on the same global batch.
+
+Checked for the optimizer alone: weights, U diag(S) V^T, identical replicated factors on both ranks, gradient
+accumulation, clipping, Nesterov, the CholeskyQR2 fallback (a matrix with a zero gradient), and checkpoints
+through torch.distributed.checkpoint (sharded, resumed under FSDP2; full, loaded into one process).
+"""
+
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+from llamafactory_mfsgd.launcher import free_port
+from mofasgd import MoFaSGD, split_for_mofasgd
+from mofasgd import factor_math as fm
+
+pytestmark = pytest.mark.distributed
+STEPS, ACCUM, BATCH, CLIP = 4, 2, 8, 0.5
+
+
+class Net(nn.Module):
+    """Odd row counts (13, 5, 9) so FSDP2's shards are uneven; `dead` gets a zero gradient (GV = 0)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.inp = nn.Linear(6, 13)
+        self.mid = nn.Linear(13, 9, bias=False)
+        self.dead = nn.Linear(13, 9, bias=False)
+        self.out = nn.Linear(9, 5)
+
+    def forward(self, x):
+        h = torch.tanh(self.inp(x))
+        return self.out(torch.tanh(self.mid(h) + 0.0 * self.dead(h)))
+
+
+def make_optimizer(model):
+    routing = split_for_mofasgd(model)
+    groups = [
+        {"params": [p for _, p in routing.mofasgd]},
+        {"params": [p for _, p in routing.adamw], "mofasgd": False, "lr": 1e-2, "weight_decay": 0.1},
+    ]
+    return MoFaSGD(groups, lr=0.05, rank=2, nesterov=True, weight_decay=0.01)
+
+
+def data(step, micro):
+    gen = torch.Generator().manual_seed(100 * step + micro)
+    return torch.randn(BATCH, 6, generator=gen), torch.randn(BATCH, 5, generator=gen)
+
+
+def train(model, opt, steps, rank=0, world=1):
+    norms = []
+    for step in steps:
+        for micro in range(ACCUM):
+            x, y = data(step, micro)
+            shard = slice(rank * BATCH // world, (rank + 1) * BATCH // world)
+            loss = nn.functional.mse_loss(model(x[shard]), y[shard]) / ACCUM
+            loss.backward()
+        norms.append(float(opt.clip_grad_norm_(CLIP)))
+        opt.step()
+        opt.zero_grad()
+    return norms
+
+
+def full_state(model, opt):
+    """Weights and per-matrix (U diag(S) V^T, S, V) gathered to plain tensors, keyed by parameter name."""
+    from mofasgd.sharding import full_tensor
+
+    weights = {n: full_tensor(p.detach()).clone() for n, p in model.named_parameters()}
+    factors = {}
+    for n, p in model.named_parameters():
+        st = opt.state.get(p, {})
+        if "U" in st:
+            U = full_tensor(st["U"])
+            factors[n] = {"M": U @ torch.diag(st["S"]) @ st["V"].T, "S": st["S"].clone(), "V": st["V"].clone()}
+    return weights, factors
+
+
+def shard(model):
+    from torch.distributed.fsdp import fully_shard
+
+    for module in (model.inp, model.mid, model.dead, model.out):
+        fully_shard(module)
+    fully_shard(model)
+    return model
+
+
+def worker(rank, world, port, out_dir, mode):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            get_optimizer_state_dict,
+            set_optimizer_state_dict,
+        )
+
+        import mofasgd.sharding as sharding
+
+        gathers = []
+        real_gather = sharding.gather_rows
+        sharding.gather_rows = lambda *args: gathers.append(1) or real_gather(*args)
+        model = shard(Net())
+        opt = make_optimizer(model)
+        if mode == "straight":
+            norms = train(model, opt, range(STEPS), rank, world)
+        else:  # interrupted: save a sharded DCP checkpoint after 2 steps, rebuild everything, resume
+            norms = train(model, opt, range(2), rank, world)
+            dcp.save(
+                {"model": model.state_dict(), "optim": get_optimizer_state_dict(model, opt)},
+                checkpoint_id=os.path.join(out_dir, "dcp"),
+            )
+            full = get_optimizer_state_dict(model, opt, options=StateDictOptions(full_state_dict=True))
+            if rank == 0:
+                torch.save(full, os.path.join(out_dir, "full_optim.pt"))
+            model = shard(Net())
+            opt = make_optimizer(model)
+            state = {"model": model.state_dict(), "optim": get_optimizer_state_dict(model, opt)}
+            dcp.load(state, checkpoint_id=os.path.join(out_dir, "dcp"))
+            model.load_state_dict(state["model"])
+            set_optimizer_state_dict(model, opt, state["optim"])
+            norms += train(model, opt, range(2, STEPS), rank, world)
+        weights, factors = full_state(model, opt)
+        result = {"weights": weights, "factors": factors, "norms": norms, "fallbacks": len(gathers)}
+        torch.save(result, os.path.join(out_dir, f"{mode}{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def single_process():
+    model = Net()
+    opt = make_optimizer(model)
+    norms = train(model, opt, range(STEPS))
+    return (*full_state(model, opt), norms, model, opt)
+
+
+def assert_same(result, weights, factors, norms, tol=2e-5):
+    for name, value in weights.items():
+        torch.testing.assert_close(result["weights"][name], value, atol=tol, rtol=tol, msg=name)
+    assert set(result["factors"]) == set(factors)
+    for name, parts in factors.items():
+        torch.testing.assert_close(result["factors"][name]["M"], parts["M"], atol=tol, rtol=tol, msg=name)
+        torch.testing.assert_close(result["factors"][name]["S"], parts["S"], atol=tol, rtol=tol, msg=name)
+    assert result["norms"] == pytest.approx(norms, rel=1e-5)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    out = tmp_path_factory.mktemp("fsdp2")
+    for mode in ("straight", "resumed"):
+        mp.spawn(worker, args=(2, free_port(), str(out), mode), nprocs=2, join=True)
+    return out
+
+
+def test_two_process_fsdp2_equals_one_process(runs):
+    weights, factors, norms, _, _ = single_process()
+    assert max(norms) > CLIP  # clipping was active
+    moved = {n for n in weights if n.endswith("weight") and not torch.equal(weights[n], Net().state_dict()[n])}
+    assert {"inp.weight", "mid.weight", "out.weight"} <= moved
+    for rank in (0, 1):
+        result = torch.load(runs / f"straight{rank}.pt", weights_only=True)
+        assert_same(result, weights, factors, norms)
+        assert result["fallbacks"] == STEPS  # `dead` (zero gradient) took the gathered Householder QR each step
+
+
+def test_replicated_factors_are_bitwise_identical_on_every_rank(runs):
+    rank0, rank1 = (torch.load(runs / f"straight{r}.pt", weights_only=True) for r in (0, 1))
+    for name in rank0["factors"]:
+        for key in ("S", "V", "M"):
+            assert torch.equal(rank0["factors"][name][key], rank1["factors"][name][key]), (name, key)
+
+
+def test_resume_from_a_sharded_checkpoint_equals_the_uninterrupted_run(runs):
+    straight = torch.load(runs / "straight0.pt", weights_only=True)
+    resumed = torch.load(runs / "resumed0.pt", weights_only=True)
+    assert_same(resumed, straight["weights"], straight["factors"], straight["norms"], tol=1e-6)
+
+
+def test_a_full_fsdp2_checkpoint_loads_into_one_process(runs):
+    from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
+
+    model = Net()
+    opt = make_optimizer(model)
+    train(model, opt, range(2))  # the same two steps, in one process
+    expected = {n: {k: v.clone() for k, v in opt.state[p].items()} for n, p in model.named_parameters()}
+    fresh_model = Net()
+    fresh_model.load_state_dict(model.state_dict())
+    fresh = make_optimizer(fresh_model)
+    set_optimizer_state_dict(fresh_model, fresh, torch.load(runs / "full_optim.pt", weights_only=True))
+    for name, p in fresh_model.named_parameters():
+        state = fresh.state[p]
+        if "U" in state:
+            assert type(state["U"]) is torch.Tensor and state["U"].shape == expected[name]["U"].shape
+            product = state["U"] @ torch.diag(state["S"]) @ state["V"].T
+            want = expected[name]["U"] @ torch.diag(expected[name]["S"]) @ expected[name]["V"].T
+            torch.testing.assert_close(product, want, atol=2e-5, rtol=2e-5)
+        else:
+            torch.testing.assert_close(state["exp_avg"], expected[name]["exp_avg"], atol=2e-6, rtol=2e-5)
+
+
+class _OneRank:
+    """factor_math.RowReduction for a single process: the panel is whole."""
+
+    def __init__(self):
+        self.gathers = 0
+
+    def sum(self, tensor):
+        return tensor
+
+    def gather(self, piece):
+        self.gathers += 1
+        return piece
+
+    def mine(self, full):
+        return full
+
+
+def test_cholesky_qr2_matches_householder_and_falls_back_when_ill_conditioned():
+    gen = torch.Generator().manual_seed(0)
+    U = torch.linalg.qr(torch.randn(2, 40, 4, generator=gen))[0]
+    gv = 1e-3 * torch.randn(2, 40, 4, generator=gen)  # small next to orthonormal U: fine after column scaling
+    rows = _OneRank()
+    q, r, gram = fm.cholesky_qr2(torch.cat([U, gv], -1), rows)
+    assert rows.gathers == 0
+    eye = torch.eye(8).expand(2, 8, 8)
+    torch.testing.assert_close(q.mT @ q, eye, atol=1e-5, rtol=0)
+    torch.testing.assert_close(q @ r, torch.cat([U, gv], -1), atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(gram[..., :4, 4:], U.mT @ gv, atol=1e-7, rtol=1e-5)
+    # batch entry 1 made nearly rank-deficient (G V inside span(U)), entry 0 zero: both need the fallback
+    bad = torch.cat([U, torch.stack([torch.zeros(40, 4), U[1] @ torch.randn(4, 4, generator=gen) + 1e-7])], -1)
+    q, r = fm.cholesky_qr2(bad, rows)[:2]
+    assert rows.gathers == 1
+    torch.testing.assert_close(q.mT @ q, eye, atol=1e-5, rtol=0)
+    torch.testing.assert_close(q @ r, bad, atol=1e-5, rtol=1e-5)
+
+
+def test_sharded_step_refuses_what_it_cannot_do():
+    from mofasgd.sharding import check_row_sharded
+
+    check_row_sharded(torch.zeros(3, 3), "a plain tensor")  # plain tensors pass through
