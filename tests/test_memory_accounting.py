@@ -218,3 +218,222 @@ def test_main_writes_markdown_json_and_chart(tmp_path, monkeypatch):
     per_layer = 2 * h * h + 2 * h * kv + 3 * h * i + 2 * h
     assert methods[0]["trainable_params"] == v * h + layers * per_layer + h  # tied head, final norm
     assert methods[0] == results["Llama-3.2-1B"][0].__dict__
+
+
+# ------------------------------------------------------------------ FSDP2: per-GPU accounting
+
+LLAMA_31 = ["Llama-3.1-8B", "Llama-3.1-70B"]
+MOFASGD_ROWS = {"MoFaSGD": "all", "MoFaSGD+emb/head": "all,embed_tokens,lm_head"}
+
+
+def fsdp2_rows(config: LlamaConfig, world: int, **kw) -> dict:
+    return {r.method: r for r in acc.account_fsdp2(config, world_size=world, rank=RANK, **kw)}
+
+
+def llama(name: str) -> LlamaConfig:
+    return LlamaConfig(**acc.LLAMA_SHAPES[name])
+
+
+@pytest.mark.parametrize("name", LLAMA_31)
+def test_fsdp2_sharded_bytes_times_w_are_the_unsharded_bytes(name):
+    config = llama(name)
+    single, sharded = rows(config), fsdp2_rows(config, 8)
+    for method in ("AdamW", "LoRA", "MoFaSGD", "MoFaSGD+emb/head"):
+        assert sharded[method].weights * 8 == single[method].weights, method
+    assert sharded["AdamW"].gradients * 8 == single["AdamW"].gradients
+    assert sharded["AdamW"].optimizer_state * 8 == single["AdamW"].optimizer_state
+    assert sharded["LoRA"].optimizer_state * 8 == single["LoRA"].optimizer_state
+    assert sharded["LoRA"].gradients * 8 == single["LoRA"].gradients
+
+
+def test_fsdp2_shards_are_torch_chunks_first_piece_when_rows_do_not_divide():
+    config = tiny_config(False)  # vocab 320, hidden 64, kv 32, intermediate 160: none divides by 3 evenly
+    model = acc.build_meta_model(config)
+    world = 3
+    first_chunks = sum(torch.chunk(p, world)[0].numel() for p in model.parameters())
+    adamw = fsdp2_rows(config, world)["AdamW"]
+    assert adamw.weights == 2 * first_chunks
+    assert adamw.weights * world > 2 * sum(p.numel() for p in model.parameters())
+    assert acc.shard_numel(torch.Size([7, 5]), 4) == 2 * 5
+    assert acc.shard_numel(torch.Size([3]), 8) == 1  # trailing ranks hold nothing; the padded shard is one row
+
+
+@pytest.mark.parametrize("name", LLAMA_31)
+def test_fsdp2_mofasgd_state_is_the_sharded_factor_formula(name):
+    from mofasgd import split_for_mofasgd
+
+    config, world = llama(name), 8
+    model = acc.build_meta_model(config)
+    result = fsdp2_rows(config, world)
+    for row, target in MOFASGD_ROWS.items():
+        routing = split_for_mofasgd(model, target)
+        managed = [p.shape for _, p in routing.mofasgd]
+        rest = sum(p.numel() for _, p in routing.adamw)
+        assert all(m % world == 0 for m, _ in managed) and rest % world == 0
+        factors = sum((m // world * RANK + n * RANK + RANK) * 4 for m, n in managed)
+        projections = sum((m // world + n) * RANK * 4 for m, n in managed)
+        assert result[row].optimizer_state == factors + 2 * 2 * rest // world, row
+        assert result[f"{row} [freed]"].gradients == 2 * rest // world + projections, row
+        # FSDP2's flat gradient buffer keeps the managed shards: every shard is held, plus the projections
+        total = sum(p.numel() for p in model.parameters())
+        assert result[row].gradients == 2 * total // world + projections, row
+
+
+def test_fsdp2_on_one_gpu_holds_what_the_single_gpu_accounting_holds():
+    config = tiny_config(False)
+    single, fsdp = rows(config), fsdp2_rows(config, 1)
+    for method in ("AdamW", "LoRA", "MoFaSGD", "MoFaSGD+emb/head"):
+        assert fsdp[method].weights == single[method].weights, method
+        assert fsdp[method].optimizer_state == single[method].optimizer_state, method
+        assert fsdp[method].activations == single[method].activations, method
+    assert fsdp["AdamW"].gradients == single["AdamW"].gradients
+    assert fsdp["LoRA"].gradients == single["LoRA"].gradients
+
+
+@pytest.mark.parametrize("name", LLAMA_31)
+def test_fsdp2_transient_is_root_plus_two_layers_of_params_and_grads(name):
+    config = llama(name)
+    h, i, v, layers = config.hidden_size, config.intermediate_size, config.vocab_size, config.num_hidden_layers
+    kv = config.num_key_value_heads * h // config.num_attention_heads
+    layer = 2 * h * h + 2 * h * kv + 3 * h * i + 2 * h
+    root, head_and_norm = 2 * v * h + h, v * h + h
+    adamw = 2 * root + 2 * head_and_norm + 4 * 2 * layer  # root held, 2 layers' params + 2 layers' grads
+    assert adamw > 2 * 2 * root  # the root's own reduce-scatter moment is smaller for these shapes
+    adapters = RANK * (4 * h + 2 * (h + kv) + 2 * (h + i) + (i + h))  # q, o, k, v, gate, up, down
+    lora = 2 * root + 2 * (2 * layer + 4 * adapters) + 2 * 4 * adapters
+    result = fsdp2_rows(config, 8)
+    assert layers > 2
+    assert result["AdamW"].transient == adamw
+    assert result["MoFaSGD"].transient == adamw  # autograd makes the same unsharded gradients
+    assert result["LoRA"].transient == lora
+    managed_layer_shard = 2 * (layer - 2 * h) // 8
+    assert result["MoFaSGD [freed]"].transient == adamw + managed_layer_shard
+
+
+@pytest.mark.parametrize("name", LLAMA_31)
+def test_fsdp2_per_gpu_totals_are_below_one_gpu_and_ordered(name):
+    result = fsdp2_rows(llama(name), 8)
+    assert all(r.total < r.single_gpu_total for r in result.values())
+    assert all(
+        r.total == r.weights + r.gradients + r.optimizer_state + r.transient + r.activations for r in result.values()
+    )
+    order = ["AdamW", "MoFaSGD", "MoFaSGD+emb/head", "MoFaSGD [freed]", "MoFaSGD+emb/head [freed]", "LoRA"]
+    totals = [result[m].total for m in order]
+    assert totals == sorted(totals, reverse=True) and len(set(totals)) == len(totals)
+    assert result["MoFaSGD"].gradients > result["AdamW"].gradients  # retained shards plus projections
+    assert result["MoFaSGD"].optimizer_state < result["AdamW"].optimizer_state / 5
+
+
+def test_main_writes_the_fsdp2_markdown_and_json(tmp_path, monkeypatch):
+    monkeypatch.setenv("MPLCONFIGDIR", str(tmp_path / "mpl"))
+    argv = ["--out", str(tmp_path), "--models", "Llama-3.2-1B", "--seq-len", "128"]
+    acc.main([*argv, "--fsdp2-gpus", "4", "--fsdp2-models", "Llama-3.2-1B"])
+    markdown = (tmp_path / "fsdp2_4gpu.md").read_text()
+    payload = json.loads((tmp_path / "fsdp2_4gpu.json").read_text())
+    assert all(f"| {m} |" in markdown for m in acc.FSDP2_METHODS)
+    assert "Assumptions" in markdown and payload["settings"]["world_size"] == 4
+    expected = acc.account_fsdp2(LlamaConfig(**acc.LLAMA_SHAPES["Llama-3.2-1B"]), 4, RANK, 1, 128)
+    assert payload["models"]["Llama-3.2-1B"] == [r.__dict__ for r in expected]
+
+
+# ------------------------------------------------------------------ FSDP2: the real thing, 2 gloo processes
+
+
+def local_bytes(tensors) -> int:
+    from mofasgd.sharding import local
+
+    return sum(local(t).numel() * local(t).element_size() for t in tensors)
+
+
+def local_state_bytes(optimizer: torch.optim.Optimizer) -> int:
+    return local_bytes(t for s in optimizer.state.values() for k, t in s.items() if torch.is_tensor(t) and k != "step")
+
+
+def held_gradient_bytes(model: nn.Module) -> int:
+    """Bytes of the distinct storages behind the gradient shards still referenced (views of flat buffers)."""
+    from mofasgd.sharding import local
+
+    storages = {}
+    for p in model.parameters():
+        if p.grad is not None:
+            storage = local(p.grad).untyped_storage()
+            storages[storage.data_ptr()] = storage.nbytes()
+    return sum(storages.values())
+
+
+def fsdp2_worker(rank, world, port, out_dir):
+    import os
+
+    import torch.distributed as dist
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import DTensor
+
+    from mofasgd import split_for_mofasgd
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        result = {}
+        for method in ("AdamW", "MoFaSGD"):
+            model = real_model(tiny_config(False))
+            for layer in model.model.layers:  # accelerate's LlamaDecoderLayer wrapping, then the root
+                fully_shard(layer, reshard_after_forward=True)
+            fully_shard(model, reshard_after_forward=True)
+            if method == "AdamW":
+                optimizer = torch.optim.AdamW(model.parameters(), foreach=False)
+            else:
+                routing = split_for_mofasgd(model, "all")
+                groups = [
+                    {"params": [p for _, p in routing.mofasgd]},
+                    {"params": [p for _, p in routing.adamw], "mofasgd": False},
+                ]
+                optimizer = MoFaSGD(groups, rank=RANK, lr=1e-3)
+            backward_once(model, rank)
+            optimizer.step()
+            optimizer.zero_grad()
+            state = local_state_bytes(optimizer)
+            seen = []
+
+            def probe(grad, model=model, seen=seen):  # in decoder-layer backward: is the root still unsharded?
+                head = model.lm_head.weight
+                seen.append(not isinstance(head, DTensor) and head.grad is not None)
+
+            def hook(module, args, output, probe=probe):
+                (output[0] if isinstance(output, tuple) else output).register_hook(probe)
+
+            handles = [layer.register_forward_hook(hook) for layer in model.model.layers]
+            backward_once(model, 10 + rank)
+            for handle in handles:
+                handle.remove()
+            result[method] = {
+                "weights": local_bytes(model.parameters()),
+                "state": state,
+                "gradients": held_gradient_bytes(model) + local_state_bytes(optimizer) - state,
+                "root_unsharded_in_layer_backward": seen,
+            }
+        torch.save(result, f"{out_dir}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.distributed
+def test_fsdp2_accounting_matches_what_two_gloo_processes_hold(tmp_path):
+    """Weights, optimizer state and held gradients per rank: the accounting at W = 2, bytes for bytes.
+
+    MoFaSGD's hooks drop the managed gradient shards, yet the norm weights' AdamW-side gradients are views of the
+    same flat reduce-scatter buffer, so the held gradient bytes are every shard plus the projections.
+    """
+    import torch.multiprocessing as mp
+
+    from llamafactory_mfsgd.launcher import free_port
+
+    mp.spawn(fsdp2_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
+    expected = fsdp2_rows(tiny_config(False), 2)
+    for rank in range(2):
+        result = torch.load(tmp_path / f"rank{rank}.pt")
+        for method, held in result.items():
+            assert held["weights"] == expected[method].weights, method
+            assert held["state"] == expected[method].optimizer_state, method
+            assert held["gradients"] == expected[method].gradients, method
+            assert held["root_unsharded_in_layer_backward"] == [True, True], method
+    assert expected["MoFaSGD"].gradients > expected["MoFaSGD [freed]"].gradients

@@ -48,6 +48,11 @@ On CPU this matches the tensors autograd saves in a real bf16 forward (tests/tes
 
 The total is the sum of the four columns: an upper bound, since activations peak at the start of backward
 while non-fused gradients peak at its end.
+
+With ``--fsdp2-gpus W`` the script also writes ``fsdp2_<W>gpu.md`` / ``.json``: per-GPU memory of AdamW, LoRA and
+MoFaSGD under FSDP2 (``fully_shard``) on W GPUs for ``--fsdp2-models``: sharded weights, gradients and optimizer
+state, the transient unsharded parameters and gradients of the backward schedule, and per-GPU activations. Its
+assumptions are spelled out in ``FSDP2_ASSUMPTIONS`` (and in the markdown it writes).
 """
 
 from __future__ import annotations
@@ -228,6 +233,230 @@ def account(config: LlamaConfig, rank: int = 8, batch_size: int = 1, seq_len: in
     ]
 
 
+# ---------------------------------------------------------------------------------------------------- FSDP2
+FSDP2_METHODS = (
+    "AdamW",
+    "LoRA",
+    "MoFaSGD",
+    "MoFaSGD [freed]",
+    "MoFaSGD+emb/head",
+    "MoFaSGD+emb/head [freed]",
+)
+FSDP2_MODELS = ("Llama-3.1-8B", "Llama-3.1-70B")
+FSDP2_COMPONENTS = ("weights", "gradients", "optimizer_state", "transient", "activations")
+FSDP2_ASSUMPTIONS = """\
+Assumptions (per GPU, FSDP2 `fully_shard` on a 1-D mesh of W GPUs; torch 2.14 / accelerate 1.11 behaviour):
+- Wrapping as LLaMA-Factory gets it from accelerate (`fsdp: full_shard auto_wrap`, `fsdp_version: 2`,
+  `transformer_layer_cls_to_wrap: [LlamaDecoderLayer]`, `reshard_after_forward: true`): one FSDP unit per
+  decoder layer, and the root unit holds the input embeddings, the final norm and the LM head.
+- Pure bf16 (`pure_bf16: true`, `bf16` unset, so accelerate's mixed precision is "no" and nothing is upcast):
+  bf16 weights, gradients and all-gather / reduce-scatter; AdamW moments like their parameter (bf16; fp32 for
+  the fp32 LoRA adapters). With `bf16: true` accelerate upcasts the model to fp32 for FSDP2; not covered here.
+- Sharding: every parameter along dim 0 into W chunks like torch.chunk; a GPU holds ceil(rows / W) rows (FSDP2
+  pads every rank's shard to that size), so weights, gradients and AdamW moments are 1/W of the model for
+  these shapes (every dim 0 is a multiple of 8). LoRA adapters are sharded too (FSDP2 shards every parameter).
+- MoFaSGD (fused hooks, as src/mofasgd runs under FSDP2): per managed m x n matrix a GPU keeps ceil(m/W) x r
+  rows of U, all of V (n x r) and S (r), fp32: 4 (ceil(m/W) r + n r + r) bytes; its hooks turn each gradient
+  shard into G V (ceil(m/W) x r) and this GPU's share of G^T U (n x r), fp32, kept until the step.
+- FSDP2 reduce-scatters a unit's gradients into one flat buffer and hands every parameter a view of it. A
+  MoFaSGD hook drops its matrix's view, but the AdamW-side norm weights of the same unit keep the whole
+  buffer alive until `zero_grad` (checked with 2 gloo processes in tests/test_memory_accounting.py). The
+  MoFaSGD rows therefore hold every gradient shard, as AdamW does; the `[freed]` rows show what they would
+  hold if the managed shards were released (AdamW-side gradient shards only, plus one unit's managed shards
+  while its hooks run, counted as transient).
+- Transient (unsharded, alive during backward): the root unit stays unsharded from the start of backward to
+  its reduce-scatter in the final callback (its input, the token ids, needs no gradient), and the LM head's
+  and final norm's unsharded gradients live as long. While decoder layer u runs backward a GPU holds: the
+  root's parameters and LM-head/norm gradients, the parameters of layer u and of the prefetched layer u - 1,
+  the unsharded gradients of layer u, and the reduce-scatter input of layer u + 1 (FSDP2 keeps one such
+  buffer in flight): 2 layers' parameters + 2 layers' gradients. Also taken: the LM head's step (root, layer
+  L-1 parameters, head gradient), the embedding's step, and the root's reduce-scatter (its unsharded
+  gradients plus their reduce-scatter copy). The transient column is the largest of these moments. The root
+  staying unsharded with the LM-head gradient is checked in the gloo test; the layer counts follow torch's
+  `FSDPParamGroup.post_backward` (reshard, then at most `reduce_scatter_max_input_buffers` = 1 input in flight).
+- Activations are per GPU and not sharded: the single-GPU model above, micro-batch per GPU, gradient
+  checkpointing on.
+- Not counted: per-tensor `step` scalars, the optimizer step's temporaries, MoFaSGD's one-time factor
+  initialisation (it all-gathers each managed matrix once, at the first step), communication buffers of
+  G^T U (small), and allocator fragmentation.
+- The total adds every column, an upper bound: activations peak at the start of backward, the gradient
+  shards are complete at its end.
+"""
+
+
+def shard_numel(shape: torch.Size | tuple[int, ...], world_size: int) -> int:
+    """Elements one GPU holds of a parameter FSDP2 shards along dim 0 (rank 0's chunk, the padded size)."""
+    if len(shape) == 0:
+        return 1
+    rows = -(-shape[0] // world_size)
+    return rows * (torch.Size(shape[1:]).numel() if len(shape) > 1 else 1)
+
+
+def fsdp2_factor_bytes(shape: torch.Size | tuple[int, int], rank: int, world_size: int) -> int:
+    """fp32 U rows of this GPU's shard, all of V and S, for a managed m x n matrix."""
+    m, n = shape
+    r = min(rank, m, n)
+    return FP32 * (-(-m // world_size) * r + n * r + r)
+
+
+def fsdp2_projection_bytes(shape: torch.Size | tuple[int, int], rank: int, world_size: int) -> int:
+    """fp32 G V of this GPU's rows and its share of G^T U for a managed m x n matrix."""
+    m, n = shape
+    return FP32 * (-(-m // world_size) + n) * min(rank, m, n)
+
+
+@dataclass
+class Fsdp2Param:
+    """One parameter as FSDP2 and each method see it (tied weights once)."""
+
+    shape: torch.Size
+    unit: int  # 0: the root (embeddings, final norm, LM head); i + 1: decoder layer i
+    embedding: bool  # the input embedding's gradient appears at the end of backward (a tied one counts as head)
+    lora_target: bool
+    managed_by: frozenset[str]  # MoFaSGD rows (MOFASGD_TARGETS) that route it to MoFaSGD
+
+
+@dataclass
+class Fsdp2Memory:
+    """Bytes one GPU holds under FSDP2, by component; ``single_gpu_total`` is the same method without FSDP."""
+
+    method: str
+    world_size: int
+    weights: int
+    gradients: int
+    optimizer_state: int
+    transient: int
+    activations: int
+    single_gpu_total: int
+    total: int = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.total = self.weights + self.gradients + self.optimizer_state + self.transient + self.activations
+
+
+def fsdp2_params(model: LlamaForCausalLM) -> list[Fsdp2Param]:
+    """Every parameter of ``model`` with its FSDP2 unit (accelerate's decoder-layer wrapping) and routing."""
+    routed = {row: {id(p) for _, p in split_for_mofasgd(model, t).mofasgd} for row, t in MOFASGD_TARGETS.items()}
+    head = model.get_output_embeddings()
+    lora = {id(m.weight) for m in model.modules() if isinstance(m, nn.Linear) and m is not head}
+    embedding = model.get_input_embeddings().weight
+    unit_of = {id(p): i + 1 for i, layer in enumerate(model.model.layers) for p in layer.parameters()}
+    return [
+        Fsdp2Param(
+            shape=p.shape,
+            unit=unit_of.get(id(p), 0),
+            embedding=p is embedding and p is not head.weight,
+            lora_target=id(p) in lora,
+            managed_by=frozenset(row for row, ids in routed.items() if id(p) in ids),
+        )
+        for p in model.parameters()
+    ]
+
+
+@dataclass
+class _Unit:
+    """Per-unit byte sums the backward schedule needs."""
+
+    params: int = 0  # unsharded parameters (all-gathered)
+    grads_early: int = 0  # unsharded gradients produced at the start of backward (root: LM head, final norm)
+    grads_late: int = 0  # unsharded gradients produced later (root: embeddings; layers: all)
+    rs_input: int = 0  # reduce-scatter input: the unsharded gradients padded to W shards
+    managed_shards: int = 0  # this GPU's shards of the unit's MoFaSGD-managed gradients
+    adamw_side: bool = False  # a trained AdamW-side gradient shares the unit's reduce-scatter output buffer
+
+
+def fsdp2_transient_bytes(units: list[_Unit]) -> int:
+    """The largest unsharded footprint over the backward schedule (module docstring / FSDP2_ASSUMPTIONS)."""
+    root, layers = units[0], units[1:]
+    held = root.params + root.grads_early  # from the start of backward to the final callback
+    moments = [held + (layers[-1].params if layers else 0)]  # LM head backward, last layer prefetched
+    for u in range(len(layers) - 1, -1, -1):
+        prefetched = layers[u - 1].params if u > 0 else 0
+        in_flight = layers[u + 1].rs_input if u + 1 < len(layers) else 0
+        moments.append(held + layers[u].params + prefetched + layers[u].grads_late + in_flight)
+    moments.append(held + root.grads_late + (layers[0].rs_input if layers else 0))  # embedding backward
+    moments.append(root.grads_early + root.grads_late + root.rs_input)  # root reduce-scatter; params resharded
+    return max(moments)
+
+
+def account_fsdp2(
+    config: LlamaConfig, world_size: int = 8, rank: int = 8, batch_size: int = 1, seq_len: int = 1024
+) -> list[Fsdp2Memory]:
+    """Per-GPU memory under FSDP2 on ``world_size`` GPUs of every method in ``FSDP2_METHODS``."""
+    model = build_meta_model(config)
+    params = fsdp2_params(model)
+    single = {r.method: r.total for r in account(config, rank, batch_size, seq_len)}
+    acts, _ = activation_bytes(config, batch_size, seq_len)
+    lora_acts, _ = activation_bytes(config, batch_size, seq_len, rank, model_shapes(model).lora_in_features)
+    n_units = config.num_hidden_layers + 1
+    W = world_size
+
+    def row(method: str) -> Fsdp2Memory:
+        lora = method == "LoRA"
+        mofasgd = method.split(" ")[0] if method.startswith("MoFaSGD") else None
+        freed = method.endswith("[freed]")
+        units = [_Unit() for _ in range(n_units)]
+        weights = gradients = state = 0
+        for p in params:
+            unit, numel, shard = units[p.unit], p.shape.numel(), shard_numel(p.shape, W)
+            weights += BF16 * shard
+            unit.params += BF16 * numel
+            pieces: list[tuple[int, int, int]] = []  # trained (numel, shard, bytes per element)
+            if lora:
+                if p.lora_target:
+                    r = min(rank, *p.shape)
+                    a, b = (r, p.shape[1]), (p.shape[0], r)
+                    adapter, adapter_shard = r * (p.shape[0] + p.shape[1]), shard_numel(a, W) + shard_numel(b, W)
+                    weights += FP32 * adapter_shard
+                    unit.params += FP32 * adapter
+                    state += 2 * FP32 * adapter_shard
+                    gradients += FP32 * adapter_shard
+                    pieces.append((adapter, adapter_shard, FP32))
+            elif mofasgd is not None and mofasgd in p.managed_by:
+                state += fsdp2_factor_bytes(p.shape, rank, W)
+                gradients += fsdp2_projection_bytes(p.shape, rank, W)
+                unit.managed_shards += BF16 * shard
+                pieces.append((numel, shard, BF16))
+            else:  # AdamW, or MoFaSGD's AdamW side
+                state += 2 * BF16 * shard
+                gradients += BF16 * shard
+                unit.adamw_side = True
+                pieces.append((numel, shard, BF16))
+            for numel_, shard_, size in pieces:
+                grad = size * numel_
+                if p.unit == 0 and not p.embedding:
+                    unit.grads_early += grad
+                else:
+                    unit.grads_late += grad
+                unit.rs_input += size * W * shard_
+        transient = fsdp2_transient_bytes(units)
+        if mofasgd is not None:  # managed shards kept alive by an AdamW-side view of their buffer, or released
+            gradients += sum(u.managed_shards for u in units if u.adamw_side and not freed)
+            transient += max((u.managed_shards for u in units if freed or not u.adamw_side), default=0)
+        base = mofasgd if mofasgd is not None else method
+        return Fsdp2Memory(method, W, weights, gradients, state, transient, lora_acts if lora else acts, single[base])
+
+    return [row(method) for method in FSDP2_METHODS]
+
+
+def fsdp2_markdown(name: str, config: LlamaConfig, rows: list[Fsdp2Memory], batch_size: int, seq_len: int) -> str:
+    """One markdown table (GiB per GPU) for one model under FSDP2."""
+    world = rows[0].world_size
+    header = (
+        f"### {name}, FSDP2 on {world} GPUs (hidden {config.hidden_size}, {config.num_hidden_layers} layers, "
+        f"vocab {config.vocab_size}; micro-batch {batch_size} per GPU, seq {seq_len})\n\n"
+        "| method | weights | gradients | optimizer state | transient unsharded | activations (ckpt) "
+        "| per-GPU total | single GPU total (no FSDP) |\n|---|---:|---:|---:|---:|---:|---:|---:|\n"
+    )
+    lines = [
+        f"| {r.method} | {r.weights / GIB:.2f} | {r.gradients / GIB:.2f} | {r.optimizer_state / GIB:.3f} | "
+        f"{r.transient / GIB:.2f} | {r.activations / GIB:.2f} | {r.total / GIB:.2f} | "
+        f"{r.single_gpu_total / GIB:.2f} |"
+        for r in rows
+    ]
+    return header + "\n".join(lines) + "\n"
+
+
 def markdown_table(name: str, config: LlamaConfig, rows: list[MethodMemory], batch_size: int, seq_len: int) -> str:
     """One markdown table (GiB) for one model."""
     header = (
@@ -278,6 +507,8 @@ def main(argv: list[str] | None = None) -> dict[str, list[MethodMemory]]:
     parser.add_argument("--batch-size", type=int, default=1)
     parser.add_argument("--seq-len", type=int, default=1024)
     parser.add_argument("--models", nargs="+", choices=sorted(LLAMA_SHAPES), default=list(LLAMA_SHAPES))
+    parser.add_argument("--fsdp2-gpus", type=int, default=0, help="also account FSDP2 per GPU on this many GPUs")
+    parser.add_argument("--fsdp2-models", nargs="+", choices=sorted(LLAMA_SHAPES), default=list(FSDP2_MODELS))
     args = parser.parse_args(argv)
 
     args.out.mkdir(parents=True, exist_ok=True)
@@ -298,6 +529,43 @@ def main(argv: list[str] | None = None) -> dict[str, list[MethodMemory]]:
     }
     (args.out / "memory_accounting.json").write_text(json.dumps(payload, indent=2))
     plot(results, args.out / "memory_accounting.png")
+    if args.fsdp2_gpus:
+        write_fsdp2(args.out, args.fsdp2_gpus, args.fsdp2_models, args.rank, args.batch_size, args.seq_len)
+    return results
+
+
+def write_fsdp2(
+    out: Path, world_size: int, models: list[str], rank: int, batch_size: int, seq_len: int
+) -> dict[str, list[Fsdp2Memory]]:
+    """Write ``fsdp2_<W>gpu.md`` and ``.json`` (per-GPU GiB under FSDP2) for ``models``."""
+    results, tables = {}, []
+    for name in models:
+        config = LlamaConfig(**LLAMA_SHAPES[name])
+        results[name] = account_fsdp2(config, world_size, rank, batch_size, seq_len)
+        tables.append(fsdp2_markdown(name, config, results[name], batch_size, seq_len))
+    report = (
+        f"## Per-GPU memory under FSDP2 on {world_size} GPUs (pure bf16, rank {rank})\n\n"
+        + "\n".join(tables)
+        + "\nAll sizes in GiB per GPU; per-GPU total = weights + gradients + optimizer state + transient + "
+        "activations. Single GPU total: the same method on one GPU without FSDP (memory_accounting.md). "
+        "`[freed]`: the MoFaSGD row if FSDP2's flat gradient buffer let go of the managed gradient shards "
+        "(see the assumptions).\n\n" + FSDP2_ASSUMPTIONS
+    )
+    print(report)
+    stem = f"fsdp2_{world_size}gpu"
+    (out / f"{stem}.md").write_text(report)
+    payload = {
+        "settings": {
+            "world_size": world_size,
+            "rank": rank,
+            "batch_size_per_gpu": batch_size,
+            "seq_len": seq_len,
+            "dtype": "bfloat16",
+            "assumptions": FSDP2_ASSUMPTIONS,
+        },
+        "models": {name: [asdict(r) for r in rows] for name, rows in results.items()},
+    }
+    (out / f"{stem}.json").write_text(json.dumps(payload, indent=2))
     return results
 
 
