@@ -22,9 +22,9 @@ def test_shipped_deepspeed_configs_are_the_zero_stage_their_name_says(name):
     assert config["train_micro_batch_size_per_gpu"] == config["gradient_accumulation_steps"] == "auto"
 
 
-def test_mfsgd_with_the_shipped_zero3_config_is_refused_pointing_to_ddp(tmp_path):
+def test_mfsgd_with_the_shipped_zero3_config_is_refused_pointing_to_fsdp2_and_ddp(tmp_path):
     config = tiny_config("tiny_sft_mfsgd.yaml", tmp_path / "no-model", tmp_path / "out")
-    with pytest.raises(ValueError, match="flattened 1-D shards.*plain DDP"):
+    with pytest.raises(ValueError, match="flattened 1-D shards.*FSDP2.*plain DDP"):
         get_train_args({**config, "deepspeed": "examples/deepspeed/ds_z3_config.json"})
 
 

@@ -38,9 +38,9 @@ def env_flag(name: str, default: bool) -> bool:
     """An environment switch: unset or empty gives `default`; `0`, `false`, `no`, `off` (any case) are off.
 
     Anything else is on. The one rule for the extension's switches: ``LLAMAFACTORY_MFSGD`` (here),
-    ``MFSGD_DEBUG_EMPTY_CACHE`` (cuda_cache) and ``MFSGD_CPU_PURE_BF16`` (patches). Config values have their own
-    rule, YAML's (:mod:`llamafactory_mfsgd.config_values`); this one lives here because the start-up hook may
-    import only the standard library.
+    ``MFSGD_DEBUG_EMPTY_CACHE`` (cuda_cache), ``MFSGD_CPU_PURE_BF16`` and ``MFSGD_CPU_FSDP2`` (patches). Config
+    values have their own rule, YAML's (:mod:`llamafactory_mfsgd.config_values`); this one lives here because the
+    start-up hook may import only the standard library.
     """
     value = os.environ.get(name, "").strip().lower()
     return default if not value else value not in ("0", "false", "no", "off")

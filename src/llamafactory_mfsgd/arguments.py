@@ -13,6 +13,8 @@ parser can coerce it.
 from __future__ import annotations
 
 import difflib
+import json
+import os
 import re
 import types
 import typing
@@ -24,6 +26,7 @@ from typing import Any, Literal
 from mofasgd import DEFAULTS as OPTIMIZER_DEFAULTS
 from mofasgd import INITS, check_options
 
+from .activation import env_flag
 from .baselines import BaselineArguments, validate_baseline_values
 from .config_values import describe, is_set, parse_scalar
 
@@ -314,30 +317,44 @@ def validate_extension_values(args: Any) -> None:
         raise _bad("mfsgd_target", args.mfsgd_target, "`all` or comma-separated module names")
 
 
+def _fsdp_version(fsdp_config: Any) -> str:
+    """The FSDP version a raw `fsdp_config` asks for ("1" unless it says 2), read like transformers does."""
+    if isinstance(fsdp_config, str) and os.path.isfile(fsdp_config):
+        with open(fsdp_config, encoding="utf-8") as handle:
+            fsdp_config = json.load(handle)
+    fsdp_config = fsdp_config if isinstance(fsdp_config, dict) else {}
+    return str(fsdp_config.get("fsdp_version", fsdp_config.get("version", 1)))
+
+
+_SCALE_OUT = (
+    "MoFaSGD runs on FSDP2 (`fsdp: full_shard auto_wrap` with `fsdp_config: {fsdp_version: 2, "
+    "transformer_layer_cls_to_wrap: [LlamaDecoderLayer]}`: weights stay row-sharded matrices, U is sharded like "
+    "them) or on plain DDP (`python run.py CFG --ngpus N` or `FORCE_TORCHRUN=1 llamafactory-cli train CFG`)"
+)
+
+
 def validate_engine_keys(values: dict[str, Any]) -> None:
-    """Refuse sharded engines before the training arguments are built (DeepSpeed would be initialised there)."""
+    """Refuse engines MoFaSGD cannot factor under, before the training arguments are built (DeepSpeed inits there)."""
     if not is_set(values.get("use_mfsgd")):
         return
     if is_set(values.get("deepspeed")):
         raise ValueError(
-            "`use_mfsgd: true` does not run under DeepSpeed (ZeRO hands the optimizer flattened 1-D shards, so "
-            "no weight matrix is left to factor). Remove `deepspeed:`; multi-GPU MoFaSGD runs on plain DDP "
-            "(`python run.py CFG --ngpus N` or `FORCE_TORCHRUN=1 llamafactory-cli train CFG`)."
+            "`use_mfsgd: true` does not run under DeepSpeed: ZeRO hands the optimizer flattened 1-D shards, so no "
+            f"weight matrix is left to factor. Remove `deepspeed:`; {_SCALE_OUT}."
         )
     if is_set(values.get("fsdp")) or is_set(values.get("fsdp_config")):
-        fsdp_config = values.get("fsdp_config")
-        fsdp_config = fsdp_config if isinstance(fsdp_config, dict) else {}
-        version = fsdp_config.get("fsdp_version", fsdp_config.get("version"))
-        why = (
-            "FSDP2 keeps each weight a row-sharded matrix, but MoFaSGD's sharded factor step (U sharded like W, "
-            "V replicated) is not implemented yet"
-            if str(version) == "2"
-            else "FSDP1 hands the optimizer flattened 1-D shards, so no weight matrix is left to factor"
-        )
-        raise ValueError(
-            f"`use_mfsgd: true` does not run under FSDP: {why}. Remove `fsdp:`/`fsdp_config:`; multi-GPU MoFaSGD "
-            "runs on plain DDP (`python run.py CFG --ngpus N` or `FORCE_TORCHRUN=1 llamafactory-cli train CFG`)."
-        )
+        version = _fsdp_version(values.get("fsdp_config"))
+        if version != "2":
+            raise ValueError(
+                f"`use_mfsgd: true` does not run under FSDP{version} (`fsdp_version: {version}`): FSDP1 hands the "
+                "optimizer flattened 1-D shards, so no weight matrix is left to factor. Set `fsdp_version: 2` in "
+                f"`fsdp_config`, or remove `fsdp:`; {_SCALE_OUT}."
+            )
+        if values.get("mfsgd_fused") is False:
+            raise ValueError(
+                "`mfsgd_fused: false` does not run under FSDP2: the sharded step consumes each gradient shard's "
+                "projections in its hook. Set `mfsgd_fused: true` (and `mfsgd_eta2: 0`), or train on DDP."
+            )
 
 
 def validate_with_training_args(finetuning_args: Any, training_args: Any) -> None:
@@ -356,10 +373,23 @@ def validate_with_training_args(finetuning_args: Any, training_args: Any) -> Non
             "`fp16: true` scales the loss, and fused MoFaSGD consumes gradients before the scaler can unscale "
             "them. Use `bf16: true` / `pure_bf16: true`, or set `mfsgd_fused: false`."
         )
+    if training_args.fsdp and not _fsdp_applies():
+        raise ValueError(
+            "`fsdp:` is set, but accelerate applies FSDP on GPUs only: these CPU processes would silently train "
+            "with DDP instead. Remove `fsdp:`/`fsdp_config:` for CPU runs (MoFaSGD then averages its projections over "
+            "DDP), or set MFSGD_CPU_FSDP2=1 to run FSDP2 on CPU processes (gloo) for testing."
+        )
     if training_args.world_size > 1 and finetuning_args.mfsgd_init == "gradient":
         raise ValueError(
             "`mfsgd_init: gradient` would give each data-parallel rank its own factors; use `mfsgd_init: weight`."
         )
+
+
+def _fsdp_applies() -> bool:
+    """Whether accelerate will shard with FSDP here: on CUDA, or on CPU processes with MFSGD_CPU_FSDP2=1."""
+    import torch
+
+    return torch.cuda.is_available() or env_flag("MFSGD_CPU_FSDP2", default=False)
 
 
 def check_key_spelling(keys: list[str], known: set[str]) -> None:

@@ -167,6 +167,41 @@ def _warn_fresh_optimizer(trainer: Any, checkpoint: str) -> None:
     )
 
 
+def _sharded_fsdp2_checkpoint(trainer: Any, checkpoint: str) -> bool:
+    """Whether this run is MoFaSGD under FSDP2 and `checkpoint` holds a sharded (DCP) optimizer state."""
+    plugin = getattr(getattr(getattr(trainer, "accelerator", None), "state", None), "fsdp_plugin", None)
+    optimizer = _unwrapped_optimizer(trainer)
+    return (
+        getattr(trainer, "is_fsdp_enabled", False)
+        and getattr(plugin, "fsdp_version", 1) == 2
+        and any("mofasgd" in g for g in getattr(optimizer, "param_groups", []))
+        and os.path.isdir(os.path.join(checkpoint, f"{_optimizer_name()}_0"))
+    )
+
+
+def _optimizer_name() -> str:
+    from accelerate.utils import OPTIMIZER_NAME
+
+    return OPTIMIZER_NAME
+
+
+def _load_fsdp2_sharded_optimizer(trainer: Any, checkpoint: str) -> None:
+    """Load a sharded FSDP2 optimizer checkpoint into MoFaSGD, keyed by parameter names as it was saved.
+
+    accelerate (1.11) reads a sharded optimizer checkpoint into ``optimizer.state_dict()`` of the fresh optimizer:
+    that template has no state yet and is keyed by parameter ids, not names, so nothing is read and training would
+    resume with fresh factors and moments. Here the template is torch's ``get_optimizer_state_dict`` (state
+    created by a zero-learning-rate step, keyed by names, U and the moments as DTensors), which DCP fills in place.
+    """
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+
+    optimizer = _unwrapped_optimizer(trainer)
+    state = {"optimizer": get_optimizer_state_dict(trainer.model, optimizer)}
+    dcp.load(state, checkpoint_id=os.path.join(checkpoint, f"{_optimizer_name()}_0"))
+    set_optimizer_state_dict(trainer.model, optimizer, state["optimizer"])
+
+
 def _patch_resume(trainer_class: type) -> None:
     """Resume checks: a clear error when the checkpoint's optimizer is not this run's, a warning when it has none."""
     import transformers.trainer as hf_trainer
@@ -179,6 +214,9 @@ def _patch_resume(trainer_class: type) -> None:
 
     def _load_optimizer_and_scheduler(self, checkpoint):
         engines = getattr(self, "is_deepspeed_enabled", False) or getattr(self, "is_fsdp_enabled", False)
+        if checkpoint is not None and _sharded_fsdp2_checkpoint(self, checkpoint):
+            original(self, checkpoint)  # the scheduler; its optimizer load finds no state to fill (see below)
+            return _load_fsdp2_sharded_optimizer(self, checkpoint)
         if checkpoint is None or engines:
             return original(self, checkpoint)
         optimizer_file = os.path.join(checkpoint, hf_trainer.OPTIMIZER_NAME)

@@ -32,7 +32,8 @@ def create_mfsgd_optimizer(model: nn.Module, training_args: Any, finetuning_args
     Routing (fork-compatible): every trainable 2-D weight matching ``mfsgd_target`` except the input embeddings
     and the LM head goes to MoFaSGD at ``learning_rate_mfsgd``; the rest to AdamW at ``learning_rate_adamw``;
     both default to ``learning_rate``. Under data parallelism the managed matrices are removed from DDP's
-    gradient all-reduce and the optimizer averages their thin projections instead (exact, far fewer bytes).
+    gradient all-reduce and the optimizer averages their thin projections instead (exact, far fewer bytes). Under
+    FSDP2 accelerate swaps the sharded DTensors into the param groups after this; the optimizer adopts them.
     """
     routing = split_for_mofasgd(model, finetuning_args.mfsgd_target)
     if not routing.mofasgd:
@@ -51,7 +52,8 @@ def create_mfsgd_optimizer(model: nn.Module, training_args: Any, finetuning_args
         if params:
             groups.append({"params": params, "mofasgd": False, "lr": lr_adamw, "weight_decay": weight_decay})
 
-    data_parallel = training_args.world_size > 1 and finetuning_args.mfsgd_fused
+    # FSDP2 reduce-scatters (averages) every gradient itself: the optimizer then works on row shards instead
+    data_parallel = training_args.world_size > 1 and finetuning_args.mfsgd_fused and not training_args.fsdp
     # every `mfsgd_<option>` key, then the options the training arguments give (arguments.FROM_TRAINING_ARGUMENTS;
     # weight decay is per group above)
     optimizer = MoFaSGD(

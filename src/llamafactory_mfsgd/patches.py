@@ -1,7 +1,8 @@
 """What the extension changes in LLaMA-Factory, one function per extended module (applied by `activation`).
 
 - ``hparams.parser``: FinetuningArguments gains our keys; parsing checks their spelling and cross-field rules;
-  ``MFSGD_CPU_PURE_BF16=1`` lets ``pure_bf16`` run on a CPU (bf16 weights without a GPU, for tests/benchmarks).
+  ``MFSGD_CPU_PURE_BF16=1`` lets ``pure_bf16`` run on a CPU (bf16 weights without a GPU, for tests/benchmarks);
+  ``MFSGD_CPU_FSDP2=1`` lets accelerate apply FSDP2 to CPU processes (gloo), which it otherwise runs as DDP.
 - ``data.template``: registers the Tulu 3 chat format as ``tulu_v3`` when LLaMA-Factory has none.
 - ``train.trainer_utils``: ``create_custom_optimizer`` builds MoFaSGD / fused GaLore and applies the baselines'
   keys; ``create_custom_scheduler`` takes the authors' scheduler kwargs.
@@ -39,6 +40,7 @@ from .schedulers import check_scheduler_kwargs, wrap_create_custom_scheduler
 from .tulu3_mixture import prepare_for_training
 
 CPU_PURE_BF16_ENV = "MFSGD_CPU_PURE_BF16"
+CPU_FSDP2_ENV = "MFSGD_CPU_FSDP2"
 
 
 def _raw_values(raw: dict[str, Any] | list[str]) -> dict[str, Any]:
@@ -78,6 +80,7 @@ def patch_parser(module: ModuleType) -> None:
             classes[:] = [extended if cls is base else cls for cls in classes]
     module.FinetuningArguments = extended
     allow_cpu_pure_bf16(module)
+    allow_cpu_fsdp2()
     original = module.get_train_args
     known = {f.name for cls in module._TRAIN_ARGS for f in dataclasses.fields(cls)}
 
@@ -219,3 +222,34 @@ def allow_cpu_pure_bf16(module: ModuleType) -> None:
     if env_flag(CPU_PURE_BF16_ENV, default=False) and not torch.cuda.is_available():
         require(module, "is_torch_bf16_gpu_available")
         module.is_torch_bf16_gpu_available = lambda: True
+
+
+def allow_cpu_fsdp2() -> None:
+    """With MFSGD_CPU_FSDP2=1 and no CUDA, let accelerate really apply FSDP on CPU processes (gloo).
+
+    accelerate enables FSDP for multi-GPU runs only: on CPU processes it keeps an `fsdp:` config's plugin aside
+    and trains with DDP. FSDP2 itself runs on CPU with gloo, so this switch lets tests and CPU benchmarks go
+    through the real Trainer/accelerate FSDP2 path (fully_shard, sharded checkpoints) without a GPU.
+    """
+    import torch
+
+    if not env_flag(CPU_FSDP2_ENV, default=False) or torch.cuda.is_available():
+        return
+    import accelerate.state as state
+
+    require(state, "AcceleratorState", "DistributedType")
+    original = state.AcceleratorState.__init__
+    if getattr(original, "__mfsgd_cpu_fsdp2__", False):
+        return
+
+    def __init__(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        plugin = kwargs.get("fsdp_plugin")
+        if plugin is not None and self.distributed_type == state.DistributedType.MULTI_CPU:
+            self.distributed_type = state.DistributedType.FSDP
+            self.fsdp_plugin = plugin
+            if self._mixed_precision != "no":
+                plugin.set_mixed_precision(self._mixed_precision)
+
+    __init__.__mfsgd_cpu_fsdp2__ = True
+    state.AcceleratorState.__init__ = __init__

@@ -435,8 +435,24 @@ class MoFaSGD(torch.optim.Optimizer):
         p.grad = None
         self._pending_synced = False
 
+    def _adopt_swapped_params(self) -> None:
+        """Take over parameters put into the param groups after construction (accelerate's FSDP2 preparation).
+
+        accelerate builds the optimizer on the plain parameters, then `fully_shard` replaces them with DTensors and
+        accelerate swaps those into ``param_groups``: index them, check that they are row-sharded, and (in fused
+        mode) hook them. The first step after the swap consumes the gradients no hook saw yet.
+        """
+        if all(p in self._group_index for g in self.param_groups for p in g["params"]):
+            return
+        self._group_index = {p: i for i, g in enumerate(self.param_groups) for p in g["params"]}
+        for group in self.param_groups:
+            for p in group["params"]:
+                if group["mofasgd"] and sharding.is_dtensor(p):
+                    self._check_sharded(p, group)
+
     def _absorb_unhooked_gradients(self) -> None:
         """Fused mode: consume managed `.grad`s no hook took (unfrozen later, set by hand), and hook new params."""
+        self._adopt_swapped_params()
         if not self.fused:
             return
         for group in self.param_groups:

@@ -1,0 +1,65 @@
+"""`llamafactory-cli train` with FSDP2 keys: MoFaSGD on 2 CPU processes equals 1 process, and resumes exactly.
+
+accelerate applies FSDP on GPUs only; MFSGD_CPU_FSDP2=1 makes it shard these CPU processes with FSDP2 (gloo), so
+the real Trainer/accelerate path runs: fully_shard, the optimizer's parameters swapped for DTensors, sharded
+(DCP) checkpoints of the model and of MoFaSGD's state.
+"""
+
+import pytest
+import torch
+from lf_helpers import assert_ok, log_history, run_cli, tiny_config, weights
+from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+pytestmark = [pytest.mark.slow, pytest.mark.distributed]
+
+FSDP2 = {
+    "fsdp": "full_shard auto_wrap",
+    "fsdp_config": {"fsdp_version": 2, "transformer_layer_cls_to_wrap": ["LlamaDecoderLayer"]},
+    "per_device_train_batch_size": 2,
+}
+TWO_FSDP2_PROCESSES = {"FORCE_TORCHRUN": "1", "NPROC_PER_NODE": "2", "MFSGD_CPU_FSDP2": "1"}
+COMMON = {"max_grad_norm": 1.0, "mfsgd_nesterov": True}  # grad norms here are 2-3: clipping is active
+LOGGED = ("loss", "grad_norm", "mfsgd/s_max", "mfsgd/s_median", "mfsgd/update_rms_ratio")
+
+
+def sharded_weights(checkpoint, tmp_path):
+    """The model weights of a sharded FSDP2 checkpoint, gathered into one state dict."""
+    merged = tmp_path / f"{checkpoint.parent.name}-{checkpoint.name}.pt"
+    dcp_to_torch_save(str(checkpoint / "pytorch_model_fsdp_0"), str(merged))
+    return torch.load(merged, weights_only=True)["model"]
+
+
+def logged(run_dir):
+    return [[entry[key] for key in LOGGED] for entry in log_history(run_dir)]
+
+
+def test_fsdp2_two_processes_equal_one_process_and_resume_exactly(tiny_model, tmp_path):
+    single = tiny_config("tiny_sft_mfsgd.yaml", tiny_model, tmp_path / "single", per_device_train_batch_size=4)
+    assert_ok(run_cli({**single, **COMMON}, tmp_path))
+    sharded = tiny_config("tiny_sft_mfsgd.yaml", tiny_model, tmp_path / "fsdp2", **FSDP2, **COMMON)
+    proc = run_cli(sharded, tmp_path, extra_env=TWO_FSDP2_PROCESSES)
+    assert_ok(proc)
+    assert "world size: 2" in proc.stdout and "data_parallel=False" in proc.stdout
+    assert (tmp_path / "fsdp2" / "checkpoint-3" / "optimizer_0").is_dir()  # MoFaSGD's state went through DCP
+
+    one = logged(tmp_path / "single")
+    assert len(one) == 6 and max(row[1] for row in one) > COMMON["max_grad_norm"]
+    for got, want in zip(logged(tmp_path / "fsdp2"), one):
+        assert got == pytest.approx(want, rel=1e-4, abs=1e-7)
+    start = weights(tiny_model)
+    expected = weights(tmp_path / "single")
+    final = sharded_weights(tmp_path / "fsdp2" / "checkpoint-6", tmp_path)
+    for key, value in expected.items():
+        torch.testing.assert_close(final[key], value, atol=2e-5, rtol=1e-4, msg=key)
+        if key.endswith("proj.weight"):  # every MoFaSGD matrix moved, by as much as in the 1-process run
+            moved, reference = (final[key] - start[key]).norm(), (value - start[key]).norm()
+            assert reference > 0 and moved == pytest.approx(float(reference), rel=1e-3), key
+
+    resumed = dict(
+        sharded, output_dir=str(tmp_path / "resumed"), resume_from_checkpoint=str(tmp_path / "fsdp2" / "checkpoint-3")
+    )
+    assert_ok(run_cli(resumed, tmp_path, extra_env=TWO_FSDP2_PROCESSES))
+    for got, want in zip(logged(tmp_path / "resumed")[-3:], logged(tmp_path / "fsdp2")[-3:], strict=True):
+        assert got == pytest.approx(want, rel=1e-6)
+    for key, value in sharded_weights(tmp_path / "resumed" / "checkpoint-6", tmp_path).items():
+        torch.testing.assert_close(value, final[key], atol=1e-6, rtol=1e-5, msg=key)
