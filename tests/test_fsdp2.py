@@ -5,6 +5,7 @@ accumulation, clipping, Nesterov, the CholeskyQR2 fallback (a matrix with a zero
 through torch.distributed.checkpoint (sharded, resumed under FSDP2; full, loaded into one process).
 """
 
+import datetime
 import os
 
 import pytest
@@ -22,18 +23,20 @@ STEPS, ACCUM, BATCH, CLIP = 4, 2, 8, 0.5
 
 
 class Net(nn.Module):
-    """Odd row counts (13, 5, 9) so FSDP2's shards are uneven; `dead` gets a zero gradient (GV = 0)."""
+    """Odd row counts (13, 14, 5, 9) so FSDP2's shards are uneven, and 13 x 6 / 14 x 6 hold 7 rows each on rank 0
+    but 6 and 7 on rank 1 (bucketing by local shape would desynchronise the ranks); `dead` gets a zero gradient."""
 
     def __init__(self) -> None:
         super().__init__()
         torch.manual_seed(0)
         self.inp = nn.Linear(6, 13)
+        self.side = nn.Linear(6, 14, bias=False)
         self.mid = nn.Linear(13, 9, bias=False)
         self.dead = nn.Linear(13, 9, bias=False)
         self.out = nn.Linear(9, 5)
 
     def forward(self, x):
-        h = torch.tanh(self.inp(x))
+        h = torch.tanh(self.inp(x)) + torch.tanh(self.side(x))[:, :13]
         return self.out(torch.tanh(self.mid(h) + 0.0 * self.dead(h)))
 
 
@@ -51,7 +54,7 @@ def data(step, micro):
     return torch.randn(BATCH, 6, generator=gen), torch.randn(BATCH, 5, generator=gen)
 
 
-def train(model, opt, steps, rank=0, world=1):
+def train(model, opt, steps, rank=0, world=1, owners=None):
     norms = []
     for step in steps:
         for micro in range(ACCUM):
@@ -59,10 +62,24 @@ def train(model, opt, steps, rank=0, world=1):
             shard = slice(rank * BATCH // world, (rank + 1) * BATCH // world)
             loss = nn.functional.mse_loss(model(x[shard]), y[shard]) / ACCUM
             loss.backward()
+        if owners is not None:
+            owners.append(gradient_storage(model))
         norms.append(float(opt.clip_grad_norm_(CLIP)))
         opt.step()
         opt.zero_grad()
     return norms
+
+
+def gradient_storage(model):
+    """Per parameter after backward: None (consumed), or whether its gradient owns its storage (not a view of a
+    larger FSDP2 reduce-scatter buffer, which would stay alive for it)."""
+    from mofasgd.sharding import local
+
+    out = {}
+    for name, p in model.named_parameters():
+        grad = None if p.grad is None else local(p.grad)
+        out[name] = None if grad is None else grad.untyped_storage().nbytes() == grad.nbytes
+    return out
 
 
 def full_state(model, opt):
@@ -82,7 +99,7 @@ def full_state(model, opt):
 def shard(model):
     from torch.distributed.fsdp import fully_shard
 
-    for module in (model.inp, model.mid, model.dead, model.out):
+    for module in (model.inp, model.side, model.mid, model.dead, model.out):
         fully_shard(module)
     fully_shard(model)
     return model
@@ -90,7 +107,8 @@ def shard(model):
 
 def worker(rank, world, port, out_dir, mode):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    # a short timeout turns ranks that issue different collectives into a failure instead of a hang
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=60))
     try:
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import (
@@ -106,8 +124,9 @@ def worker(rank, world, port, out_dir, mode):
         sharding.gather_rows = lambda *args: gathers.append(1) or real_gather(*args)
         model = shard(Net())
         opt = make_optimizer(model)
+        owners = []
         if mode == "straight":
-            norms = train(model, opt, range(STEPS), rank, world)
+            norms = train(model, opt, range(STEPS), rank, world, owners)
         else:  # interrupted: save a sharded DCP checkpoint after 2 steps, rebuild everything, resume
             norms = train(model, opt, range(2), rank, world)
             dcp.save(
@@ -125,7 +144,7 @@ def worker(rank, world, port, out_dir, mode):
             set_optimizer_state_dict(model, opt, state["optim"])
             norms += train(model, opt, range(2, STEPS), rank, world)
         weights, factors = full_state(model, opt)
-        result = {"weights": weights, "factors": factors, "norms": norms, "fallbacks": len(gathers)}
+        result = {"weights": weights, "factors": factors, "norms": norms, "fallbacks": len(gathers), "owners": owners}
         torch.save(result, os.path.join(out_dir, f"{mode}{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -167,6 +186,17 @@ def test_two_process_fsdp2_equals_one_process(runs):
         assert result["fallbacks"] == STEPS  # `dead` (zero gradient) took the gathered Householder QR each step
 
 
+def test_fsdp2_gradients_do_not_keep_the_reduce_scatter_buffers_alive(runs):
+    """After backward, managed shards are consumed and AdamW-side shards own their memory (copied out of FSDP2's
+    flat per-unit buffer), so no managed matrix's gradient memory outlives backward. (Step 1 is before the hooks
+    of the AdamW side exist.)"""
+    for rank in (0, 1):
+        owners = torch.load(runs / f"straight{rank}.pt", weights_only=True)["owners"]
+        for step in owners[1:]:
+            assert {n for n, v in step.items() if v is not None} == {"inp.bias", "out.bias"}
+            assert step["inp.bias"] and step["out.bias"]
+
+
 def test_replicated_factors_are_bitwise_identical_on_every_rank(runs):
     rank0, rank1 = (torch.load(runs / f"straight{r}.pt", weights_only=True) for r in (0, 1))
     for name in rank0["factors"]:
@@ -206,13 +236,13 @@ class _OneRank:
     """factor_math.RowReduction for a single process: the panel is whole."""
 
     def __init__(self):
-        self.gathers = 0
+        self.gathered = 0
 
     def sum(self, tensor):
         return tensor
 
     def gather(self, piece):
-        self.gathers += 1
+        self.gathered += piece.shape[0]
         return piece
 
     def mine(self, full):
@@ -225,7 +255,7 @@ def test_cholesky_qr2_matches_householder_and_falls_back_when_ill_conditioned():
     gv = 1e-3 * torch.randn(2, 40, 4, generator=gen)  # small next to orthonormal U: fine after column scaling
     rows = _OneRank()
     q, r, gram = fm.cholesky_qr2(torch.cat([U, gv], -1), rows)
-    assert rows.gathers == 0
+    assert rows.gathered == 0
     eye = torch.eye(8).expand(2, 8, 8)
     torch.testing.assert_close(q.mT @ q, eye, atol=1e-5, rtol=0)
     torch.testing.assert_close(q @ r, torch.cat([U, gv], -1), atol=1e-6, rtol=1e-5)
@@ -233,9 +263,13 @@ def test_cholesky_qr2_matches_householder_and_falls_back_when_ill_conditioned():
     # batch entry 1 made nearly rank-deficient (G V inside span(U)), entry 0 zero: both need the fallback
     bad = torch.cat([U, torch.stack([torch.zeros(40, 4), U[1] @ torch.randn(4, 4, generator=gen) + 1e-7])], -1)
     q, r = fm.cholesky_qr2(bad, rows)[:2]
-    assert rows.gathers == 1
+    assert rows.gathered == 2
     torch.testing.assert_close(q.mT @ q, eye, atol=1e-5, rtol=0)
     torch.testing.assert_close(q @ r, bad, atol=1e-5, rtol=1e-5)
+    mixed = torch.cat([U, torch.stack([gv[0], torch.zeros(40, 4)])], -1)  # only entry 1 is gathered
+    q, r = fm.cholesky_qr2(mixed, rows)[:2]
+    assert rows.gathered == 3
+    torch.testing.assert_close(q @ r, mixed, atol=1e-5, rtol=1e-5)
 
 
 def test_sharded_step_refuses_what_it_cannot_do():

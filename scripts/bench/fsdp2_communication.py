@@ -110,7 +110,7 @@ def formula_ledger(
     for all matrices; r^2 fp64 (its U^T G V share) in the grad norm's single all-reduce, which adds one number
     (all the other squared-norm shares). Matrices of one shape are stepped as one bucket of B: one all-reduce of
     B non-finite flags, two of B (2r)^2 Gram numbers (CholeskyQR2), with Nesterov one of B 2r r. A bucket holding
-    a matrix of `zero_grad` (rank-deficient panel) also all-gathers the [U | G V] panels of all its B matrices.
+    a matrix of `zero_grad` (rank-deficient panel) also all-gathers the [U | G V] panels of those matrices only.
     """
     ledger: Ledger = {}
 
@@ -130,9 +130,10 @@ def formula_ledger(
         add(("_bucket_step", "all_reduce", "float32", shape), count)
         for _ in range(2):
             add(("cholesky_qr2", "all_reduce", "float32", shape), count * (2 * r) ** 2)
-        if any(i in zero_grad for i in members):
+        bad = sum(i in zero_grad for i in members)
+        if bad:
             padded_rows = -(-shape[0] // WORLD) * WORLD  # every rank's rows padded to the largest shard
-            add(("cholesky_qr2", "all_gather", "float32", shape), count * padded_rows * 2 * r)
+            add(("cholesky_qr2", "all_gather", "float32", shape), bad * padded_rows * 2 * r)
         if nesterov:
             add(("nesterov_direction", "all_reduce", "float32", shape), count * 2 * r * r)
     return ledger
@@ -466,9 +467,9 @@ def report(measured: dict, args: argparse.Namespace, problems: list[str]) -> str
     lines += [
         "",
         "Fallback (`mofasgd_zero_grad_v`: v_proj's output passes back a zero gradient, so v_proj's gradient is "
-        "zero and its [U | G V] panel rank-deficient): CholeskyQR2 then all-gathers, every step, the panels of the "
-        f"whole {kv_shape[0]} x {kv_shape[1]} bucket (k's too, B m 2r fp32): measured {_fmt(gather)} B, formula "
-        f"{_fmt(formula_gather)} B, on top of the table's collectives (v's panel alone would be half).",
+        "zero and its [U | G V] panel rank-deficient): CholeskyQR2 then all-gathers, every step, v's panel only "
+        f"(of the {kv_shape[0]} x {kv_shape[1]} bucket; m 2r fp32): measured {_fmt(gather)} B, formula "
+        f"{_fmt(formula_gather)} B, on top of the table's collectives.",
         "",
         "## Everything each step moves (bytes, rank 0)",
         "",
@@ -529,7 +530,7 @@ def report(measured: dict, args: argparse.Namespace, problems: list[str]) -> str
         "* `grad_norm` (clip_grad_norm_): 1 all-reduce, fp64, 1 + sum of r^2 (squared-norm shares, U^T G V shares);",
         "* per shape bucket: 1 all-reduce of B fp32 non-finite flags, 2 of B (2r)^2 fp32 Grams (CholeskyQR2), with "
         "Nesterov 1 of B 2r r fp32; only when a panel of the bucket is ill-conditioned (zero or rank-deficient "
-        "gradient), 1 all-gather of the bucket's B m 2r fp32 panels.",
+        "gradient), 1 all-gather of those panels (m 2r fp32 each).",
         "",
         "Bytes per matrix: 4 (n r + 1) + 8 r^2 + 4 (1 + 8 r^2) [+ 8 r^2 with Nesterov], plus 8 per step. Over a "
         "whole model the matrices of all layers share the buckets (one per distinct shape), so the number of calls "

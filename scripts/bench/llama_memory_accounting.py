@@ -234,14 +234,7 @@ def account(config: LlamaConfig, rank: int = 8, batch_size: int = 1, seq_len: in
 
 
 # ---------------------------------------------------------------------------------------------------- FSDP2
-FSDP2_METHODS = (
-    "AdamW",
-    "LoRA",
-    "MoFaSGD",
-    "MoFaSGD [freed]",
-    "MoFaSGD+emb/head",
-    "MoFaSGD+emb/head [freed]",
-)
+FSDP2_METHODS = ("AdamW", "LoRA", "MoFaSGD", "MoFaSGD+emb/head")
 FSDP2_MODELS = ("Llama-3.1-8B", "Llama-3.1-70B")
 FSDP2_COMPONENTS = ("weights", "gradients", "optimizer_state", "transient", "activations")
 FSDP2_ASSUMPTIONS = """\
@@ -258,12 +251,12 @@ Assumptions (per GPU, FSDP2 `fully_shard` on a 1-D mesh of W GPUs; torch 2.14 / 
 - MoFaSGD (fused hooks, as src/mofasgd runs under FSDP2): per managed m x n matrix a GPU keeps ceil(m/W) x r
   rows of U, all of V (n x r) and S (r), fp32: 4 (ceil(m/W) r + n r + r) bytes; its hooks turn each gradient
   shard into G V (ceil(m/W) x r) and this GPU's share of G^T U (n x r), fp32, kept until the step.
-- FSDP2 reduce-scatters a unit's gradients into one flat buffer and hands every parameter a view of it. A
-  MoFaSGD hook drops its matrix's view, but the AdamW-side norm weights of the same unit keep the whole
-  buffer alive until `zero_grad` (checked with 2 gloo processes in tests/test_memory_accounting.py). The
-  MoFaSGD rows therefore hold every gradient shard, as AdamW does; the `[freed]` rows show what they would
-  hold if the managed shards were released (AdamW-side gradient shards only, plus one unit's managed shards
-  while its hooks run, counted as transient).
+- FSDP2 reduce-scatters a unit's gradients into one flat buffer and hands every parameter a view of it.
+  MoFaSGD's hooks consume the managed matrices' views, and copy the AdamW-side views that are a small part of
+  a buffer (a decoder layer's norm weights) out of it, so the buffer is freed (checked with 2 gloo processes in
+  tests/test_memory_accounting.py): MoFaSGD holds the AdamW-side gradient shards only, plus one unit's managed
+  shards while its hooks run (counted as transient). Where a large AdamW-side shard stays a view (the root's
+  embeddings and LM head), that buffer lives on and the copied final-norm shard is counted twice.
 - Transient (unsharded, alive during backward): the root unit stays unsharded from the start of backward to
   its reduce-scatter in the final callback (its input, the token ids, needs no gradient), and the LM head's
   and final norm's unsharded gradients live as long. While decoder layer u runs backward a GPU holds: the
@@ -362,7 +355,21 @@ class _Unit:
     grads_late: int = 0  # unsharded gradients produced later (root: embeddings; layers: all)
     rs_input: int = 0  # reduce-scatter input: the unsharded gradients padded to W shards
     managed_shards: int = 0  # this GPU's shards of the unit's MoFaSGD-managed gradients
-    adamw_side: bool = False  # a trained AdamW-side gradient shares the unit's reduce-scatter output buffer
+    adamw_shards: list[int] = field(default_factory=list)  # this GPU's AdamW-side gradient shards (MoFaSGD runs)
+
+
+def kept_buffer_bytes(unit: _Unit, ratio: int = 4) -> int:
+    """Gradient bytes a MoFaSGD unit holds beyond its AdamW-side shards.
+
+    MoFaSGD copies an AdamW-side shard out of the unit's flat reduce-scatter buffer when the buffer is at least
+    `ratio` times its size (mofasgd.optimizer._SHARED_BUFFER_RATIO). If a larger AdamW-side shard stays a view
+    (the root's embeddings and LM head), the buffer lives on: its managed shards and the copies are extra.
+    """
+    buffer = unit.managed_shards + sum(unit.adamw_shards)
+    copied = [b for b in unit.adamw_shards if buffer >= ratio * b]
+    if len(copied) == len(unit.adamw_shards):
+        return 0
+    return unit.managed_shards + sum(copied)
 
 
 def fsdp2_transient_bytes(units: list[_Unit]) -> int:
@@ -394,7 +401,6 @@ def account_fsdp2(
     def row(method: str) -> Fsdp2Memory:
         lora = method == "LoRA"
         mofasgd = method.split(" ")[0] if method.startswith("MoFaSGD") else None
-        freed = method.endswith("[freed]")
         units = [_Unit() for _ in range(n_units)]
         weights = gradients = state = 0
         for p in params:
@@ -420,7 +426,7 @@ def account_fsdp2(
             else:  # AdamW, or MoFaSGD's AdamW side
                 state += 2 * BF16 * shard
                 gradients += BF16 * shard
-                unit.adamw_side = True
+                unit.adamw_shards.append(BF16 * shard)
                 pieces.append((numel, shard, BF16))
             for numel_, shard_, size in pieces:
                 grad = size * numel_
@@ -430,9 +436,9 @@ def account_fsdp2(
                     unit.grads_late += grad
                 unit.rs_input += size * W * shard_
         transient = fsdp2_transient_bytes(units)
-        if mofasgd is not None:  # managed shards kept alive by an AdamW-side view of their buffer, or released
-            gradients += sum(u.managed_shards for u in units if u.adamw_side and not freed)
-            transient += max((u.managed_shards for u in units if freed or not u.adamw_side), default=0)
+        if mofasgd is not None:  # one unit's managed shards live while its hooks consume them
+            transient += max((u.managed_shards for u in units), default=0)
+            gradients += sum(kept_buffer_bytes(u) for u in units)
         base = mofasgd if mofasgd is not None else method
         return Fsdp2Memory(method, W, weights, gradients, state, transient, lora_acts if lora else acts, single[base])
 
@@ -547,9 +553,8 @@ def write_fsdp2(
         f"## Per-GPU memory under FSDP2 on {world_size} GPUs (pure bf16, rank {rank})\n\n"
         + "\n".join(tables)
         + "\nAll sizes in GiB per GPU; per-GPU total = weights + gradients + optimizer state + transient + "
-        "activations. Single GPU total: the same method on one GPU without FSDP (memory_accounting.md). "
-        "`[freed]`: the MoFaSGD row if FSDP2's flat gradient buffer let go of the managed gradient shards "
-        "(see the assumptions).\n\n" + FSDP2_ASSUMPTIONS
+        "activations. Single GPU total: the same method on one GPU without FSDP (memory_accounting.md).\n\n"
+        + FSDP2_ASSUMPTIONS
     )
     print(report)
     stem = f"fsdp2_{world_size}gpu"

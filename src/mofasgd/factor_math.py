@@ -73,10 +73,12 @@ def cholesky_qr2(panel: torch.Tensor, rows: RowReduction) -> tuple[torch.Tensor,
     limit = _CHOLESKY_QR_MAX_SPREAD.get(panel.dtype, 1e3)
     bad = (info1 != 0) | (info2 != 0) | ~(spread <= limit) | ~torch.isfinite(r).flatten(-2).all(-1)
     if bool(bad.any()):  # one host read per bucket; the decision is identical on every rank
-        q_full, r_full = torch.linalg.qr(rows.gather(panel))
-        mask = bad.reshape(*bad.shape, 1, 1)
-        q = torch.where(mask, rows.mine(q_full), q)
-        r = torch.where(mask, r_full, r)
+        batch_shape = q.shape[:-2]
+        q, r = q.reshape(-1, *q.shape[-2:]), r.reshape(-1, *r.shape[-2:])
+        which = bad.reshape(-1).nonzero().squeeze(1)  # gather only the ill-conditioned panels
+        q_full, r_full = torch.linalg.qr(rows.gather(panel.reshape(-1, *panel.shape[-2:])[which]))
+        q = q.index_copy(0, which, rows.mine(q_full)).reshape(*batch_shape, *q.shape[-2:])
+        r = r.index_copy(0, which, r_full).reshape(*batch_shape, *r.shape[-2:])
     return q, r, gram
 
 

@@ -28,6 +28,9 @@ _FACTOR_KEYS = ("U", "S", "V", *_PENDING)
 # Hyper-parameters that fix the shape of the saved state: a checkpoint with other values cannot be resumed.
 _SHAPE_KEYS = ("rank", "mofasgd")
 _RNG_KEY = "mofasgd_rng"
+# An AdamW-side FSDP2 gradient whose buffer is this many times its size shares it with others: copied out (cheap).
+# scripts/bench/llama_memory_accounting.py models the same rule.
+_SHARED_BUFFER_RATIO = 4
 # Largest |U^T U - I| entry accepted for loaded fp32 factors (fresh QR factors are ~1e-6 off).
 _ORTHONORMAL_TOL = {torch.float32: 1e-3, torch.float64: 1e-8}
 
@@ -149,6 +152,7 @@ class MoFaSGD(torch.optim.Optimizer):
                 "averages .grad, so leave data_parallel=False"
             )
         self._hooks = HookRegistry(self, "_consume_gradient")
+        self._copy_hooks = HookRegistry(self, "_own_gradient_storage")  # FSDP2: AdamW-side grads leave the buffer
         self._group_index: dict[torch.Tensor, int] = {}
         self._rng = GeneratorBank(seed)
         self._diagnostics: dict[str, list[torch.Tensor]] | None = None
@@ -190,6 +194,8 @@ class MoFaSGD(torch.optim.Optimizer):
                     )
         if self.fused and group["mofasgd"]:
             self._hooks.register(group["params"])
+        if self.fused and self._sharded:
+            self._hook_adamw_side_shards()
 
     def _check_sharded(self, p: torch.Tensor, group: dict[str, Any]) -> None:
         """Refuse what the row-sharded (FSDP2) step does not support, naming the matrix and the fix."""
@@ -248,6 +254,8 @@ class MoFaSGD(torch.optim.Optimizer):
         super().__setstate__(state)
         if "_hooks" not in self.__dict__:
             self._hooks = HookRegistry(self, "_consume_gradient")
+        if "_copy_hooks" not in self.__dict__:
+            self._copy_hooks = HookRegistry(self, "_own_gradient_storage")
         self.__dict__.setdefault("_pending_synced", True)
         self.__dict__.setdefault("_rng", GeneratorBank(0))
         self.__dict__.setdefault("_diagnostics", None)
@@ -259,6 +267,7 @@ class MoFaSGD(torch.optim.Optimizer):
     def remove_hooks(self) -> None:
         """Detach the fused-mode gradient hooks (e.g. before handing the model to another optimizer)."""
         self._hooks.remove()
+        self._copy_hooks.remove()
 
     def _describe(self, p: torch.Tensor) -> str:
         """`name` (shape) of a parameter when its group carries param_names, else its group, index and shape."""
@@ -444,17 +453,39 @@ class MoFaSGD(torch.optim.Optimizer):
         """
         if all(p in self._group_index for g in self.param_groups for p in g["params"]):
             return
+        self._hooks.remove()  # the replaced parameters' hooks (their ids may be reused by the new ones)
+        self._copy_hooks.remove()
         self._group_index = {p: i for i, g in enumerate(self.param_groups) for p in g["params"]}
         for group in self.param_groups:
             for p in group["params"]:
                 if group["mofasgd"] and sharding.is_dtensor(p):
                     self._check_sharded(p, group)
 
+    def _hook_adamw_side_shards(self) -> None:
+        """FSDP2 + fused: hook the AdamW-side DTensors whose gradients may share a buffer with managed ones."""
+        for group in self.param_groups:
+            if not group["mofasgd"]:
+                self._copy_hooks.register(p for p in group["params"] if sharding.is_dtensor(p))
+
+    @torch.no_grad()
+    def _own_gradient_storage(self, p: torch.Tensor) -> None:
+        """FSDP2 hook on AdamW-side shards: copy a gradient that is a small view of a shared buffer out of it.
+
+        FSDP2 reduce-scatters each unit's gradients into one flat buffer and hands every shard a view of it. The
+        managed matrices' views are consumed in their hooks, but the buffer lives while any view does: a decoder
+        layer's norm gradients would keep the whole layer's gradient memory. Copying those small views frees it.
+        """
+        local = sharding.local(p.grad) if p.grad is not None else None
+        if local is not None and local.untyped_storage().nbytes() >= _SHARED_BUFFER_RATIO * local.nbytes:
+            p.grad = p.grad.clone()
+
     def _absorb_unhooked_gradients(self) -> None:
         """Fused mode: consume managed `.grad`s no hook took (unfrozen later, set by hand), and hook new params."""
         self._adopt_swapped_params()
         if not self.fused:
             return
+        if self._sharded:
+            self._hook_adamw_side_shards()
         for group in self.param_groups:
             if not group["mofasgd"]:
                 continue
@@ -658,7 +689,8 @@ class MoFaSGD(torch.optim.Optimizer):
             if projections is None:
                 continue
             U = sharding.local(self.state[p]["U"])
-            shape = tuple(sharding.local(p).shape) + (sharding.is_dtensor(p),)
+            # FSDP2: the global shape fixes every rank's rows, so all ranks form the same buckets (same collectives)
+            shape = (tuple(p.shape), tuple(sharding.local(p).shape), sharding.is_dtensor(p))
             buckets.setdefault((shape, p.dtype, p.device, U.dtype, U.shape[1]), []).append((p, projections))
         for items in buckets.values():
             first = items[0][0]
