@@ -137,3 +137,21 @@ def test_switched_off_extension_refuses_mfsgd_config_even_with_allow_extra_args(
         assert proc.returncode != 0
         assert "MoFaSGD extension is switched off" in proc.stdout
         assert not (tmp_path / "out" / "trainer_state.json").exists()
+
+
+@pytest.mark.parametrize("saved_with_fsdp", [True, False])
+def test_resuming_across_engines_is_refused_at_parse_time(base, tmp_path, monkeypatch, saved_with_fsdp):
+    """A sharded FSDP2 checkpoint cannot resume without FSDP (no weights file), nor a DDP one under FSDP2."""
+    checkpoint = tmp_path / "checkpoint-3"
+    checkpoint.mkdir()
+    if saved_with_fsdp:
+        (checkpoint / "pytorch_model_fsdp_0").mkdir()
+        (checkpoint / "optimizer_0").mkdir()
+        change, message = {}, "saved under FSDP2 as sharded DCP files.*accelerate merge-weights"
+    else:
+        (checkpoint / "model.safetensors").write_bytes(b"")
+        monkeypatch.setenv("MFSGD_CPU_FSDP2", "1")
+        change = {"fsdp": "full_shard", "fsdp_config": {"fsdp_version": 2}}
+        message = "saved without FSDP.*this run uses FSDP2"
+    with pytest.raises(ValueError, match=message):
+        get_train_args({**base, **change, "resume_from_checkpoint": str(checkpoint)})

@@ -383,6 +383,38 @@ def validate_with_training_args(finetuning_args: Any, training_args: Any) -> Non
         raise ValueError(
             "`mfsgd_init: gradient` would give each data-parallel rank its own factors; use `mfsgd_init: weight`."
         )
+    check_checkpoint_engine(training_args.resume_from_checkpoint, bool(training_args.fsdp))
+
+
+# what accelerate writes for a sharded (DCP) FSDP checkpoint of the model
+_FSDP_SHARDED_MODEL_DIR = "pytorch_model_fsdp_0"
+
+
+def check_checkpoint_engine(checkpoint: str | None, fsdp: bool) -> None:
+    """Refuse resuming across engines: sharded FSDP2 checkpoints resume under FSDP2, the others without FSDP.
+
+    accelerate saves FSDP2 runs as DCP shards (``pytorch_model_fsdp_0/``, ``optimizer_0/``); the plain Trainer
+    finds no weights file there, and FSDP2 finds no shards in a DDP or single-process checkpoint.
+    """
+    if not checkpoint or not os.path.isdir(checkpoint):
+        return
+    names = os.listdir(checkpoint)
+    sharded = _FSDP_SHARDED_MODEL_DIR in names and not {"model.safetensors", "pytorch_model.bin"} & set(names)
+    saved_by_fsdp = any(name.startswith("pytorch_model_fsdp") for name in names)
+    if sharded and not fsdp:
+        raise ValueError(
+            f"`resume_from_checkpoint: {checkpoint}` was saved under FSDP2 as sharded DCP files "
+            f"({_FSDP_SHARDED_MODEL_DIR}/, optimizer_0/): resume it with the same `fsdp:`/`fsdp_config:` keys "
+            "(any number of GPUs: DCP reshards). To continue without FSDP, merge the weights with `accelerate "
+            f"merge-weights {checkpoint}/{_FSDP_SHARDED_MODEL_DIR} MERGED_DIR` and start a new run from them "
+            "(`model_name_or_path`), with a fresh optimizer state."
+        )
+    if fsdp and not saved_by_fsdp:
+        raise ValueError(
+            f"`resume_from_checkpoint: {checkpoint}` was saved without FSDP (no {_FSDP_SHARDED_MODEL_DIR}/), but "
+            "this run uses FSDP2. Resume it without `fsdp:`, or start the FSDP2 run from its weights "
+            f"(`model_name_or_path: {checkpoint}`) with a fresh optimizer state."
+        )
 
 
 def _fsdp_applies() -> bool:
