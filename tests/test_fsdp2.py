@@ -127,6 +127,12 @@ def worker(rank, world, port, out_dir, mode):
         owners = []
         if mode == "straight":
             norms = train(model, opt, range(STEPS), rank, world, owners)
+        elif mode == "one_rank":  # the 2-rank sharded checkpoint resumed by a single FSDP2 rank (DCP reshards)
+            state = {"model": model.state_dict(), "optim": get_optimizer_state_dict(model, opt)}
+            dcp.load(state, checkpoint_id=os.path.join(out_dir, "dcp"))
+            model.load_state_dict(state["model"])
+            set_optimizer_state_dict(model, opt, state["optim"])
+            norms = train(model, opt, range(2, STEPS), rank, world)
         else:  # interrupted: save a sharded DCP checkpoint after 2 steps, rebuild everything, resume
             norms = train(model, opt, range(2), rank, world)
             dcp.save(
@@ -172,6 +178,7 @@ def runs(tmp_path_factory):
     out = tmp_path_factory.mktemp("fsdp2")
     for mode in ("straight", "resumed"):
         mp.spawn(worker, args=(2, free_port(), str(out), mode), nprocs=2, join=True)
+    mp.spawn(worker, args=(1, free_port(), str(out), "one_rank"), nprocs=1, join=True)
     return out
 
 
@@ -208,6 +215,12 @@ def test_resume_from_a_sharded_checkpoint_equals_the_uninterrupted_run(runs):
     straight = torch.load(runs / "straight0.pt", weights_only=True)
     resumed = torch.load(runs / "resumed0.pt", weights_only=True)
     assert_same(resumed, straight["weights"], straight["factors"], straight["norms"], tol=1e-6)
+
+
+def test_a_two_rank_sharded_checkpoint_resumes_on_one_rank(runs):
+    straight = torch.load(runs / "straight0.pt", weights_only=True)
+    one = torch.load(runs / "one_rank0.pt", weights_only=True)
+    assert_same(one, straight["weights"], straight["factors"], straight["norms"][2:])
 
 
 def test_a_full_fsdp2_checkpoint_loads_into_one_process(runs):
