@@ -63,3 +63,26 @@ def test_fsdp2_two_processes_equal_one_process_and_resume_exactly(tiny_model, tm
         assert got == pytest.approx(want, rel=1e-6)
     for key, value in sharded_weights(tmp_path / "resumed" / "checkpoint-6", tmp_path).items():
         torch.testing.assert_close(value, final[key], atol=1e-6, rtol=1e-5, msg=key)
+
+
+def test_pure_bf16_under_fsdp2_moves_every_matrix_as_one_process_does(tiny_model_bf16, tmp_path):
+    """pure_bf16 + FSDP2 (2 CPU processes): weights stay bf16 row shards, every managed matrix moves, stochastic
+    rounding keeps the intended step (applied_fraction ~ 1, the diagnostics summed over shards), and each matrix
+    moves as far as in the 1-process bf16 run (the rounding noise differs, so not bit for bit; at this learning
+    rate the steps are well above a bf16 ulp, so the noise does not dominate the distance moved)."""
+    bf16 = {"pure_bf16": True, "max_steps": 4, "learning_rate_mfsgd": 1e-3, "learning_rate_adamw": 1e-3}
+    bf16 |= {"lr_scheduler_type": "constant", "logging_steps": 2, "save_steps": 4}
+    one = tiny_config("tiny_sft_mfsgd.yaml", tiny_model_bf16, tmp_path / "one", per_device_train_batch_size=4, **bf16)
+    assert_ok(run_cli(one, tmp_path, extra_env={"MFSGD_CPU_PURE_BF16": "1"}))
+    two = tiny_config("tiny_sft_mfsgd.yaml", tiny_model_bf16, tmp_path / "two", **FSDP2, **bf16)
+    assert_ok(run_cli(two, tmp_path, extra_env={**TWO_FSDP2_PROCESSES, "MFSGD_CPU_PURE_BF16": "1"}))
+    for entry in log_history(tmp_path / "two")[1:]:  # the first step has lr 0 in the log's warm-up-free schedule
+        assert 0.8 < entry["mfsgd/applied_fraction"] < 1.2
+    start, reference = weights(tiny_model_bf16), weights(tmp_path / "one")
+    final = sharded_weights(tmp_path / "two" / "checkpoint-4", tmp_path)
+    matrices = [k for k in reference if k.endswith("proj.weight")]
+    assert matrices and all(final[k].dtype == torch.bfloat16 for k in matrices)
+    for key in matrices:
+        moved = (final[key].float() - start[key].float()).norm()
+        expected = (reference[key].float() - start[key].float()).norm()
+        assert expected > 0 and 0.9 < float(moved / expected) < 1.1, key
