@@ -26,11 +26,12 @@ SCHEDULES = ("constant_cooldown", "cosine")
 AUTOCAST_MODES = ("auto", "bf16", "none")
 
 # MoFaSGD's `hidden` keys are its constructor options (mofasgd.DEFAULTS, the one table) except those the trainer
-# sets itself: the Adam side from the `adam` section, data_parallel from the world size; and stochastic rounding
+# sets itself: the Adam side from the `adam` section (adamw_state included: that side is torch's Adam here),
+# data_parallel from the world size; and stochastic rounding
 # (with its seed), which only bf16 weights use (these runs keep fp32 weights under autocast). The values are
 # MoFaSGD's defaults, except where the authors' NanoGPT runs chose otherwise (configs/optimizers/mfsgd.yaml holds
 # the same values; a test checks that it agrees).
-_MFSGD_SET_BY_TRAINER = ("adam_betas", "adam_eps", "data_parallel", "stochastic_rounding", "seed")
+_MFSGD_SET_BY_TRAINER = ("adam_betas", "adam_eps", "adamw_state", "data_parallel", "stochastic_rounding", "seed")
 _MFSGD_AUTHORS_NANOGPT = {
     "lr": 0.0009,
     "rank": 32,

@@ -23,8 +23,8 @@ from dataclasses import MISSING, dataclass, field, fields
 from functools import cache
 from typing import Any, Literal
 
+from mofasgd import ADAMW_STATES, INITS, check_options
 from mofasgd import DEFAULTS as OPTIMIZER_DEFAULTS
-from mofasgd import INITS, check_options
 
 from .activation import env_flag
 from .baselines import BaselineArguments, validate_baseline_values
@@ -93,6 +93,12 @@ class MfsgdArguments:
             "help": "Module names routed to MoFaSGD, comma-separated, or `all` (every 2-D hidden weight). The input "
             "embeddings and LM head join only when named: `all,embed_tokens,lm_head` (LoRA-level memory)."
         },
+    )
+    mfsgd_adamw_state: Literal[ADAMW_STATES] = _option(
+        "adamw_state",
+        "State of the AdamW-side matrices (embeddings, LM head): `full` (AdamW's two moments, the authors'), "
+        "`factored` (Adafactor's factored second moment, O(m + n), plus AdamW's first moment) or "
+        "`factored_no_momentum` (factored second moment only). Norms and biases keep AdamW's moments.",
     )
     mfsgd_stochastic_rounding: bool | None = _option(
         "stochastic_rounding",

@@ -95,5 +95,8 @@ def effective_settings(optimizer: MoFaSGD, target: str) -> str:
         parts.append(f"beta warm-up {warmup}")
     parts += [f"fused={optimizer.fused}", f"data_parallel={optimizer.data_parallel}", f"target={target}"]
     if adamw:
-        parts.append("AdamW " + " ".join(show(adamw[0], k) for k in ("lr", "adam_betas", "adam_eps") if k in adamw[0]))
+        parts.append(
+            "AdamW "
+            + " ".join(show(adamw[0], k) for k in ("lr", "adam_betas", "adam_eps", "adamw_state") if k in adamw[0])
+        )
     return f"Using MoFaSGD: {', '.join(parts)}."

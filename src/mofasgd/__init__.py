@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from mofasgd.optimizer import _INITS, MoFaSGD
+from mofasgd.optimizer import _INITS, ADAMW_STATES, MoFaSGD
 from mofasgd.routing import split_for_mofasgd
 
 DEFAULTS = MappingProxyType(
@@ -35,5 +35,5 @@ def check_options(**options: Any) -> None:
     MoFaSGD([torch.zeros(2, 2, requires_grad=True)], **options)
 
 
-__all__ = ["DEFAULTS", "INITS", "MoFaSGD", "check_options", "split_for_mofasgd"]
+__all__ = ["ADAMW_STATES", "DEFAULTS", "INITS", "MoFaSGD", "check_options", "split_for_mofasgd"]
 __version__ = "0.1.0"

@@ -1,4 +1,8 @@
-"""torch.optim.AdamW's update for low-precision parameters, computed in fp32 and stored with stochastic rounding.
+"""The AdamW side's updates: torch.optim.AdamW's for low-precision parameters in fp32 chunks, and a compact variant.
+
+`adamw_update_fp32_`: torch.optim.AdamW's update for low-precision parameters, computed in fp32 and stored with
+stochastic rounding. `factored_adam_update_`: the same step with Adafactor's factored second moment, O(m + n)
+state instead of m n, for the large AdamW-side matrices (embeddings, LM head).
 
 torch's AdamW on a bf16 parameter does its arithmetic in bf16, so updates below half an ulp vanish and the
 bf16 moments stop decaying (0.999 * v rounds back to v). Here each chunk of the parameter and of its moments
@@ -12,7 +16,9 @@ import math
 
 import torch
 
-from mofasgd.rounding import as_rows, store_, update_in_fp32_
+from mofasgd.rounding import as_rows, row_chunks, store_, update_in_fp32_
+
+_TINY = 1e-30  # added to g^2 so that an all-zero row or column keeps a positive second moment (Adafactor's eps1)
 
 
 def adamw_update_fp32_(
@@ -42,5 +48,52 @@ def adamw_update_fp32_(
         buffer.addcdiv_(m, (v.sqrt() / bias2_sqrt).add_(eps), value=-step_size)
         store_(avgs[start:stop], m, generator, noise)
         store_(avg_sqs[start:stop], v, generator, noise)
+
+    update_in_fp32_(param, compute, generator)
+
+
+def factored_adam_update_(
+    param: torch.Tensor,
+    grad: torch.Tensor,
+    exp_avg: torch.Tensor | None,
+    row_sq: torch.Tensor,
+    col_sq: torch.Tensor,
+    step: int,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    generator: torch.Generator | None,
+) -> None:
+    """AdamW with a factored second moment (Adafactor's, Shazeer & Stern 2018) for an m x n matrix, in fp32 chunks.
+
+    Instead of v (m x n) it keeps fp32 running means of g^2 over each row (`row_sq`, m) and column (`col_sq`, n)
+    and uses v_ij ~ row_i col_j / mean(row), the rank-1 estimate that is exact when v is rank 1. The first
+    moment is AdamW's (param dtype, rounded like the parameter), or absent (`exp_avg` None: the step uses g).
+    Decoupled weight decay and bias corrections as in AdamW. Two passes over the gradient: the row and column
+    means, then the update.
+    """
+    grads = as_rows(grad)
+    col_sum = torch.zeros_like(col_sq)
+    for start, stop in row_chunks(*grads.shape):
+        g_sq = grads[start:stop].float().square().add_(_TINY)  # not square_: .float() of fp32 is the grad itself
+        row_sq[start:stop].mul_(beta2).add_(g_sq.mean(dim=1), alpha=1.0 - beta2)
+        col_sum.add_(g_sq.sum(dim=0))
+    col_sq.mul_(beta2).add_(col_sum, alpha=(1.0 - beta2) / grads.shape[0])
+    row_scale = 1.0 / ((1.0 - beta2**step) * float(row_sq.mean().clamp_min(_TINY)))  # one host read per matrix
+    step_size = lr / (1.0 - beta1**step) if exp_avg is not None else lr
+    avgs = as_rows(exp_avg) if exp_avg is not None else None
+
+    def compute(buffer: torch.Tensor, start: int, stop: int, noise: torch.Tensor | None) -> None:
+        g = grads[start:stop].float()
+        direction = g
+        if avgs is not None:
+            direction = avgs[start:stop].float().lerp_(g, 1.0 - beta1)
+            store_(avgs[start:stop], direction, generator, noise)
+        denom = torch.outer(row_sq[start:stop] * row_scale, col_sq).sqrt_().add_(eps)
+        if weight_decay != 0:
+            buffer.mul_(1.0 - lr * weight_decay)
+        buffer.addcdiv_(direction, denom, value=-step_size)
 
     update_in_fp32_(param, compute, generator)

@@ -12,7 +12,7 @@ from torch.optim.adamw import adamw
 from mofasgd import data_parallel as dp
 from mofasgd import factor_math as fm
 from mofasgd import sharding
-from mofasgd.adamw_side import adamw_update_fp32_
+from mofasgd.adamw_side import adamw_update_fp32_, factored_adam_update_
 from mofasgd.hooks import HookRegistry
 from mofasgd.memory import optimizer_state_bytes
 from mofasgd.rounding import GeneratorBank, supports_stochastic_rounding, update_in_fp32_
@@ -22,11 +22,16 @@ logger = logging.getLogger("mofasgd")
 # weight: exact top-r SVD of W (the authors'); weight_randomized: randomized top-r SVD of W (fast start);
 # gradient: randomized subspaces of the first gradient, S = 0.
 _INITS = ("weight", "weight_randomized", "gradient")
+# AdamW-side state of matrices: full moments (torch's AdamW), a factored second moment (Adafactor's, O(m + n)),
+# or a factored second moment and no first moment. Vectors (norms, biases) always keep full AdamW moments.
+ADAMW_STATES = ("full", "factored", "factored_no_momentum")
 _GROUP_KEYS_NOT_HYPERPARAMS = {"params", "name", "param_names", "initial_lr"}
 _PENDING = ("GV", "GtU")
 _FACTOR_KEYS = ("U", "S", "V", *_PENDING)
+_FACTORED_MOMENT_KEYS = ("exp_avg_sq_row", "exp_avg_sq_col")  # adamw_state="factored*": fp32 whatever the param
+_FP32_KEYS = (*_FACTOR_KEYS, *_FACTORED_MOMENT_KEYS)
 # Hyper-parameters that fix the shape of the saved state: a checkpoint with other values cannot be resumed.
-_SHAPE_KEYS = ("rank", "mofasgd")
+_SHAPE_KEYS = ("rank", "mofasgd", "adamw_state")
 _RNG_KEY = "mofasgd_rng"
 # An AdamW-side FSDP2 gradient whose buffer is this many times its size shares it with others: copied out (cheap).
 # scripts/bench/llama_memory_accounting.py models the same rule.
@@ -113,6 +118,7 @@ class MoFaSGD(torch.optim.Optimizer):
         init: str = "weight",
         adam_betas: tuple[float, float] = (0.9, 0.999),
         adam_eps: float = 1e-8,
+        adamw_state: str = "full",
         stochastic_rounding: bool | None = None,
         fused: bool = True,
         data_parallel: bool = False,
@@ -136,6 +142,7 @@ class MoFaSGD(torch.optim.Optimizer):
             init=init,
             adam_betas=adam_betas,
             adam_eps=adam_eps,
+            adamw_state=adamw_state,
             stochastic_rounding=stochastic_rounding,
             mofasgd=True,
         )
@@ -182,6 +189,11 @@ class MoFaSGD(torch.optim.Optimizer):
                 )
             if group["mofasgd"] and sharding.is_dtensor(p):
                 self._check_sharded(p, group)
+            if not group["mofasgd"] and group["adamw_state"] != "full" and sharding.is_dtensor(p):
+                raise ValueError(
+                    f"adamw_state={group['adamw_state']!r} is not supported for FSDP2-sharded parameters "
+                    f"({self._describe(p)}): its row and column means would span ranks. Use adamw_state='full'."
+                )
             if (
                 group["stochastic_rounding"]
                 and p.is_floating_point()
@@ -237,6 +249,10 @@ class MoFaSGD(torch.optim.Optimizer):
                 if group[key] is None:
                     raise ValueError(f"beta_warmup_steps > 0 needs {key} ({where}); set beta_start and beta_end")
                 _check_range(f"{key} ({where})", group[key], 0.0, 1.0, high_open=True)
+        if group["adamw_state"] not in ADAMW_STATES:
+            raise ValueError(
+                f"Invalid adamw_state ({where}): {group['adamw_state']!r}; expected one of {ADAMW_STATES}"
+            )
         if group["init"] not in _INITS:
             raise ValueError(f"Invalid init ({where}): {group['init']!r}; expected one of {_INITS}")
         if self.data_parallel and group["mofasgd"] and group["init"] == "gradient":
@@ -292,20 +308,23 @@ class MoFaSGD(torch.optim.Optimizer):
         """Load a MoFaSGD state dict, refusing checkpoints that do not fit this optimizer with a clear reason.
 
         Factors keep their fp32 dtype (torch would cast every floating state to the parameter dtype, which for
-        bf16 parameters destroys orthonormality), and are checked for shape, finiteness and orthonormality.
+        bf16 parameters destroys orthonormality), and are checked for shape, finiteness and orthonormality. The
+        factored AdamW moments stay fp32 too.
         """
         self._check_checkpoint_layout(state_dict["param_groups"])
         saved_state = state_dict["state"]
-        factors = {pid: {k: v for k, v in st.items() if k in _FACTOR_KEYS} for pid, st in saved_state.items()}
+        factors = {pid: {k: v for k, v in st.items() if k in _FP32_KEYS} for pid, st in saved_state.items()}
         stripped = dict(state_dict)
         stripped["state"] = {
-            pid: {k: v for k, v in st.items() if k not in _FACTOR_KEYS} for pid, st in saved_state.items()
+            pid: {k: v for k, v in st.items() if k not in _FP32_KEYS} for pid, st in saved_state.items()
         }
         params = [p for g in self.param_groups for p in g["params"]]
         saved_ids = [pid for g in state_dict["param_groups"] for pid in g["params"]]
         super().load_state_dict(stripped)
         for pid, p in zip(saved_ids, params):
-            if factors.get(pid):
+            if factors.get(pid) and not set(factors[pid]) & set(_FACTOR_KEYS):  # factored AdamW moments only
+                self.state[p].update({k: v.to(device=p.device, dtype=torch.float32) for k, v in factors[pid].items()})
+            elif factors.get(pid):
                 dtype = fm.factor_dtype(p.dtype)
                 loaded = {k: v.to(device=p.device, dtype=dtype) for k, v in factors[pid].items()}
                 if sharding.is_dtensor(p):  # a full (unsharded) checkpoint resumed under FSDP2: keep own rows of U
@@ -349,6 +368,13 @@ class MoFaSGD(torch.optim.Optimizer):
             )
         changed = []
         for index, (saved, current) in enumerate(zip(saved_groups, self.param_groups)):
+            saved_state, state = saved.get("adamw_state", "full"), current["adamw_state"]
+            if not saved["mofasgd"] and saved_state != state:
+                raise ValueError(
+                    f"The checkpoint's AdamW-side state is {saved_state!r} (param group {index}), but this optimizer "
+                    f"keeps {state!r} (`mfsgd_adamw_state`): the moments have other shapes. Resume with "
+                    f"`mfsgd_adamw_state: {saved_state}`, or start a new run to change it."
+                )
             if saved["mofasgd"] and saved["rank"] != current["rank"]:
                 raise ValueError(
                     f"The checkpoint's MoFaSGD factors have rank {saved['rank']} (param group {index}), but this "
@@ -841,11 +867,14 @@ class MoFaSGD(torch.optim.Optimizer):
             if p.grad is None:
                 continue
             state = self.state[p]
+            generator = self._rounding_generator(p, group)
+            if group["adamw_state"] != "full" and p.dim() == 2:
+                self._factored_step(p, group, state, generator)
+                continue
             if "exp_avg" not in state:
                 state["step"] = torch.tensor(0.0, dtype=torch.float32)
                 state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            generator = self._rounding_generator(p, group)
             # FSDP2: the moments are DTensors sharded like p (so checkpoints shard them); the math is elementwise,
             # so it runs on the local shards
             exp_avg, exp_avg_sq = sharding.local(state["exp_avg"]), sharding.local(state["exp_avg_sq"])
@@ -886,6 +915,34 @@ class MoFaSGD(torch.optim.Optimizer):
             weight_decay=group["weight_decay"],
             eps=group["adam_eps"],
             maximize=False,
+        )
+
+    @staticmethod
+    def _factored_step(
+        p: torch.Tensor, group: dict[str, Any], state: dict[str, Any], generator: torch.Generator | None
+    ) -> None:
+        """One AdamW-side step of a matrix with the factored second moment (adamw_side.factored_adam_update_)."""
+        if "exp_avg_sq_row" not in state:
+            state["step"] = torch.tensor(0.0, dtype=torch.float32)
+            if group["adamw_state"] == "factored":
+                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            state["exp_avg_sq_row"] = torch.zeros(p.shape[0], dtype=torch.float32, device=p.device)
+            state["exp_avg_sq_col"] = torch.zeros(p.shape[1], dtype=torch.float32, device=p.device)
+        state["step"] += 1
+        beta1, beta2 = group["adam_betas"]
+        factored_adam_update_(
+            p,
+            p.grad,
+            state.get("exp_avg"),
+            state["exp_avg_sq_row"],
+            state["exp_avg_sq_col"],
+            int(state["step"].item()),
+            lr=group["lr"],
+            beta1=beta1,
+            beta2=beta2,
+            eps=group["adam_eps"],
+            weight_decay=group["weight_decay"],
+            generator=generator,
         )
 
     # ------------------------------------------------------------------ diagnostics
