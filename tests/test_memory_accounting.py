@@ -437,3 +437,22 @@ def test_fsdp2_accounting_matches_what_two_gloo_processes_hold(tmp_path):
             assert held["gradients"] == expected[method].gradients, method
             assert held["root_unsharded_in_layer_backward"] == [True, True], method
     assert expected["MoFaSGD"].gradients < expected["AdamW"].gradients
+
+
+@pytest.mark.parametrize("name", LLAMA_31)
+def test_compact_adamw_side_rows_follow_the_factored_formula(name):
+    """mfsgd_adamw_state rows: the AdamW-side matrices keep 4 (m + n) bytes of row/column means instead of the
+    bf16 second moment (and, without momentum, no first moment); norms keep both bf16 moments."""
+    from mofasgd import split_for_mofasgd
+
+    config = llama(name)
+    result = rows(config)
+    side = [p.shape for _, p in split_for_mofasgd(acc.build_meta_model(config), "all").adamw]
+    matrices = [s for s in side if len(s) == 2]
+    assert matrices and all(s[0] >= 4096 for s in matrices)  # the embeddings and LM head
+    second_moment = sum(2 * s.numel() for s in matrices)
+    factored_means = sum(4 * (s[0] + s[1]) for s in matrices)
+    full = result["MoFaSGD"].optimizer_state
+    assert result["MoFaSGD+factored"].optimizer_state == full - second_moment + factored_means
+    assert result["MoFaSGD+factored-no-momentum"].optimizer_state == full - 2 * second_moment + factored_means
+    assert result["MoFaSGD+factored"].gradients == result["MoFaSGD"].gradients

@@ -24,6 +24,9 @@ Assumptions (pure_bf16, as the memory-efficient configs set it):
   G V and G^T U, 4 (m + n) r bytes, stand in for the gradient.
 - MoFaSGD+emb/head (``mfsgd_target: all,embed_tokens,lm_head``): the same with the input embeddings and the LM
   head managed too; only the norms stay on AdamW.
+- MoFaSGD+factored (``mfsgd_adamw_state: factored``): the authors' routing, with the AdamW-side matrices
+  (embeddings, LM head) keeping their bf16 first moment and fp32 row and column means of g^2 (4 (m + n) bytes)
+  instead of the bf16 second moment; ``-no-momentum`` (``factored_no_momentum``) drops the first moment too.
 - Fused methods: while backward runs one managed gradient exists at a time before its hook frees it; the
   largest such m x n bf16 gradient is added to their gradient column.
 
@@ -71,7 +74,9 @@ from mofasgd import MoFaSGD, split_for_mofasgd
 BF16 = 2
 FP32 = 4
 GIB = 1024**3
-METHODS = ("AdamW", "LoRA", "GaLore", "GaLore-fused", "MoFaSGD", "MoFaSGD+emb/head")
+# MoFaSGD with a compact AdamW side (`mfsgd_adamw_state`), on the authors' routing
+ADAMW_STATE_ROWS = {"MoFaSGD+factored": "factored", "MoFaSGD+factored-no-momentum": "factored_no_momentum"}
+METHODS = ("AdamW", "LoRA", "GaLore", "GaLore-fused", "MoFaSGD", "MoFaSGD+emb/head", *ADAMW_STATE_ROWS)
 # mfsgd_target of the MoFaSGD rows: the authors' routing, and with the input embeddings and LM head managed too
 MOFASGD_TARGETS = {"MoFaSGD": "all", "MoFaSGD+emb/head": "all,embed_tokens,lm_head"}
 COMPONENTS = ("weights", "gradients", "optimizer_state", "activations")
@@ -131,6 +136,7 @@ class ModelShapes:
     all_params: list[torch.Size]
     decoder_linears: list[torch.Size]  # LoRA / GaLore targets: decoder nn.Linear weights (not the LM head)
     mofasgd_matrices: dict[str, list[torch.Size]]  # MoFaSGD row -> what split_for_mofasgd routes to MoFaSGD
+    adamw_side: dict[str, list[torch.Size]]  # MoFaSGD row -> what it leaves on its AdamW side
     lora_in_features: tuple[int, ...]  # input widths of one decoder layer's LoRA targets
 
 
@@ -150,6 +156,10 @@ def model_shapes(model: nn.Module) -> ModelShapes:
         decoder_linears=[m.weight.shape for _, m in linears],
         mofasgd_matrices={
             row: [p.shape for _, p in split_for_mofasgd(model, target).mofasgd]
+            for row, target in MOFASGD_TARGETS.items()
+        },
+        adamw_side={
+            row: [p.shape for _, p in split_for_mofasgd(model, target).adamw]
             for row, target in MOFASGD_TARGETS.items()
         },
         lora_in_features=tuple(first_layer),
@@ -205,14 +215,16 @@ def account(config: LlamaConfig, rank: int = 8, batch_size: int = 1, seq_len: in
     galore_accumulators = sum(FP32 * min(rank, *s) * max(s) for s in shapes.decoder_linears)
     largest_linear = BF16 * max(s.numel() for s in shapes.decoder_linears)
 
-    def mofasgd_row(row: str) -> MethodMemory:
-        matrices = shapes.mofasgd_matrices[row]
+    def mofasgd_row(row: str, routing: str | None = None, adamw_state: str = "full") -> MethodMemory:
+        routing = routing or row
+        matrices = shapes.mofasgd_matrices[routing]
         state = sum(MoFaSGD.expected_factor_bytes(tuple(s), rank) for s in matrices)
         projections = sum(FP32 * (s[0] + s[1]) * min(rank, *s) for s in matrices)
         largest_managed = BF16 * max(s.numel() for s in matrices)
         rest = total_params - sum(s.numel() for s in matrices)
         gradients = BF16 * rest + projections + largest_managed
-        return MethodMemory(row, total_params, weights, gradients, state + adam_per_param * rest, acts, acts_full)
+        side = sum(adamw_side_state_bytes(s, adamw_state) for s in shapes.adamw_side[routing])
+        return MethodMemory(row, total_params, weights, gradients, state + side, acts, acts_full)
 
     return [
         MethodMemory("AdamW", total_params, weights, weights, adam_per_param * total_params, acts, acts_full),
@@ -230,7 +242,17 @@ def account(config: LlamaConfig, rank: int = 8, batch_size: int = 1, seq_len: in
             acts_full,
         ),
         *(mofasgd_row(row) for row in MOFASGD_TARGETS),
+        *(mofasgd_row(row, "MoFaSGD", state) for row, state in ADAMW_STATE_ROWS.items()),
     ]
+
+
+def adamw_side_state_bytes(shape: torch.Size, adamw_state: str) -> int:
+    """AdamW-side state of one tensor: two bf16 moments, or for a matrix with a factored second moment fp32
+    row and column means (plus the bf16 first moment unless `factored_no_momentum`)."""
+    if adamw_state == "full" or len(shape) != 2:
+        return 2 * BF16 * shape.numel()
+    first = BF16 * shape.numel() if adamw_state == "factored" else 0
+    return first + FP32 * (shape[0] + shape[1])
 
 
 # ---------------------------------------------------------------------------------------------------- FSDP2
