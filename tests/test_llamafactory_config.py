@@ -43,6 +43,8 @@ def test_parser_accepts_mfsgd_keys_and_fills_them(base):
             "mfsgd_fused: false` does not run under FSDP2",
         ),
         ({"fp16": True}, "fp16"),
+        ({"mfsgd_fused_adamw_side": True, "mfsgd_fused": False}, "fused_adamw_side=True .* needs fused=True"),
+        ({"mfsgd_adamw_state": "8bit"}, "mfsgd_adamw_state"),
         ({"mfsgd_rank": 0}, "mfsgd_rank"),
         ({"mfsgd_beta": 1.0}, "mfsgd_beta"),
         ({"learning_rate_mfsgd": -1.0}, "learning_rate_mfsgd"),

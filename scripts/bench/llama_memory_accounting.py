@@ -27,6 +27,8 @@ Assumptions (pure_bf16, as the memory-efficient configs set it):
 - MoFaSGD+factored (``mfsgd_adamw_state: factored``): the authors' routing, with the AdamW-side matrices
   (embeddings, LM head) keeping their bf16 first moment and fp32 row and column means of g^2 (4 (m + n) bytes)
   instead of the bf16 second moment; ``-no-momentum`` (``factored_no_momentum``) drops the first moment too.
+- ``+fused-side`` (``mfsgd_fused_adamw_side``): the AdamW side is updated in its gradient hooks as well, so
+  only one gradient (at most the largest matrix's, the LM head's or embeddings') is in flight at a time.
 - Fused methods: while backward runs one managed gradient exists at a time before its hook frees it; the
   largest such m x n bf16 gradient is added to their gradient column.
 
@@ -76,7 +78,18 @@ FP32 = 4
 GIB = 1024**3
 # MoFaSGD with a compact AdamW side (`mfsgd_adamw_state`), on the authors' routing
 ADAMW_STATE_ROWS = {"MoFaSGD+factored": "factored", "MoFaSGD+factored-no-momentum": "factored_no_momentum"}
-METHODS = ("AdamW", "LoRA", "GaLore", "GaLore-fused", "MoFaSGD", "MoFaSGD+emb/head", *ADAMW_STATE_ROWS)
+# ... and with the AdamW side updated in its gradient hooks (`mfsgd_fused_adamw_side`)
+FUSED_SIDE_ROWS = {"MoFaSGD+fused-side": "full", "MoFaSGD+factored-no-momentum+fused-side": "factored_no_momentum"}
+METHODS = (
+    "AdamW",
+    "LoRA",
+    "GaLore",
+    "GaLore-fused",
+    "MoFaSGD",
+    "MoFaSGD+emb/head",
+    *ADAMW_STATE_ROWS,
+    *FUSED_SIDE_ROWS,
+)
 # mfsgd_target of the MoFaSGD rows: the authors' routing, and with the input embeddings and LM head managed too
 MOFASGD_TARGETS = {"MoFaSGD": "all", "MoFaSGD+emb/head": "all,embed_tokens,lm_head"}
 COMPONENTS = ("weights", "gradients", "optimizer_state", "activations")
@@ -215,7 +228,9 @@ def account(config: LlamaConfig, rank: int = 8, batch_size: int = 1, seq_len: in
     galore_accumulators = sum(FP32 * min(rank, *s) * max(s) for s in shapes.decoder_linears)
     largest_linear = BF16 * max(s.numel() for s in shapes.decoder_linears)
 
-    def mofasgd_row(row: str, routing: str | None = None, adamw_state: str = "full") -> MethodMemory:
+    def mofasgd_row(
+        row: str, routing: str | None = None, adamw_state: str = "full", fused_side: bool = False
+    ) -> MethodMemory:
         routing = routing or row
         matrices = shapes.mofasgd_matrices[routing]
         state = sum(MoFaSGD.expected_factor_bytes(tuple(s), rank) for s in matrices)
@@ -223,6 +238,9 @@ def account(config: LlamaConfig, rank: int = 8, batch_size: int = 1, seq_len: in
         largest_managed = BF16 * max(s.numel() for s in matrices)
         rest = total_params - sum(s.numel() for s in matrices)
         gradients = BF16 * rest + projections + largest_managed
+        if fused_side:  # every gradient is consumed in its hook: one (the largest) in flight at a time
+            largest = max(largest_managed, max(BF16 * s.numel() for s in shapes.adamw_side[routing]))
+            gradients = projections + largest
         side = sum(adamw_side_state_bytes(s, adamw_state) for s in shapes.adamw_side[routing])
         return MethodMemory(row, total_params, weights, gradients, state + side, acts, acts_full)
 
@@ -243,6 +261,7 @@ def account(config: LlamaConfig, rank: int = 8, batch_size: int = 1, seq_len: in
         ),
         *(mofasgd_row(row) for row in MOFASGD_TARGETS),
         *(mofasgd_row(row, "MoFaSGD", state) for row, state in ADAMW_STATE_ROWS.items()),
+        *(mofasgd_row(row, "MoFaSGD", state, fused_side=True) for row, state in FUSED_SIDE_ROWS.items()),
     ]
 
 

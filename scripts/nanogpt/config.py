@@ -31,7 +31,15 @@ AUTOCAST_MODES = ("auto", "bf16", "none")
 # (with its seed), which only bf16 weights use (these runs keep fp32 weights under autocast). The values are
 # MoFaSGD's defaults, except where the authors' NanoGPT runs chose otherwise (configs/optimizers/mfsgd.yaml holds
 # the same values; a test checks that it agrees).
-_MFSGD_SET_BY_TRAINER = ("adam_betas", "adam_eps", "adamw_state", "data_parallel", "stochastic_rounding", "seed")
+_MFSGD_SET_BY_TRAINER = (
+    "adam_betas",
+    "adam_eps",
+    "adamw_state",
+    "fused_adamw_side",
+    "data_parallel",
+    "stochastic_rounding",
+    "seed",
+)
 _MFSGD_AUTHORS_NANOGPT = {
     "lr": 0.0009,
     "rank": 32,

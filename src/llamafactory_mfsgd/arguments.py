@@ -87,6 +87,11 @@ class MfsgdArguments:
     mfsgd_fused: bool = _option(
         "fused", "Project gradients in a backward hook and free them at once (LoRA-like memory)."
     )
+    mfsgd_fused_adamw_side: bool = _option(
+        "fused_adamw_side",
+        "Update the AdamW-side parameters (embeddings, LM head, norms) in their gradient hooks, at the last "
+        "micro-batch, so their gradients never coexist. Clipping then uses the previous step's coefficient for them.",
+    )
     mfsgd_target: str = field(
         default="all",
         metadata={
@@ -271,7 +276,10 @@ def _check_with_optimizer(args: Any) -> None:
         value = getattr(args, key)
         if value is None:  # unset: the default learning rate, no warm-up, or stochastic rounding's automatic choice
             continue
-        refusal = _optimizer_refusal({**_EVERY_RANGE_CHECKED, option: value})
+        alone = {**_EVERY_RANGE_CHECKED, option: value}
+        if option == "fused_adamw_side":  # needs fused=True: a cross-field rule, checked with all keys below
+            alone["fused"] = True
+        refusal = _optimizer_refusal(alone)
         if refusal:
             match = _EXPECTED.match(refusal)
             raise ValueError(f"Invalid `{key}: {value!r}` in the MoFaSGD config: {match[1] if match else refusal}.")
@@ -388,6 +396,11 @@ def validate_with_training_args(finetuning_args: Any, training_args: Any) -> Non
     if training_args.world_size > 1 and finetuning_args.mfsgd_init == "gradient":
         raise ValueError(
             "`mfsgd_init: gradient` would give each data-parallel rank its own factors; use `mfsgd_init: weight`."
+        )
+    if finetuning_args.mfsgd_fused_adamw_side and training_args.world_size > 1 and not training_args.fsdp:
+        raise ValueError(
+            "`mfsgd_fused_adamw_side: true` updates the AdamW side inside backward, before DDP has averaged those "
+            "gradients over the processes. Use it on one process or under FSDP2, or set it to false."
         )
     check_checkpoint_engine(training_args.resume_from_checkpoint, bool(training_args.fsdp))
 

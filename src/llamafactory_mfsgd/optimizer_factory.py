@@ -67,6 +67,11 @@ def create_mfsgd_optimizer(model: nn.Module, training_args: Any, finetuning_args
     )
     if data_parallel:
         ignore_managed_in_ddp(model, [p for _, p in routing.mofasgd])
+    if optimizer.fused_adamw_side:  # the Trainer marks the last micro-batch of each accumulation window here
+        from accelerate.state import GradientState
+
+        gradient_state = GradientState()
+        optimizer.accumulation_boundary = lambda: gradient_state.sync_gradients
     logger.info_rank0(f"{effective_settings(optimizer, finetuning_args.mfsgd_target)} Routing:\n{routing.table()}")
     return optimizer
 
@@ -93,7 +98,8 @@ def effective_settings(optimizer: MoFaSGD, target: str) -> str:
     if mofasgd.get("beta_warmup_steps"):
         warmup = f"{mofasgd['beta_start']:g}->{mofasgd['beta_end']:g} over {mofasgd['beta_warmup_steps']} steps"
         parts.append(f"beta warm-up {warmup}")
-    parts += [f"fused={optimizer.fused}", f"data_parallel={optimizer.data_parallel}", f"target={target}"]
+    parts += [f"fused={optimizer.fused}", f"fused_adamw_side={optimizer.fused_adamw_side}"]
+    parts += [f"data_parallel={optimizer.data_parallel}", f"target={target}"]
     if adamw:
         parts.append(
             "AdamW "

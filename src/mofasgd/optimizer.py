@@ -121,6 +121,7 @@ class MoFaSGD(torch.optim.Optimizer):
         adamw_state: str = "full",
         stochastic_rounding: bool | None = None,
         fused: bool = True,
+        fused_adamw_side: bool = False,
         data_parallel: bool = False,
         seed: int = 0,
     ) -> None:
@@ -147,11 +148,24 @@ class MoFaSGD(torch.optim.Optimizer):
             mofasgd=True,
         )
         _check_flag("fused", fused)
+        _check_flag("fused_adamw_side", fused_adamw_side)
         _check_flag("data_parallel", data_parallel)
+        if fused_adamw_side and (not fused or data_parallel):
+            raise ValueError(
+                "fused_adamw_side=True updates AdamW-side parameters in their gradient hooks: it needs fused=True, "
+                "and not data_parallel=True (DDP averages those gradients only after the hooks have run)"
+            )
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise ValueError(f"Invalid seed: {seed!r}; expected an integer")
         self.fused = fused
+        self.fused_adamw_side = fused_adamw_side
         self.data_parallel = data_parallel
+        # fused AdamW side: whether this backward ends an accumulation window (set `accumulating`, or give a callable)
+        self.accumulating = False
+        self.accumulation_boundary: Callable[[], bool] | None = None
+        # (||g||^2, is an FSDP2 shard's share) of the AdamW-side grads consumed in hooks this step
+        self._side_norm_sq: list[tuple[torch.Tensor, bool]] = []
+        self._side_clip_coef = 1.0  # the last clip_grad_norm_'s coefficient, applied to the next hooked updates
         self._pending_synced = True
         if self.data_parallel and not self.fused:
             raise ValueError(
@@ -160,6 +174,7 @@ class MoFaSGD(torch.optim.Optimizer):
             )
         self._hooks = HookRegistry(self, "_consume_gradient")
         self._copy_hooks = HookRegistry(self, "_own_gradient_storage")  # FSDP2: AdamW-side grads leave the buffer
+        self._side_hooks = HookRegistry(self, "_adamw_side_hook")  # fused_adamw_side: update during backward
         self._group_index: dict[torch.Tensor, int] = {}
         self._rng = GeneratorBank(seed)
         self._diagnostics: dict[str, list[torch.Tensor]] | None = None
@@ -206,6 +221,8 @@ class MoFaSGD(torch.optim.Optimizer):
                     )
         if self.fused and group["mofasgd"]:
             self._hooks.register(group["params"])
+        if self.fused_adamw_side and not group["mofasgd"]:
+            self._side_hooks.register(group["params"])
         if self.fused and self._sharded:
             self._hook_adamw_side_shards()
 
@@ -272,6 +289,13 @@ class MoFaSGD(torch.optim.Optimizer):
             self._hooks = HookRegistry(self, "_consume_gradient")
         if "_copy_hooks" not in self.__dict__:
             self._copy_hooks = HookRegistry(self, "_own_gradient_storage")
+        if "_side_hooks" not in self.__dict__:
+            self._side_hooks = HookRegistry(self, "_adamw_side_hook")
+        self.__dict__.setdefault("fused_adamw_side", False)
+        self.__dict__.setdefault("accumulating", False)
+        self.__dict__.setdefault("accumulation_boundary", None)
+        self.__dict__.setdefault("_side_norm_sq", [])
+        self.__dict__.setdefault("_side_clip_coef", 1.0)
         self.__dict__.setdefault("_pending_synced", True)
         self.__dict__.setdefault("_rng", GeneratorBank(0))
         self.__dict__.setdefault("_diagnostics", None)
@@ -284,6 +308,7 @@ class MoFaSGD(torch.optim.Optimizer):
         """Detach the fused-mode gradient hooks (e.g. before handing the model to another optimizer)."""
         self._hooks.remove()
         self._copy_hooks.remove()
+        self._side_hooks.remove()
 
     def _describe(self, p: torch.Tensor) -> str:
         """`name` (shape) of a parameter when its group carries param_names, else its group, index and shape."""
@@ -481,6 +506,7 @@ class MoFaSGD(torch.optim.Optimizer):
             return
         self._hooks.remove()  # the replaced parameters' hooks (their ids may be reused by the new ones)
         self._copy_hooks.remove()
+        self._side_hooks.remove()
         self._group_index = {p: i for i, g in enumerate(self.param_groups) for p in g["params"]}
         for group in self.param_groups:
             for p in group["params"]:
@@ -491,7 +517,36 @@ class MoFaSGD(torch.optim.Optimizer):
         """FSDP2 + fused: hook the AdamW-side DTensors whose gradients may share a buffer with managed ones."""
         for group in self.param_groups:
             if not group["mofasgd"]:
-                self._copy_hooks.register(p for p in group["params"] if sharding.is_dtensor(p))
+                if self.fused_adamw_side:  # its hook copies the gradient out while an accumulation is pending
+                    self._side_hooks.register(group["params"])
+                else:
+                    self._copy_hooks.register(p for p in group["params"] if sharding.is_dtensor(p))
+
+    def _at_accumulation_boundary(self) -> bool:
+        """Whether the running backward completes the gradients the next step() consumes."""
+        return self.accumulation_boundary() if self.accumulation_boundary is not None else not self.accumulating
+
+    @torch.no_grad()
+    def _adamw_side_hook(self, p: torch.Tensor) -> None:
+        """fused_adamw_side: update an AdamW-side parameter as soon as its gradient is complete, then free it.
+
+        Its squared norm is recorded for grad_norm() (so the logged norm stays exact). Clipping cannot wait for
+        the global norm here, so the gradient is scaled by the coefficient of the last clip_grad_norm_ call
+        (the previous step's global norm); the managed matrices, stepped later, use this step's.
+        """
+        if p.grad is None:
+            return
+        if not self._at_accumulation_boundary():  # more micro-batches add to this gradient: wait for them
+            if sharding.is_dtensor(p):
+                self._own_gradient_storage(p)
+            return
+        grad = sharding.local(p.grad)
+        norm_sq = torch.linalg.vector_norm(grad, dtype=torch.promote_types(grad.dtype, torch.float32)).square()
+        self._side_norm_sq.append((norm_sq.double(), sharding.is_dtensor(p)))
+        if self._side_clip_coef < 1.0:
+            p.grad.mul_(self._side_clip_coef)
+        self._adamw_step(self.param_groups[self._group_index[p]], only=[p])
+        p.grad = None
 
     @torch.no_grad()
     def _own_gradient_storage(self, p: torch.Tensor) -> None:
@@ -512,6 +567,10 @@ class MoFaSGD(torch.optim.Optimizer):
             return
         if self._sharded:
             self._hook_adamw_side_shards()
+        if self.fused_adamw_side:
+            for group in self.param_groups:
+                if not group["mofasgd"]:
+                    self._side_hooks.register(group["params"])
         for group in self.param_groups:
             if not group["mofasgd"]:
                 continue
@@ -592,6 +651,7 @@ class MoFaSGD(torch.optim.Optimizer):
             for key in _PENDING:
                 state.pop(key, None)
         self._pending_synced = True
+        self._side_norm_sq = []
 
     # ------------------------------------------------------------------ norms and clipping
     @torch.no_grad()
@@ -607,6 +667,11 @@ class MoFaSGD(torch.optim.Optimizer):
         totals: dict[torch.device, torch.Tensor] = {}
         shares: list[torch.Tensor] = []  # per-rank shares of sharded squared norms: summed over ranks
         blocks: list[torch.Tensor] = []  # per-rank shares of U^T G V of sharded matrices: summed, then squared
+        for part, share in self._side_norm_sq:  # fused_adamw_side: gradients already consumed in their hooks
+            if share:
+                shares.append(part)
+            else:
+                totals[part.device] = totals.get(part.device, 0) + part
         for group in self.param_groups:
             for p in group["params"]:
                 if group["mofasgd"] and sharding.is_dtensor(p):
@@ -659,6 +724,7 @@ class MoFaSGD(torch.optim.Optimizer):
             value, skipped = torch.stack([norm, self._nonfinite.to(norm)]).tolist()
             self._report_nonfinite(skipped)
         coef = float(max_norm) / (value + eps)
+        self._side_clip_coef = min(coef, 1.0)  # fused_adamw_side: what the next step's hooked updates use
         if coef < 1.0:
             for group in self.param_groups:
                 for p in group["params"]:
@@ -683,6 +749,7 @@ class MoFaSGD(torch.optim.Optimizer):
                 self._matrix_steps(group)
             else:
                 self._adamw_step(group)
+        self._side_norm_sq = []
         return loss
 
     @staticmethod
@@ -860,10 +927,11 @@ class MoFaSGD(torch.optim.Optimizer):
         p.addmm_(U.to(p.dtype), gtu.T.to(p.dtype), alpha=-alpha)
         p.addmm_((gv - U @ (U.T @ gv)).to(p.dtype), V.T.to(p.dtype), alpha=-alpha)
 
-    def _adamw_step(self, group: dict[str, Any]) -> None:
+    def _adamw_step(self, group: dict[str, Any], only: list[torch.Tensor] | None = None) -> None:
+        """AdamW (or the factored variant) for the AdamW-side params of `group` that hold a gradient (or `only`)."""
         params, grads, exp_avgs, exp_avg_sqs, steps = [], [], [], [], []
         beta1, beta2 = group["adam_betas"]
-        for p in group["params"]:
+        for p in group["params"] if only is None else only:
             if p.grad is None:
                 continue
             state = self.state[p]
