@@ -40,13 +40,13 @@ class Net(nn.Module):
         return self.out(torch.tanh(self.mid(h) + 0.0 * self.dead(h)))
 
 
-def make_optimizer(model):
+def make_optimizer(model, fused_side=False):
     routing = split_for_mofasgd(model)
     groups = [
         {"params": [p for _, p in routing.mofasgd]},
         {"params": [p for _, p in routing.adamw], "mofasgd": False, "lr": 1e-2, "weight_decay": 0.1},
     ]
-    return MoFaSGD(groups, lr=0.05, rank=2, nesterov=True, weight_decay=0.01)
+    return MoFaSGD(groups, lr=0.05, rank=2, nesterov=True, weight_decay=0.01, fused_adamw_side=fused_side)
 
 
 def data(step, micro):
@@ -58,6 +58,7 @@ def train(model, opt, steps, rank=0, world=1, owners=None):
     norms = []
     for step in steps:
         for micro in range(ACCUM):
+            opt.accumulating = micro < ACCUM - 1  # read by fused_adamw_side only
             x, y = data(step, micro)
             shard = slice(rank * BATCH // world, (rank + 1) * BATCH // world)
             loss = nn.functional.mse_loss(model(x[shard]), y[shard]) / ACCUM
@@ -123,9 +124,9 @@ def worker(rank, world, port, out_dir, mode):
         real_gather = sharding.gather_rows
         sharding.gather_rows = lambda *args: gathers.append(1) or real_gather(*args)
         model = shard(Net())
-        opt = make_optimizer(model)
+        opt = make_optimizer(model, fused_side=mode == "fused_side")
         owners = []
-        if mode == "straight":
+        if mode in ("straight", "fused_side"):
             norms = train(model, opt, range(STEPS), rank, world, owners)
         elif mode == "one_rank":  # the 2-rank sharded checkpoint resumed by a single FSDP2 rank (DCP reshards)
             state = {"model": model.state_dict(), "optim": get_optimizer_state_dict(model, opt)}
@@ -156,9 +157,9 @@ def worker(rank, world, port, out_dir, mode):
         dist.destroy_process_group()
 
 
-def single_process():
+def single_process(fused_side=False):
     model = Net()
-    opt = make_optimizer(model)
+    opt = make_optimizer(model, fused_side)
     norms = train(model, opt, range(STEPS))
     return (*full_state(model, opt), norms, model, opt)
 
@@ -176,7 +177,7 @@ def assert_same(result, weights, factors, norms, tol=2e-5):
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     out = tmp_path_factory.mktemp("fsdp2")
-    for mode in ("straight", "resumed"):
+    for mode in ("straight", "resumed", "fused_side"):
         mp.spawn(worker, args=(2, free_port(), str(out), mode), nprocs=2, join=True)
     mp.spawn(worker, args=(1, free_port(), str(out), "one_rank"), nprocs=1, join=True)
     return out
@@ -202,6 +203,16 @@ def test_fsdp2_gradients_do_not_keep_the_reduce_scatter_buffers_alive(runs):
         for step in owners[1:]:
             assert {n for n, v in step.items() if v is not None} == {"inp.bias", "out.bias"}
             assert step["inp.bias"] and step["out.bias"]
+
+
+def test_fused_adamw_side_under_fsdp2_equals_one_process(runs):
+    """The AdamW side updated in its hooks on the reduce-scattered shards, with accumulation and clipping (the
+    previous step's coefficient, the same rule in both runs)."""
+    weights, factors, norms, _, _ = single_process(fused_side=True)
+    straight = torch.load(runs / "straight0.pt", weights_only=True)
+    assert not torch.allclose(weights["inp.bias"], straight["weights"]["inp.bias"])  # clipping made it differ
+    for rank in (0, 1):
+        assert_same(torch.load(runs / f"fused_side{rank}.pt", weights_only=True), weights, factors, norms)
 
 
 def test_replicated_factors_are_bitwise_identical_on_every_rank(runs):
