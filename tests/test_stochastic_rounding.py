@@ -13,7 +13,7 @@ from torch import nn
 from llamafactory_mfsgd.launcher import free_port
 from memory_profiling import transient_peak_bytes
 from mofasgd import MoFaSGD, rounding
-from mofasgd.adamw_side import adamw_update_fp32_
+from mofasgd.adamw_side import AdamSettings, adamw_update_fp32_
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts" / "bench"))
 import bf16_updates  # noqa: E402  (the benchmark's measurement, so test and results measure the same thing)
@@ -87,7 +87,7 @@ def test_fp32_adamw_math_equals_torch_adamw():
         g = torch.randn(37, 5)
         ref.grad = g.clone()
         torch_opt.step()
-        adamw_update_fp32_(ours, g, m, v, step, 1e-2, 0.8, 0.99, 1e-6, 0.1, generator=None)
+        adamw_update_fp32_(ours, g, m, v, step, AdamSettings(1e-2, 0.8, 0.99, 1e-6, 0.1), generator=None)
         torch.testing.assert_close(ours, ref.detach(), atol=1e-7, rtol=1e-6)
     torch.testing.assert_close(m, torch_opt.state[ref]["exp_avg"], atol=1e-7, rtol=1e-6)
 

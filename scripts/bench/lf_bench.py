@@ -51,8 +51,19 @@ METHODS: dict[str, tuple[str, dict[str, Any]]] = {
     "galore": ("tiny_sft_galore.yaml", {"galore_fused": False}),
     "galore_fused": ("tiny_sft_galore.yaml", {"galore_fused": True}),
     "mofasgd": ("tiny_sft_mfsgd.yaml", {"mfsgd_fused": True}),
+    # the compact AdamW side: factored second moment, no first moment, updated in its gradient hooks
+    "mofasgd_compact": (
+        "tiny_sft_mfsgd.yaml",
+        {"mfsgd_fused": True, "mfsgd_adamw_state": "factored_no_momentum", "mfsgd_fused_adamw_side": True},
+    ),
 }
-RANK_KEYS = {"lora": "lora_rank", "galore": "galore_rank", "galore_fused": "galore_rank", "mofasgd": "mfsgd_rank"}
+RANK_KEYS = {
+    "lora": "lora_rank",
+    "galore": "galore_rank",
+    "galore_fused": "galore_rank",
+    "mofasgd": "mfsgd_rank",
+    "mofasgd_compact": "mfsgd_rank",
+}
 
 
 def ensure_model(size: str) -> Path:

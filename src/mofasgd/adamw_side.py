@@ -13,6 +13,7 @@ stochastically when a generator is given). The moments keep the parameter's dtyp
 from __future__ import annotations
 
 import math
+from typing import Any, NamedTuple
 
 import torch
 
@@ -21,20 +22,32 @@ from mofasgd.rounding import as_rows, row_chunks, store_, update_in_fp32_
 _TINY = 1e-30  # added to g^2 so that an all-zero row or column keeps a positive second moment (Adafactor's eps1)
 
 
+class AdamSettings(NamedTuple):
+    """The AdamW hyper-parameters one update uses."""
+
+    lr: float
+    beta1: float
+    beta2: float
+    eps: float
+    weight_decay: float
+
+    @classmethod
+    def of(cls, group: dict[str, Any]) -> AdamSettings:
+        """Read them from a MoFaSGD param group (`lr`, `adam_betas`, `adam_eps`, `weight_decay`)."""
+        return cls(group["lr"], *group["adam_betas"], group["adam_eps"], group["weight_decay"])
+
+
 def adamw_update_fp32_(
     param: torch.Tensor,
     grad: torch.Tensor,
     exp_avg: torch.Tensor,
     exp_avg_sq: torch.Tensor,
     step: int,
-    lr: float,
-    beta1: float,
-    beta2: float,
-    eps: float,
-    weight_decay: float,
+    settings: AdamSettings,
     generator: torch.Generator | None,
 ) -> None:
     """One AdamW step (decoupled weight decay, bias correction; `step` counts this one) in fp32 chunks."""
+    lr, beta1, beta2, eps, weight_decay = settings
     step_size = lr / (1.0 - beta1**step)
     bias2_sqrt = math.sqrt(1.0 - beta2**step)
     grads, avgs, avg_sqs = as_rows(grad), as_rows(exp_avg), as_rows(exp_avg_sq)
@@ -59,11 +72,7 @@ def factored_adam_update_(
     row_sq: torch.Tensor,
     col_sq: torch.Tensor,
     step: int,
-    lr: float,
-    beta1: float,
-    beta2: float,
-    eps: float,
-    weight_decay: float,
+    settings: AdamSettings,
     generator: torch.Generator | None,
 ) -> None:
     """AdamW with a factored second moment (Adafactor's, Shazeer & Stern 2018) for an m x n matrix, in fp32 chunks.
@@ -74,6 +83,7 @@ def factored_adam_update_(
     Decoupled weight decay and bias corrections as in AdamW. Two passes over the gradient: the row and column
     means, then the update.
     """
+    lr, beta1, beta2, eps, weight_decay = settings
     grads = as_rows(grad)
     col_sum = torch.zeros_like(col_sq)
     for start, stop in row_chunks(*grads.shape):

@@ -12,7 +12,7 @@ from torch.optim.adamw import adamw
 from mofasgd import data_parallel as dp
 from mofasgd import factor_math as fm
 from mofasgd import sharding
-from mofasgd.adamw_side import adamw_update_fp32_, factored_adam_update_
+from mofasgd.adamw_side import AdamSettings, adamw_update_fp32_, factored_adam_update_
 from mofasgd.hooks import HookRegistry
 from mofasgd.memory import optimizer_state_bytes
 from mofasgd.rounding import GeneratorBank, supports_stochastic_rounding, update_in_fp32_
@@ -954,12 +954,8 @@ class MoFaSGD(torch.optim.Optimizer):
                     exp_avg,
                     exp_avg_sq,
                     int(state["step"].item()),
-                    lr=group["lr"],
-                    beta1=beta1,
-                    beta2=beta2,
-                    eps=group["adam_eps"],
-                    weight_decay=group["weight_decay"],
-                    generator=generator,
+                    AdamSettings.of(group),
+                    generator,
                 )
                 continue
             params.append(sharding.local(p))
@@ -997,21 +993,8 @@ class MoFaSGD(torch.optim.Optimizer):
             state["exp_avg_sq_row"] = torch.zeros(p.shape[0], dtype=torch.float32, device=p.device)
             state["exp_avg_sq_col"] = torch.zeros(p.shape[1], dtype=torch.float32, device=p.device)
         state["step"] += 1
-        beta1, beta2 = group["adam_betas"]
-        factored_adam_update_(
-            p,
-            p.grad,
-            state.get("exp_avg"),
-            state["exp_avg_sq_row"],
-            state["exp_avg_sq_col"],
-            int(state["step"].item()),
-            lr=group["lr"],
-            beta1=beta1,
-            beta2=beta2,
-            eps=group["adam_eps"],
-            weight_decay=group["weight_decay"],
-            generator=generator,
-        )
+        moments = (state.get("exp_avg"), state["exp_avg_sq_row"], state["exp_avg_sq_col"])
+        factored_adam_update_(p, p.grad, *moments, int(state["step"].item()), AdamSettings.of(group), generator)
 
     # ------------------------------------------------------------------ diagnostics
     def request_diagnostics(self) -> None:
