@@ -37,3 +37,22 @@ def test_factored_adamw_state_from_yaml_keeps_row_and_column_means(tiny_model, t
     factored = [s for s in state.values() if "exp_avg_sq_row" in s]
     assert len(factored) == 2  # the embeddings and the LM head (untied); norms keep AdamW's moments
     assert all("exp_avg" not in s and s["exp_avg_sq_row"].dtype == torch.float32 for s in factored)
+
+
+@pytest.mark.distributed
+def test_compact_adamw_side_on_two_ddp_processes_equals_one_process(tiny_model, tmp_path):
+    """The shipped 8B MoFaSGD keys (factored_no_momentum + fused AdamW side) under DDP: the embeddings and LM head
+    are left out of DDP and averaged in their hooks, the norms stay with DDP; same global batch as one process."""
+    keys = {"mfsgd_adamw_state": "factored_no_momentum", "mfsgd_fused_adamw_side": True, "max_steps": 4}
+    one = tiny_config("tiny_sft_mfsgd.yaml", tiny_model, tmp_path / "one", per_device_train_batch_size=4, **keys)
+    two = tiny_config("tiny_sft_mfsgd.yaml", tiny_model, tmp_path / "two", per_device_train_batch_size=2, **keys)
+    assert_ok(run_cli(one, tmp_path))
+    proc = run_cli(two, tmp_path, extra_env={"FORCE_TORCHRUN": "1", "NPROC_PER_NODE": "2"})
+    assert_ok(proc)
+    assert "data_parallel=True" in proc.stdout and "fused_adamw_side=True" in proc.stdout
+    start, want, got = weights(tiny_model), weights(tmp_path / "one"), weights(tmp_path / "two")
+    for key, value in want.items():
+        torch.testing.assert_close(got[key], value, atol=2e-5, rtol=1e-4, msg=key)
+    assert not torch.equal(got["model.embed_tokens.weight"], start["model.embed_tokens.weight"])
+    for a, b in zip(log_history(tmp_path / "two"), log_history(tmp_path / "one"), strict=True):
+        assert (a["loss"], a["grad_norm"]) == pytest.approx((b["loss"], b["grad_norm"]), rel=1e-4)

@@ -89,8 +89,8 @@ class MfsgdArguments:
     )
     mfsgd_fused_adamw_side: bool = _option(
         "fused_adamw_side",
-        "Update the AdamW-side parameters (embeddings, LM head, norms) in their gradient hooks, at the last "
-        "micro-batch, so their gradients never coexist. Clipping then uses the previous step's coefficient for them.",
+        "Update the AdamW-side matrices (embeddings, LM head) in their gradient hooks, at the last micro-batch, so "
+        "their gradients never coexist. Clipping then uses the previous step's coefficient for them.",
     )
     mfsgd_target: str = field(
         default="all",
@@ -396,11 +396,6 @@ def validate_with_training_args(finetuning_args: Any, training_args: Any) -> Non
     if training_args.world_size > 1 and finetuning_args.mfsgd_init == "gradient":
         raise ValueError(
             "`mfsgd_init: gradient` would give each data-parallel rank its own factors; use `mfsgd_init: weight`."
-        )
-    if finetuning_args.mfsgd_fused_adamw_side and training_args.world_size > 1 and not training_args.fsdp:
-        raise ValueError(
-            "`mfsgd_fused_adamw_side: true` updates the AdamW side inside backward, before DDP has averaged those "
-            "gradients over the processes. Use it on one process or under FSDP2, or set it to false."
         )
     check_checkpoint_engine(training_args.resume_from_checkpoint, bool(training_args.fsdp))
 

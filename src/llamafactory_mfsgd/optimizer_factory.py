@@ -65,8 +65,10 @@ def create_mfsgd_optimizer(model: nn.Module, training_args: Any, finetuning_args
         data_parallel=data_parallel,
         seed=training_args.seed,
     )
-    if data_parallel:
-        ignore_managed_in_ddp(model, [p for _, p in routing.mofasgd])
+    if data_parallel:  # the optimizer averages these itself: the managed matrices' projections, and with the fused
+        # AdamW side its matrices' gradients (in their hooks)
+        fused_side = [p for _, p in routing.adamw if p.dim() == 2] if optimizer.fused_adamw_side else []
+        ignore_managed_in_ddp(model, [p for _, p in routing.mofasgd] + fused_side)
     if optimizer.fused_adamw_side:  # the Trainer marks the last micro-batch of each accumulation window here
         from accelerate.state import GradientState
 

@@ -25,6 +25,14 @@ def average_in_place(tensors: list[torch.Tensor], group: dist.ProcessGroup | Non
     sum_in_place(tensors, group, divide_by=world_size(group))
 
 
+def average_tensor_(tensor: torch.Tensor, group: dist.ProcessGroup | None = None) -> None:
+    """Average one tensor over ranks in place (no flattened copy: meant for large gradients)."""
+    size = world_size(group)
+    if size > 1:
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=group)
+        tensor.div_(size)
+
+
 def sum_in_place(tensors: list[torch.Tensor], group: dist.ProcessGroup | None = None, divide_by: int = 1) -> None:
     """Sum `tensors` over ranks (then divide by `divide_by`), one flattened all-reduce per (dtype, device)."""
     buckets: dict[tuple[torch.dtype, torch.device], list[torch.Tensor]] = {}

@@ -150,10 +150,9 @@ class MoFaSGD(torch.optim.Optimizer):
         _check_flag("fused", fused)
         _check_flag("fused_adamw_side", fused_adamw_side)
         _check_flag("data_parallel", data_parallel)
-        if fused_adamw_side and (not fused or data_parallel):
+        if fused_adamw_side and not fused:
             raise ValueError(
-                "fused_adamw_side=True updates AdamW-side parameters in their gradient hooks: it needs fused=True, "
-                "and not data_parallel=True (DDP averages those gradients only after the hooks have run)"
+                "fused_adamw_side=True updates AdamW-side parameters in their gradient hooks: it needs fused=True"
             )
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise ValueError(f"Invalid seed: {seed!r}; expected an integer")
@@ -222,7 +221,7 @@ class MoFaSGD(torch.optim.Optimizer):
         if self.fused and group["mofasgd"]:
             self._hooks.register(group["params"])
         if self.fused_adamw_side and not group["mofasgd"]:
-            self._side_hooks.register(group["params"])
+            self._side_hooks.register(self._fused_side_params(group))
         if self.fused and self._sharded:
             self._hook_adamw_side_shards()
 
@@ -517,10 +516,20 @@ class MoFaSGD(torch.optim.Optimizer):
         """FSDP2 + fused: hook the AdamW-side DTensors whose gradients may share a buffer with managed ones."""
         for group in self.param_groups:
             if not group["mofasgd"]:
-                if self.fused_adamw_side:  # its hook copies the gradient out while an accumulation is pending
-                    self._side_hooks.register(group["params"])
-                else:
-                    self._copy_hooks.register(p for p in group["params"] if sharding.is_dtensor(p))
+                # a hooked matrix's own hook copies its gradient out while an accumulation is pending
+                hooked = {id(p) for p in self._fused_side_params(group)} if self.fused_adamw_side else set()
+                self._side_hooks.register(p for p in group["params"] if id(p) in hooked)
+                self._copy_hooks.register(p for p in group["params"] if sharding.is_dtensor(p) and id(p) not in hooked)
+
+    @staticmethod
+    def _fused_side_params(group: dict[str, Any]) -> list[torch.Tensor]:
+        """The AdamW-side params updated in their hooks: the matrices (embeddings, LM head), whose gradients are big.
+
+        The vectors (norms, biases) are updated at step(), with this step's clipping coefficient, in every mode;
+        under DDP they stay in DDP's all-reduce, while the hooked matrices are averaged in their hooks (and must be
+        left out of DDP, like the managed ones: ``data_parallel.ignore_managed_in_ddp``).
+        """
+        return [p for p in group["params"] if p.dim() == 2]
 
     def _at_accumulation_boundary(self) -> bool:
         """Whether the running backward completes the gradients the next step() consumes."""
@@ -540,6 +549,8 @@ class MoFaSGD(torch.optim.Optimizer):
             if sharding.is_dtensor(p):
                 self._own_gradient_storage(p)
             return
+        if self.data_parallel:  # left out of DDP's all-reduce: average it here, in the same order on every rank
+            dp.average_tensor_(p.grad)
         grad = sharding.local(p.grad)
         norm_sq = torch.linalg.vector_norm(grad, dtype=torch.promote_types(grad.dtype, torch.float32)).square()
         self._side_norm_sq.append((norm_sq.double(), sharding.is_dtensor(p)))
@@ -570,7 +581,7 @@ class MoFaSGD(torch.optim.Optimizer):
         if self.fused_adamw_side:
             for group in self.param_groups:
                 if not group["mofasgd"]:
-                    self._side_hooks.register(group["params"])
+                    self._side_hooks.register(self._fused_side_params(group))
         for group in self.param_groups:
             if not group["mofasgd"]:
                 continue
