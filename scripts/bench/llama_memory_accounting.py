@@ -28,7 +28,8 @@ Assumptions (pure_bf16, as the memory-efficient configs set it):
   (embeddings, LM head) keeping their bf16 first moment and fp32 row and column means of g^2 (4 (m + n) bytes)
   instead of the bf16 second moment; ``-no-momentum`` (``factored_no_momentum``) drops the first moment too.
 - ``+fused-side`` (``mfsgd_fused_adamw_side``): the AdamW side is updated in its gradient hooks as well, so
-  only one gradient (at most the largest matrix's, the LM head's or embeddings') is in flight at a time.
+  only one matrix gradient (at most the largest, the LM head's or embeddings') is in flight at a time, plus the
+  norms' gradients (updated at the step).
 - Fused methods: while backward runs one managed gradient exists at a time before its hook frees it; the
   largest such m x n bf16 gradient is added to their gradient column.
 
@@ -238,9 +239,11 @@ def account(config: LlamaConfig, rank: int = 8, batch_size: int = 1, seq_len: in
         largest_managed = BF16 * max(s.numel() for s in matrices)
         rest = total_params - sum(s.numel() for s in matrices)
         gradients = BF16 * rest + projections + largest_managed
-        if fused_side:  # every gradient is consumed in its hook: one (the largest) in flight at a time
-            largest = max(largest_managed, max(BF16 * s.numel() for s in shapes.adamw_side[routing]))
-            gradients = projections + largest
+        if fused_side:  # every matrix gradient is consumed in its hook: one (the largest) in flight at a time
+            side = shapes.adamw_side[routing]
+            largest = max(largest_managed, max(BF16 * s.numel() for s in side if len(s) == 2))
+            vectors = BF16 * sum(s.numel() for s in side if len(s) != 2)  # norms: updated at step()
+            gradients = projections + vectors + largest
         side = sum(adamw_side_state_bytes(s, adamw_state) for s in shapes.adamw_side[routing])
         return MethodMemory(row, total_params, weights, gradients, state + side, acts, acts_full)
 
