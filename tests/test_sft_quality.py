@@ -15,6 +15,7 @@ sys.path.insert(0, str(ROOT / "scripts" / "bench"))
 sys.path.insert(0, str(ROOT / "scripts"))
 
 import build_pretrained_llama  # noqa: E402
+import lf_bench  # noqa: E402
 import sft_quality  # noqa: E402
 from nanogpt import seeds  # noqa: E402
 
@@ -106,6 +107,40 @@ def test_full_grid_has_every_method_form_rank_and_precision():
     assert len(names) == 34
     assert {"adamw_fp32", "lora_r32_bf16", "galore_fused_r8_fp32", "mofasgd_inv_gradient_r4_bf16"} <= names
     assert {"mofasgd_ones_weight_r32_fp32", "mofasgd_inv_weight_r8_fp32"} <= names
+
+
+def _fake_training(configs):
+    def run_training(config, timeout):
+        configs.append(config)
+        steps = [{"begin_us": 0, "end_us": 10**5}] * 3
+        history = [{"eval_loss": 5.0}, {"loss": 2.0}, {"eval_loss": 1.5}]
+        return lf_bench.RunResult(
+            Path(config["output_dir"]), {"steps": steps, "max_rss_kib": 2048}, history, None, None
+        )
+
+    return run_training
+
+
+@pytest.mark.parametrize(
+    ("state", "run_name"),
+    [("full", "lr0.003_alr0.00316_seed1"), ("factored_no_momentum", "lr0.003_alr0.00316_factored_no_momentum_seed1")],
+)
+def test_mofasgd_runs_name_and_record_a_compact_adamw_state_only_when_not_full(monkeypatch, tmp_path, state, run_name):
+    configs = []
+    monkeypatch.setattr(sft_quality, "run_training", _fake_training(configs))
+    args = sft_quality.argparse.Namespace(
+        out=str(tmp_path), mfsgd_adamw_lr=3.16e-3, mfsgd_adamw_state=state, steps=10, timeout=1, retry_failed=False
+    )
+    variant = sft_quality.VARIANTS["mofasgd_inv_weight_r8_fp32"]
+    record = sft_quality.run_one(variant, 3e-3, 1, args, tmp_path / "model")
+    (config,) = configs
+    assert Path(config["output_dir"]) == tmp_path / "runs" / variant.name / run_name
+    assert config["mfsgd_adamw_state"] == state and config["learning_rate_adamw"] == 3.16e-3
+    assert record["eval_loss"] == 1.5 and record["adamw_lr"] == 3.16e-3
+    assert record.get("adamw_state") == (None if state == "full" else state)
+    assert sft_quality.run_one(variant, 3e-3, 1, args, tmp_path / "model") == record and len(configs) == 1  # reused
+    sft_quality.run_one(sft_quality.VARIANTS["adamw_fp32"], 1e-3, 0, args, tmp_path / "model")
+    assert "mfsgd_adamw_state" not in configs[-1] and configs[-1]["output_dir"].endswith("lr0.001_seed0")
 
 
 def test_unigram_baseline_and_schedule():

@@ -16,7 +16,9 @@ default ``mfsgd_stochastic_rounding``; the other methods run LLaMA-Factory's pla
 Learning rates: ``--points`` rates spaced half a decade apart around each method's centre; while the best rate
 (lowest eval loss, seed 0) is the smallest or largest tried, the next half-decade beyond it is run too (at most
 ``--max-extend`` times per variant). MoFaSGD's swept rate is ``learning_rate_mfsgd`` (its hidden matrices);
-embeddings, LM head and norms use ``learning_rate_adamw`` = ``--mfsgd-adamw-lr`` throughout. Then seeds
+embeddings, LM head and norms use ``learning_rate_adamw`` = ``--mfsgd-adamw-lr`` throughout, and the embeddings'
+and head's optimizer state is ``--mfsgd-adamw-state`` (``mfsgd_adamw_state``: full AdamW moments, or Adafactor's
+factored second moment with or without AdamW's first moment). Then seeds
 1..``--seeds``-1 run at the best rate; the table reports mean +- std (sample std) over the seeds there. The best
 rate is chosen on seed 0 alone, which favours it slightly.
 
@@ -42,6 +44,8 @@ from pathlib import Path
 from typing import Any
 
 from lf_bench import REPO, last_logged, machine_description, median_step_seconds, method_config, run_training
+
+from mofasgd import ADAMW_STATES
 
 PRETRAINED = REPO / "models" / "pretrained-llama"
 PER_DECADE = 2  # grid points per decade: half-decade spacing (x 3.16)
@@ -177,6 +181,10 @@ def _fmt_loss(row: dict[str, Any]) -> str:
     return f"{row['eval_loss_mean']:.4f}{std}"
 
 
+def _adamw_state_note(state: str) -> str:
+    return "" if state == "full" else f", embeddings/head with the `{state}` state (`mfsgd_adamw_state`)"
+
+
 def render_markdown(result: dict[str, Any]) -> str:
     """Summary per variant, what was not run, then every run."""
     setup, machine, runs = result["setup"], result["machine"], result["runs"]
@@ -192,7 +200,8 @@ def render_markdown(result: dict[str, Any]) -> str:
         f"eval loss on tulu3_demo_eval (60). {setup['steps']} steps, batch {setup['batch']}, cosine schedule. "
         f"Learning rates: {setup['points']} half-decade grid points per method, extended by up to "
         f"{setup['max_extend']} while the best is at an edge; seeds 0..{setup['seeds'] - 1} at the best rate "
-        f"(chosen on seed 0). MoFaSGD's embeddings/head/norms: AdamW at {setup['mfsgd_adamw_lr']:g}.",
+        f"(chosen on seed 0). MoFaSGD's embeddings/head/norms: AdamW at {setup['mfsgd_adamw_lr']:g}"
+        f"{_adamw_state_note(setup.get('mfsgd_adamw_state', 'full'))}.",
         f"Machine: {machine['device']}, torch {machine['torch']} ({machine.get('torch_threads', '?')} threads), "
         "shared with other jobs: step times are comparable only roughly. Peak memory on a CPU is the worker's "
         "max RSS, dominated by the interpreter and libraries (differences between methods on this small model "
@@ -285,16 +294,23 @@ def plot(result: dict[str, Any], path: Path) -> Path:
 
 def run_one(variant: Variant, lr: float, seed: int, args: argparse.Namespace, model_dir: Path) -> dict[str, Any]:
     """Train one (variant, lr, seed), or read its record when it already ran; return the record."""
-    adamw_side = f"_alr{args.mfsgd_adamw_lr:g}" if variant.bench_method == "mofasgd" else ""
+    adamw_side = ""
+    if variant.bench_method == "mofasgd":  # the default full state keeps the names of runs made before the option
+        state = "" if args.mfsgd_adamw_state == "full" else f"_{args.mfsgd_adamw_state}"
+        adamw_side = f"_alr{args.mfsgd_adamw_lr:g}{state}"
     run_dir = Path(args.out) / "runs" / variant.name / f"lr{lr:g}{adamw_side}_seed{seed}"
     record_path = run_dir / "record.json"
     if record_path.exists():
         record = json.loads(record_path.read_text())
         if record["status"] != "failed" or not args.retry_failed:
             return record
-    lr_keys = {"learning_rate": lr}
+    optimizer_keys: dict[str, Any] = {"learning_rate": lr}
     if variant.bench_method == "mofasgd":
-        lr_keys = {"learning_rate": lr, "learning_rate_mfsgd": lr, "learning_rate_adamw": args.mfsgd_adamw_lr}
+        optimizer_keys.update(
+            learning_rate_mfsgd=lr,
+            learning_rate_adamw=args.mfsgd_adamw_lr,
+            mfsgd_adamw_state=args.mfsgd_adamw_state,
+        )
     precision = {"pure_bf16": True, "bf16": False} if variant.precision == "bf16" else {}
     config = method_config(
         variant.bench_method,
@@ -310,7 +326,7 @@ def run_one(variant: Variant, lr: float, seed: int, args: argparse.Namespace, mo
         profile_memory_from_start=False,
         **variant.overrides,
         **precision,
-        **lr_keys,
+        **optimizer_keys,
     )
     record = {
         "variant": variant.name,
@@ -324,6 +340,8 @@ def run_one(variant: Variant, lr: float, seed: int, args: argparse.Namespace, mo
     }
     if variant.bench_method == "mofasgd":
         record["adamw_lr"] = args.mfsgd_adamw_lr
+        if args.mfsgd_adamw_state != "full":
+            record["adamw_state"] = args.mfsgd_adamw_state
     start = time.perf_counter()
     try:
         run = run_training(config, timeout=args.timeout)
@@ -417,6 +435,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-extend", type=int, default=3, help="extra rates beyond the initial grid, per variant")
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--mfsgd-adamw-lr", type=float, default=1e-3)
+    parser.add_argument(
+        "--mfsgd-adamw-state", default="full", choices=ADAMW_STATES, help="MoFaSGD's embedding/head optimizer state"
+    )
     parser.add_argument("--model", default=str(PRETRAINED))
     parser.add_argument("--out", default=str(REPO / "outputs" / "sft_quality"))
     parser.add_argument("--results-dir", default=None)
@@ -444,6 +465,7 @@ def main(argv: list[str] | None = None) -> None:
             "max_extend": args.max_extend,
             "seeds": args.seeds,
             "mfsgd_adamw_lr": args.mfsgd_adamw_lr,
+            "mfsgd_adamw_state": args.mfsgd_adamw_state,
             "batch": f"{reference['per_device_train_batch_size']} x {reference['gradient_accumulation_steps']}",
             "wall_s": round(time.perf_counter() - start, 1),
         },
