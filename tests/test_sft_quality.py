@@ -122,14 +122,26 @@ def _fake_training(configs):
 
 
 @pytest.mark.parametrize(
-    ("state", "run_name"),
-    [("full", "lr0.003_alr0.00316_seed1"), ("factored_no_momentum", "lr0.003_alr0.00316_factored_no_momentum_seed1")],
+    ("state", "fused", "run_name"),
+    [
+        ("full", False, "lr0.003_alr0.00316_seed1"),
+        ("factored_no_momentum", False, "lr0.003_alr0.00316_factored_no_momentum_seed1"),
+        ("factored_no_momentum", True, "lr0.003_alr0.00316_factored_no_momentum_fusedside_seed1"),
+    ],
 )
-def test_mofasgd_runs_name_and_record_a_compact_adamw_state_only_when_not_full(monkeypatch, tmp_path, state, run_name):
+def test_mofasgd_runs_name_and_record_a_compact_adamw_state_only_when_not_full(
+    monkeypatch, tmp_path, state, fused, run_name
+):
     configs = []
     monkeypatch.setattr(sft_quality, "run_training", _fake_training(configs))
     args = sft_quality.argparse.Namespace(
-        out=str(tmp_path), mfsgd_adamw_lr=3.16e-3, mfsgd_adamw_state=state, steps=10, timeout=1, retry_failed=False
+        out=str(tmp_path),
+        mfsgd_adamw_lr=3.16e-3,
+        mfsgd_adamw_state=state,
+        mfsgd_fused_adamw_side=fused,
+        steps=10,
+        timeout=1,
+        retry_failed=False,
     )
     variant = sft_quality.VARIANTS["mofasgd_inv_weight_r8_fp32"]
     record = sft_quality.run_one(variant, 3e-3, 1, args, tmp_path / "model")
@@ -138,6 +150,7 @@ def test_mofasgd_runs_name_and_record_a_compact_adamw_state_only_when_not_full(m
     assert config["mfsgd_adamw_state"] == state and config["learning_rate_adamw"] == 3.16e-3
     assert record["eval_loss"] == 1.5 and record["adamw_lr"] == 3.16e-3
     assert record.get("adamw_state") == (None if state == "full" else state)
+    assert config["mfsgd_fused_adamw_side"] is fused and record.get("fused_adamw_side") == (True if fused else None)
     assert sft_quality.run_one(variant, 3e-3, 1, args, tmp_path / "model") == record and len(configs) == 1  # reused
     sft_quality.run_one(sft_quality.VARIANTS["adamw_fp32"], 1e-3, 0, args, tmp_path / "model")
     assert "mfsgd_adamw_state" not in configs[-1] and configs[-1]["output_dir"].endswith("lr0.001_seed0")

@@ -18,7 +18,8 @@ Learning rates: ``--points`` rates spaced half a decade apart around each method
 ``--max-extend`` times per variant). MoFaSGD's swept rate is ``learning_rate_mfsgd`` (its hidden matrices);
 embeddings, LM head and norms use ``learning_rate_adamw`` = ``--mfsgd-adamw-lr`` throughout, and the embeddings'
 and head's optimizer state is ``--mfsgd-adamw-state`` (``mfsgd_adamw_state``: full AdamW moments, or Adafactor's
-factored second moment with or without AdamW's first moment). Then seeds
+factored second moment with or without AdamW's first moment), updated in their gradient hooks with
+``--mfsgd-fused-adamw-side``. Then seeds
 1..``--seeds``-1 run at the best rate; the table reports mean +- std (sample std) over the seeds there. The best
 rate is chosen on seed 0 alone, which favours it slightly.
 
@@ -297,6 +298,7 @@ def run_one(variant: Variant, lr: float, seed: int, args: argparse.Namespace, mo
     adamw_side = ""
     if variant.bench_method == "mofasgd":  # the default full state keeps the names of runs made before the option
         state = "" if args.mfsgd_adamw_state == "full" else f"_{args.mfsgd_adamw_state}"
+        state += "_fusedside" if args.mfsgd_fused_adamw_side else ""
         adamw_side = f"_alr{args.mfsgd_adamw_lr:g}{state}"
     run_dir = Path(args.out) / "runs" / variant.name / f"lr{lr:g}{adamw_side}_seed{seed}"
     record_path = run_dir / "record.json"
@@ -310,6 +312,7 @@ def run_one(variant: Variant, lr: float, seed: int, args: argparse.Namespace, mo
             learning_rate_mfsgd=lr,
             learning_rate_adamw=args.mfsgd_adamw_lr,
             mfsgd_adamw_state=args.mfsgd_adamw_state,
+            mfsgd_fused_adamw_side=args.mfsgd_fused_adamw_side,
         )
     precision = {"pure_bf16": True, "bf16": False} if variant.precision == "bf16" else {}
     config = method_config(
@@ -342,6 +345,8 @@ def run_one(variant: Variant, lr: float, seed: int, args: argparse.Namespace, mo
         record["adamw_lr"] = args.mfsgd_adamw_lr
         if args.mfsgd_adamw_state != "full":
             record["adamw_state"] = args.mfsgd_adamw_state
+        if args.mfsgd_fused_adamw_side:
+            record["fused_adamw_side"] = True
     start = time.perf_counter()
     try:
         run = run_training(config, timeout=args.timeout)
@@ -438,6 +443,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--mfsgd-adamw-state", default="full", choices=ADAMW_STATES, help="MoFaSGD's embedding/head optimizer state"
     )
+    parser.add_argument(
+        "--mfsgd-fused-adamw-side", action="store_true", help="update MoFaSGD's embeddings/head in their hooks"
+    )
     parser.add_argument("--model", default=str(PRETRAINED))
     parser.add_argument("--out", default=str(REPO / "outputs" / "sft_quality"))
     parser.add_argument("--results-dir", default=None)
@@ -466,6 +474,7 @@ def main(argv: list[str] | None = None) -> None:
             "seeds": args.seeds,
             "mfsgd_adamw_lr": args.mfsgd_adamw_lr,
             "mfsgd_adamw_state": args.mfsgd_adamw_state,
+            "mfsgd_fused_adamw_side": args.mfsgd_fused_adamw_side,
             "batch": f"{reference['per_device_train_batch_size']} x {reference['gradient_accumulation_steps']}",
             "wall_s": round(time.perf_counter() - start, 1),
         },
