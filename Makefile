@@ -45,7 +45,7 @@ bench-sft-quality: $(PY)
 	OMP_NUM_THREADS=1 $(PY) scripts/bench/sft_quality.py --results-dir results
 
 bench-accounting: $(PY)
-	$(PY) scripts/bench/llama_memory_accounting.py --out results/llama_memory_accounting
+	$(PY) scripts/bench/llama_memory_accounting.py --out results/llama_memory_accounting --fsdp2-gpus 8
 
 bench-bf16: $(PY)
 	$(PY) scripts/bench/bf16_updates.py --results-dir results

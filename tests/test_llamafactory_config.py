@@ -42,6 +42,10 @@ def test_parser_accepts_mfsgd_keys_and_fills_them(base):
             {"fsdp": "full_shard", "fsdp_config": {"fsdp_version": 2}, "mfsgd_fused": False},
             "mfsgd_fused: false` does not run under FSDP2",
         ),
+        (
+            {"fsdp": "full_shard", "fsdp_config": {"fsdp_version": 2}, "mfsgd_adamw_state": "factored"},
+            "mfsgd_adamw_state: factored` does not run under FSDP2",
+        ),
         ({"fp16": True}, "fp16"),
         ({"mfsgd_fused_adamw_side": True, "mfsgd_fused": False}, "fused_adamw_side=True .* needs fused=True"),
         ({"mfsgd_adamw_state": "8bit"}, "mfsgd_adamw_state"),

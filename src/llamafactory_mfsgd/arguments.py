@@ -364,6 +364,12 @@ def validate_engine_keys(values: dict[str, Any]) -> None:
                 "optimizer flattened 1-D shards, so no weight matrix is left to factor. Set `fsdp_version: 2` in "
                 f"`fsdp_config`, or remove `fsdp:`; {_SCALE_OUT}."
             )
+        if values.get("mfsgd_adamw_state", "full") != "full":
+            raise ValueError(
+                f"`mfsgd_adamw_state: {values['mfsgd_adamw_state']}` does not run under FSDP2 yet: the factored "
+                "second moment's row and column means would span the ranks' shards. Use `mfsgd_adamw_state: full` "
+                "(`mfsgd_fused_adamw_side: true` works under FSDP2)."
+            )
         if values.get("mfsgd_fused") is False:
             raise ValueError(
                 "`mfsgd_fused: false` does not run under FSDP2: the sharded step consumes each gradient shard's "

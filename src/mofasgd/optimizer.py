@@ -203,11 +203,7 @@ class MoFaSGD(torch.optim.Optimizer):
                 )
             if group["mofasgd"] and sharding.is_dtensor(p):
                 self._check_sharded(p, group)
-            if not group["mofasgd"] and group["adamw_state"] != "full" and sharding.is_dtensor(p):
-                raise ValueError(
-                    f"adamw_state={group['adamw_state']!r} is not supported for FSDP2-sharded parameters "
-                    f"({self._describe(p)}): its row and column means would span ranks. Use adamw_state='full'."
-                )
+            self._check_adamw_side_layout(p, group)
             if (
                 group["stochastic_rounding"]
                 and p.is_floating_point()
@@ -224,6 +220,14 @@ class MoFaSGD(torch.optim.Optimizer):
             self._side_hooks.register(self._fused_side_params(group))
         if self.fused and self._sharded:
             self._hook_adamw_side_shards()
+
+    def _check_adamw_side_layout(self, p: torch.Tensor, group: dict[str, Any]) -> None:
+        """Refuse the factored AdamW side on FSDP2 shards (its row and column means would span ranks)."""
+        if not group["mofasgd"] and group["adamw_state"] != "full" and p.dim() == 2 and sharding.is_dtensor(p):
+            raise ValueError(
+                f"adamw_state={group['adamw_state']!r} is not supported for FSDP2-sharded parameters "
+                f"({self._describe(p)}): its row and column means would span ranks. Use adamw_state='full'."
+            )
 
     def _check_sharded(self, p: torch.Tensor, group: dict[str, Any]) -> None:
         """Refuse what the row-sharded (FSDP2) step does not support, naming the matrix and the fix."""
@@ -511,6 +515,7 @@ class MoFaSGD(torch.optim.Optimizer):
             for p in group["params"]:
                 if group["mofasgd"] and sharding.is_dtensor(p):
                     self._check_sharded(p, group)
+                self._check_adamw_side_layout(p, group)
 
     def _hook_adamw_side_shards(self) -> None:
         """FSDP2 + fused: hook the AdamW-side DTensors whose gradients may share a buffer with managed ones."""
