@@ -96,6 +96,11 @@ class MoFaSGD(torch.optim.Optimizer):
     of its shard (a DTensor, so distributed checkpoints shard it like W) and all of V and S; G V stays local,
     G^T U and the (2r)^2 Gram matrices are all-reduced (module ``sharding``). This needs ``fused=True`` and
     ``data_parallel=False`` (FSDP2 already averages the gradient), and an init from the weight.
+
+    AdamW side (docs/algorithm.md section 7): ``adamw_state`` = ``"factored"`` / ``"factored_no_momentum"`` keeps
+    Adafactor's factored second moment (O(m + n)) for its matrices; ``fused_adamw_side=True`` updates those
+    matrices in their gradient hooks at the end of an accumulation window (``accumulating`` /
+    ``accumulation_boundary``), with the previous step's clipping coefficient.
     """
 
     def __init__(
