@@ -4,6 +4,8 @@ Exact against the step-time AdamW side with gradient accumulation (without clipp
 with clipping the hooked updates use the previous step's coefficient (documented), the matrices this step's.
 """
 
+import io
+
 import pytest
 import torch
 from torch import nn
@@ -166,3 +168,31 @@ def test_fused_adamw_side_under_ddp_averages_in_its_hooks_and_equals_one_process
     result = torch.load(out, weights_only=True)
     for name, value in model.state_dict().items():
         torch.testing.assert_close(result[name], value, atol=1e-5, rtol=1e-5, msg=name)
+
+
+def test_a_resume_keeps_the_clipping_coefficient_of_the_hooked_updates():
+    """With clipping active, the resumed run's first hooked updates use the saved coefficient: an exact resume."""
+
+    def more_steps(net, optimizer):
+        for step in range(STEPS, STEPS + 2):
+            ids, target = batch(step, 0)
+            nn.functional.cross_entropy(net(ids), target).backward()
+            optimizer.clip_grad_norm_(0.01)
+            optimizer.step()
+            optimizer.zero_grad()
+
+    model, opt, _ = make(True)
+    train(model, opt, clip=0.01)
+    weights = {k: v.clone() for k, v in model.state_dict().items()}
+    buffer = io.BytesIO()
+    torch.save(opt.state_dict(), buffer)
+    buffer.seek(0)
+    saved = torch.load(buffer, weights_only=True)
+    assert float(saved["mofasgd_side_clip_coef"]) < 1.0  # clipping was active
+    more_steps(model, opt)  # the uninterrupted run
+    resumed, fresh, _ = make(True)
+    resumed.load_state_dict(weights)
+    fresh.load_state_dict(saved)
+    more_steps(resumed, fresh)
+    for p, q in zip(resumed.parameters(), model.parameters()):
+        torch.testing.assert_close(p, q, atol=0, rtol=0)

@@ -33,6 +33,7 @@ _FP32_KEYS = (*_FACTOR_KEYS, *_FACTORED_MOMENT_KEYS)
 # Hyper-parameters that fix the shape of the saved state: a checkpoint with other values cannot be resumed.
 _SHAPE_KEYS = ("rank", "mofasgd", "adamw_state")
 _RNG_KEY = "mofasgd_rng"
+_SIDE_CLIP_KEY = "mofasgd_side_clip_coef"  # fused_adamw_side: the coefficient the next hooked updates use
 # An AdamW-side FSDP2 gradient whose buffer is this many times its size shares it with others: copied out (cheap).
 # scripts/bench/llama_memory_accounting.py models the same rule.
 _SHARED_BUFFER_RATIO = 4
@@ -330,11 +331,16 @@ class MoFaSGD(torch.optim.Optimizer):
 
     # ------------------------------------------------------------------ state dict
     def state_dict(self) -> dict[str, Any]:
-        """Torch's optimizer state dict plus the stochastic-rounding generator states (when used)."""
+        """Torch's optimizer state dict plus the rounding generators' states and the fused side's clip coefficient.
+
+        The coefficient (fused_adamw_side) is the one the next hooked updates use, so a resume continues exactly.
+        """
         state = super().state_dict()
         rng = self._rng.state()
         if rng:
             state[_RNG_KEY] = rng
+        if self.fused_adamw_side:
+            state[_SIDE_CLIP_KEY] = torch.tensor(self._side_clip_coef, dtype=torch.float64)
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -373,6 +379,8 @@ class MoFaSGD(torch.optim.Optimizer):
                 self.state[p].update(loaded)
                 self._check_loaded_factors(p)
         self._rng.load(state_dict.get(_RNG_KEY, {}))
+        if _SIDE_CLIP_KEY in state_dict:
+            self._side_clip_coef = float(state_dict[_SIDE_CLIP_KEY])
         self._pending_synced = not any("GV" in st for st in self.state.values())
 
     def _check_checkpoint_layout(self, saved_groups: list[dict[str, Any]]) -> None:
