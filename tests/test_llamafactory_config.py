@@ -43,12 +43,18 @@ def test_parser_accepts_mfsgd_keys_and_fills_them(base):
             "mfsgd_fused: false` does not run under FSDP2",
         ),
         (
+            {"fsdp": "full_shard", "fsdp_config": {"fsdp_version": 2}, "mfsgd_adamw_side": "compact"},
+            "mfsgd_adamw_state: factored_no_momentum` .* does not run under FSDP2",
+        ),
+        (
             {"fsdp": "full_shard", "fsdp_config": {"fsdp_version": 2}, "mfsgd_adamw_state": "factored"},
-            "mfsgd_adamw_state: factored` does not run under FSDP2",
+            "mfsgd_adamw_state: factored` .* does not run under FSDP2",
         ),
         ({"fp16": True}, "fp16"),
         ({"mfsgd_fused_adamw_side": True, "mfsgd_fused": False}, "fused_adamw_side=True .* needs fused=True"),
         ({"mfsgd_adamw_state": "8bit"}, "mfsgd_adamw_state"),
+        ({"mfsgd_adamw_side": "compact", "mfsgd_adamw_state": "full"}, "preset or the two keys, not both"),
+        ({"mfsgd_adamw_side": "small"}, "mfsgd_adamw_side"),
         ({"mfsgd_rank": 0}, "mfsgd_rank"),
         ({"mfsgd_beta": 1.0}, "mfsgd_beta"),
         ({"learning_rate_mfsgd": -1.0}, "learning_rate_mfsgd"),
@@ -161,3 +167,16 @@ def test_resuming_across_engines_is_refused_at_parse_time(base, tmp_path, monkey
         message = "saved without FSDP.*this run uses FSDP2"
     with pytest.raises(ValueError, match=message):
         get_train_args({**base, **change, "resume_from_checkpoint": str(checkpoint)})
+
+
+@pytest.mark.parametrize("preset,state,fused", [("compact", "factored_no_momentum", True), ("authors", "full", False)])
+def test_the_adamw_side_preset_sets_both_keys(base, preset, state, fused):
+    """`mfsgd_adamw_side` is one key between the shipped compact AdamW side and the authors' one."""
+    finetuning_args = get_train_args({**base, "mfsgd_adamw_side": preset})[3]
+    assert (finetuning_args.mfsgd_adamw_state, finetuning_args.mfsgd_fused_adamw_side) == (state, fused)
+    assert optimizer_options(finetuning_args)["adamw_state"] == state
+
+
+def test_the_shipped_8b_mfsgd_config_uses_the_compact_adamw_side():
+    with open(CONFIGS / "llama3.1_8b_sft_mfsgd_lr.yaml") as f:
+        assert yaml.safe_load(f)["mfsgd_adamw_side"] == "compact"

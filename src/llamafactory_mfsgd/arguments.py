@@ -105,6 +105,14 @@ class MfsgdArguments:
         "`factored` (Adafactor's factored second moment, O(m + n), plus AdamW's first moment) or "
         "`factored_no_momentum` (factored second moment only). Norms and biases keep AdamW's moments.",
     )
+    mfsgd_adamw_side: Literal["authors", "compact"] | None = field(
+        default=None,
+        metadata={
+            "help": "Preset of the two AdamW-side keys: `compact` = `mfsgd_adamw_state: factored_no_momentum` + "
+            "`mfsgd_fused_adamw_side: true` (LoRA-level memory; the shipped 8B config), `authors` = `full` + "
+            "`false` (the authors' AdamW side). Unset: the two keys as given."
+        },
+    )
     mfsgd_stochastic_rounding: bool | None = _option(
         "stochastic_rounding",
         "Round bf16 weight updates stochastically (unbiased) instead of to nearest; null: on for bf16 "
@@ -297,10 +305,32 @@ def _mentions(message: str, option: str) -> bool:
     return re.search(rf"(?<![\w`]){re.escape(option)}(?![\w`])", message) is not None
 
 
+# `mfsgd_adamw_side` presets -> the (mfsgd_adamw_state, mfsgd_fused_adamw_side) they stand for
+ADAMW_SIDE_PRESETS = {"authors": ("full", False), "compact": ("factored_no_momentum", True)}
+
+
+def apply_adamw_side_preset(args: Any) -> None:
+    """Set `mfsgd_adamw_state` / `mfsgd_fused_adamw_side` from `mfsgd_adamw_side`; refuse a contradicting key."""
+    preset = getattr(args, "mfsgd_adamw_side", None)
+    if preset is None:
+        return
+    wanted = ADAMW_SIDE_PRESETS[preset]
+    current = (args.mfsgd_adamw_state, args.mfsgd_fused_adamw_side)
+    defaults = (OPTIMIZER_DEFAULTS["adamw_state"], OPTIMIZER_DEFAULTS["fused_adamw_side"])
+    if current not in (wanted, defaults):
+        raise ValueError(
+            f"`mfsgd_adamw_side: {preset}` means `mfsgd_adamw_state: {wanted[0]}` and `mfsgd_fused_adamw_side: "
+            f"{str(wanted[1]).lower()}`, but the config also sets {current[0]} / {str(current[1]).lower()}. Use the "
+            "preset or the two keys, not both."
+        )
+    args.mfsgd_adamw_state, args.mfsgd_fused_adamw_side = wanted
+
+
 def validate_extension_values(args: Any) -> None:
     """Check the extension's own keys (called from FinetuningArguments.__post_init__)."""
     check_extension_types({key: getattr(args, key) for key in _extension_fields() if hasattr(args, key)})
     fill_null_defaults(args)
+    apply_adamw_side_preset(args)
     validate_baseline_values(args)
     if args.galore_fused and not args.use_galore:
         raise ValueError("`galore_fused: true` needs `use_galore: true`.")
@@ -351,6 +381,13 @@ def validate_engine_keys(values: dict[str, Any]) -> None:
     """Refuse engines MoFaSGD cannot factor under, before the training arguments are built (DeepSpeed inits there)."""
     if not is_set(values.get("use_mfsgd")):
         return
+    both = [key for key in ("mfsgd_adamw_state", "mfsgd_fused_adamw_side") if key in values]
+    if values.get("mfsgd_adamw_side") is not None and both:
+        raise ValueError(
+            f"`mfsgd_adamw_side: {values['mfsgd_adamw_side']}` is a preset of `mfsgd_adamw_state` and "
+            f"`mfsgd_fused_adamw_side`; the config also sets {', '.join(f'`{k}`' for k in both)}. Use the preset or "
+            "the two keys, not both."
+        )
     if is_set(values.get("deepspeed")):
         raise ValueError(
             "`use_mfsgd: true` does not run under DeepSpeed: ZeRO hands the optimizer flattened 1-D shards, so no "
@@ -364,11 +401,13 @@ def validate_engine_keys(values: dict[str, Any]) -> None:
                 "optimizer flattened 1-D shards, so no weight matrix is left to factor. Set `fsdp_version: 2` in "
                 f"`fsdp_config`, or remove `fsdp:`; {_SCALE_OUT}."
             )
-        if values.get("mfsgd_adamw_state", "full") != "full":
+        preset = ADAMW_SIDE_PRESETS.get(values.get("mfsgd_adamw_side"), ("full", False))[0]
+        state = values.get("mfsgd_adamw_state", preset)
+        if state != "full":
             raise ValueError(
-                f"`mfsgd_adamw_state: {values['mfsgd_adamw_state']}` does not run under FSDP2 yet: the factored "
-                "second moment's row and column means would span the ranks' shards. Use `mfsgd_adamw_state: full` "
-                "(`mfsgd_fused_adamw_side: true` works under FSDP2)."
+                f"`mfsgd_adamw_state: {state}` (also what `mfsgd_adamw_side: compact` sets) does not run under FSDP2 "
+                "yet: the factored second moment's row and column means would span the ranks' shards. Use "
+                "`mfsgd_adamw_state: full` (`mfsgd_fused_adamw_side: true` works under FSDP2)."
             )
         if values.get("mfsgd_fused") is False:
             raise ValueError(
