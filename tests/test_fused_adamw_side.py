@@ -27,14 +27,17 @@ class Net(nn.Module):
         return self.head(torch.tanh(self.hidden(self.embed(ids))))
 
 
-def make(fused_side, adamw_state="full"):
+def make(fused_side, adamw_state="full", data_parallel=False):
+    """(model, optimizer, its AdamW-side params)."""
     model = Net()
     routing = split_for_mofasgd(model)
     groups = [
         {"params": [p for _, p in routing.mofasgd]},
         {"params": [p for _, p in routing.adamw], "mofasgd": False, "lr": 1e-2, "weight_decay": 0.1},
     ]
-    opt = MoFaSGD(groups, lr=0.05, rank=2, fused_adamw_side=fused_side, adamw_state=adamw_state)
+    opt = MoFaSGD(
+        groups, lr=0.05, rank=2, fused_adamw_side=fused_side, adamw_state=adamw_state, data_parallel=data_parallel
+    )
     return model, opt, [p for _, p in routing.adamw]
 
 
@@ -123,15 +126,9 @@ def ddp_worker(rank, world, port, out_path):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
-        model = Net()
-        routing = split_for_mofasgd(model)
-        groups = [
-            {"params": [p for _, p in routing.mofasgd]},
-            {"params": [p for _, p in routing.adamw], "mofasgd": False, "lr": 1e-2, "weight_decay": 0.1},
-        ]
-        opt = MoFaSGD(groups, lr=0.05, rank=2, fused_adamw_side=True, data_parallel=True)
-        side_matrices = [p for _, p in routing.adamw if p.dim() == 2]
-        ignore_managed_in_ddp(model, [p for _, p in routing.mofasgd] + side_matrices)
+        model, opt, side = make(True, data_parallel=True)
+        managed = opt.param_groups[0]["params"]
+        ignore_managed_in_ddp(model, managed + [p for p in side if p.dim() == 2])
         ddp = DistributedDataParallel(model)
         for step in range(STEPS):
             for micro in range(ACCUM):

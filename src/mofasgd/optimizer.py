@@ -56,6 +56,11 @@ def _check_flag(name: str, value: Any, allow_none: bool = False) -> None:
         raise ValueError(f"Invalid {name}: {value!r}; expected {expected}")
 
 
+def _squared_norm(grad: torch.Tensor) -> torch.Tensor:
+    """||grad||^2 through the norm's own upcast: one copy at most fp32, not an fp64 copy squared into another."""
+    return torch.linalg.vector_norm(grad, dtype=torch.promote_types(grad.dtype, torch.float32)).square()
+
+
 class MoFaSGD(torch.optim.Optimizer):
     r"""Momentum Factorized SGD (Mahdavinia & Mahdavi, TMLR 2025), with an AdamW side for non-matrix params.
 
@@ -222,10 +227,8 @@ class MoFaSGD(torch.optim.Optimizer):
                     )
         if self.fused and group["mofasgd"]:
             self._hooks.register(group["params"])
-        if self.fused_adamw_side and not group["mofasgd"]:
-            self._side_hooks.register(self._fused_side_params(group))
-        if self.fused and self._sharded:
-            self._hook_adamw_side_shards()
+        if self.fused:
+            self._hook_adamw_side()
 
     def _check_adamw_side_layout(self, p: torch.Tensor, group: dict[str, Any]) -> None:
         """Refuse the factored AdamW side on FSDP2 shards (its row and column means would span ranks)."""
@@ -530,13 +533,18 @@ class MoFaSGD(torch.optim.Optimizer):
                     self._check_sharded(p, group)
                 self._check_adamw_side_layout(p, group)
 
-    def _hook_adamw_side_shards(self) -> None:
-        """FSDP2 + fused: hook the AdamW-side DTensors whose gradients may share a buffer with managed ones."""
+    def _hook_adamw_side(self) -> None:
+        """Hook the AdamW side: its matrices for fused_adamw_side, and under FSDP2 its other shards.
+
+        Under FSDP2 their gradients may share a reduce-scatter buffer with managed ones, so they are copied out (a
+        hooked matrix's own hook does that while an accumulation is pending).
+        """
         for group in self.param_groups:
-            if not group["mofasgd"]:
-                # a hooked matrix's own hook copies its gradient out while an accumulation is pending
-                hooked = {id(p) for p in self._fused_side_params(group)} if self.fused_adamw_side else set()
-                self._side_hooks.register(p for p in group["params"] if id(p) in hooked)
+            if group["mofasgd"]:
+                continue
+            hooked = {id(p) for p in self._fused_side_params(group)} if self.fused_adamw_side else set()
+            self._side_hooks.register(p for p in group["params"] if id(p) in hooked)
+            if self._sharded:
                 self._copy_hooks.register(p for p in group["params"] if sharding.is_dtensor(p) and id(p) not in hooked)
 
     @staticmethod
@@ -569,9 +577,7 @@ class MoFaSGD(torch.optim.Optimizer):
             return
         if self.data_parallel:  # left out of DDP's all-reduce: average it here, in the same order on every rank
             dp.average_tensor_(p.grad)
-        grad = sharding.local(p.grad)
-        norm_sq = torch.linalg.vector_norm(grad, dtype=torch.promote_types(grad.dtype, torch.float32)).square()
-        self._side_norm_sq.append((norm_sq.double(), sharding.is_dtensor(p)))
+        self._side_norm_sq.append((_squared_norm(sharding.local(p.grad)).double(), sharding.is_dtensor(p)))
         if self._side_clip_coef < 1.0:
             p.grad.mul_(self._side_clip_coef)
         self._adamw_step(self.param_groups[self._group_index[p]], only=[p])
@@ -594,12 +600,7 @@ class MoFaSGD(torch.optim.Optimizer):
         self._adopt_swapped_params()
         if not self.fused:
             return
-        if self._sharded:
-            self._hook_adamw_side_shards()
-        if self.fused_adamw_side:
-            for group in self.param_groups:
-                if not group["mofasgd"]:
-                    self._side_hooks.register(self._fused_side_params(group))
+        self._hook_adamw_side()
         for group in self.param_groups:
             if not group["mofasgd"]:
                 continue
@@ -735,9 +736,7 @@ class MoFaSGD(torch.optim.Optimizer):
         if not group["mofasgd"] or self._consumes_whole_gradient(group):
             if p.grad is None:
                 return None
-            grad = sharding.local(p.grad)
-            # the norm's own upcast (one copy at most fp32) instead of an fp64 copy squared into another
-            return torch.linalg.vector_norm(grad, dtype=torch.promote_types(grad.dtype, torch.float32)).square()
+            return _squared_norm(sharding.local(p.grad))
         pending = self._pending_projections(p, group)
         if pending is None:
             return None
