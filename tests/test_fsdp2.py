@@ -14,7 +14,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
-from llamafactory_mfsgd.launcher import free_port
+from llamafactory_mfsgd.launcher import exit_spawned_worker, free_port
 from mofasgd import MoFaSGD, split_for_mofasgd
 from mofasgd import factor_math as fm
 
@@ -162,6 +162,7 @@ def worker(rank, world, port, out_dir, mode):
         torch.save(result, os.path.join(out_dir, f"{mode}{rank}.pt"))
     finally:
         dist.destroy_process_group()
+    exit_spawned_worker()
 
 
 def single_process(fused_side=False):

@@ -368,6 +368,7 @@ def fsdp2_worker(rank, world, port, out_dir):
     from torch.distributed.fsdp import fully_shard
     from torch.distributed.tensor import DTensor
 
+    from llamafactory_mfsgd.launcher import exit_spawned_worker
     from mofasgd import split_for_mofasgd
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
@@ -414,6 +415,7 @@ def fsdp2_worker(rank, world, port, out_dir):
         torch.save(result, f"{out_dir}/rank{rank}.pt")
     finally:
         dist.destroy_process_group()
+    exit_spawned_worker()
 
 
 @pytest.mark.distributed
