@@ -9,7 +9,7 @@ import torch.multiprocessing as mp
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from llamafactory_mfsgd.launcher import free_port
+from llamafactory_mfsgd.launcher import exit_spawned_worker, free_port
 from mofasgd import MoFaSGD, split_for_mofasgd
 from mofasgd.data_parallel import ignore_managed_in_ddp
 
@@ -65,6 +65,7 @@ def worker(rank, world, port, out_path):
             torch.save({"model": model.state_dict(), "optim": opt.state_dict()}, out_path)
     finally:
         dist.destroy_process_group()
+    exit_spawned_worker()
 
 
 def test_two_process_ddp_equals_single_process(tmp_path):

@@ -121,6 +121,7 @@ def ddp_worker(rank, world, port, out_path):
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel
 
+    from llamafactory_mfsgd.launcher import exit_spawned_worker
     from mofasgd.data_parallel import ignore_managed_in_ddp
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
@@ -148,6 +149,7 @@ def ddp_worker(rank, world, port, out_path):
             torch.save(model.state_dict(), out_path)
     finally:
         dist.destroy_process_group()
+    exit_spawned_worker()
 
 
 @pytest.mark.distributed

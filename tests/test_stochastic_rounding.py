@@ -10,7 +10,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
-from llamafactory_mfsgd.launcher import free_port
+from llamafactory_mfsgd.launcher import exit_spawned_worker, free_port
 from memory_profiling import transient_peak_bytes
 from mofasgd import MoFaSGD, rounding
 from mofasgd.adamw_side import AdamSettings, adamw_update_fp32_
@@ -162,6 +162,7 @@ def _dp_worker(rank, world, port, out_dir):
         torch.save({"w": w.detach(), "b": b.detach()}, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
+    exit_spawned_worker()
 
 
 @pytest.mark.distributed
