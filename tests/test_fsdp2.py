@@ -19,7 +19,7 @@ from mofasgd import MoFaSGD, split_for_mofasgd
 from mofasgd import factor_math as fm
 
 pytestmark = pytest.mark.distributed
-STEPS, ACCUM, BATCH, CLIP = 4, 2, 8, 0.5
+STEPS, ACCUM, BATCH, CLIP = 4, 2, 8, 0.35  # clipping is active at every step
 
 
 class Net(nn.Module):
@@ -130,8 +130,9 @@ def worker(rank, world, port, out_dir, mode):
         gathers = []
         real_gather = sharding.gather_rows
         sharding.gather_rows = lambda *args: gathers.append(1) or real_gather(*args)
+        fused_side = mode.startswith("fused_side")
         model = shard(Net())
-        opt = make_optimizer(model, fused_side=mode == "fused_side")
+        opt = make_optimizer(model, fused_side=fused_side)
         owners = []
         if mode in ("straight", "fused_side"):
             norms = train(model, opt, range(STEPS), rank, world, owners)
@@ -141,19 +142,19 @@ def worker(rank, world, port, out_dir, mode):
             model.load_state_dict(state["model"])
             set_optimizer_state_dict(model, opt, state["optim"])
             norms = train(model, opt, range(2, STEPS), rank, world)
-        else:  # interrupted: save a sharded DCP checkpoint after 2 steps, rebuild everything, resume
+        else:  # (fused_side_)resumed: save a sharded DCP checkpoint after 2 steps, rebuild everything, resume
             norms = train(model, opt, range(2), rank, world)
+            checkpoint = os.path.join(out_dir, "dcp_fused_side" if fused_side else "dcp")
             dcp.save(
-                {"model": model.state_dict(), "optim": get_optimizer_state_dict(model, opt)},
-                checkpoint_id=os.path.join(out_dir, "dcp"),
+                {"model": model.state_dict(), "optim": get_optimizer_state_dict(model, opt)}, checkpoint_id=checkpoint
             )
             full = get_optimizer_state_dict(model, opt, options=StateDictOptions(full_state_dict=True))
-            if rank == 0:
+            if rank == 0 and not fused_side:
                 torch.save(full, os.path.join(out_dir, "full_optim.pt"))
             model = shard(Net())
-            opt = make_optimizer(model)
+            opt = make_optimizer(model, fused_side=fused_side)
             state = {"model": model.state_dict(), "optim": get_optimizer_state_dict(model, opt)}
-            dcp.load(state, checkpoint_id=os.path.join(out_dir, "dcp"))
+            dcp.load(state, checkpoint_id=checkpoint)
             model.load_state_dict(state["model"])
             set_optimizer_state_dict(model, opt, state["optim"])
             norms += train(model, opt, range(2, STEPS), rank, world)
@@ -185,7 +186,7 @@ def assert_same(result, weights, factors, norms, tol=2e-5):
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     out = tmp_path_factory.mktemp("fsdp2")
-    for mode in ("straight", "resumed", "fused_side"):
+    for mode in ("straight", "resumed", "fused_side", "fused_side_resumed"):
         mp.spawn(worker, args=(2, free_port(), str(out), mode), nprocs=2, join=True)
     mp.spawn(worker, args=(1, free_port(), str(out), "one_rank"), nprocs=1, join=True)
     return out
@@ -222,6 +223,16 @@ def test_fused_adamw_side_under_fsdp2_equals_one_process(runs):
     assert not torch.allclose(weights["out.weight"], straight["weights"]["out.weight"])  # clipping made it differ
     for rank in (0, 1):
         assert_same(torch.load(runs / f"fused_side{rank}.pt", weights_only=True), weights, factors, norms)
+
+
+def test_fused_adamw_side_resumes_exactly_from_a_sharded_checkpoint(runs):
+    """The clip coefficient the next hooked AdamW-side updates use travels through DCP (in the param groups):
+    without it the resumed run's first hooked updates would go unclipped (clipping is active here)."""
+    straight = torch.load(runs / "fused_side0.pt", weights_only=True)
+    assert max(straight["norms"]) > CLIP
+    for rank in (0, 1):
+        resumed = torch.load(runs / f"fused_side_resumed{rank}.pt", weights_only=True)
+        assert_same(resumed, straight["weights"], straight["factors"], straight["norms"], tol=1e-6)
 
 
 def test_replicated_factors_are_bitwise_identical_on_every_rank(runs):

@@ -187,11 +187,27 @@ def test_a_resume_keeps_the_clipping_coefficient_of_the_hooked_updates():
     torch.save(opt.state_dict(), buffer)
     buffer.seek(0)
     saved = torch.load(buffer, weights_only=True)
-    assert float(saved["mofasgd_side_clip_coef"]) < 1.0  # clipping was active
+    coefs = {g["mofasgd_side_clip_coef"] for g in saved["param_groups"]}  # in the groups: DCP keeps those
+    assert len(coefs) == 1 and coefs.pop() < 1.0  # clipping was active
     more_steps(model, opt)  # the uninterrupted run
     resumed, fresh, _ = make(True)
     resumed.load_state_dict(weights)
     fresh.load_state_dict(saved)
+    assert all("mofasgd_side_clip_coef" not in g for g in fresh.param_groups)  # not left as a hyper-parameter
     more_steps(resumed, fresh)
     for p, q in zip(resumed.parameters(), model.parameters()):
         torch.testing.assert_close(p, q, atol=0, rtol=0)
+
+
+def test_a_checkpoint_with_the_clipping_coefficient_at_the_top_level_still_loads():
+    """Checkpoints written before the coefficient moved into the param groups kept it beside them."""
+    model, opt, _ = make(True)
+    train(model, opt, clip=0.01)
+    saved = opt.state_dict()
+    coef = saved["param_groups"][0].pop("mofasgd_side_clip_coef")
+    for group in saved["param_groups"][1:]:
+        group.pop("mofasgd_side_clip_coef")
+    saved["mofasgd_side_clip_coef"] = torch.tensor(coef, dtype=torch.float64)
+    fresh = make(True)[1]
+    fresh.load_state_dict(saved)
+    assert fresh._side_clip_coef == coef < 1.0

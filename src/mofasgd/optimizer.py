@@ -337,13 +337,15 @@ class MoFaSGD(torch.optim.Optimizer):
         """Torch's optimizer state dict plus the rounding generators' states and the fused side's clip coefficient.
 
         The coefficient (fused_adamw_side) is the one the next hooked updates use, so a resume continues exactly.
+        It is written into every param group, the part of the dict that torch.distributed.checkpoint keeps.
         """
         state = super().state_dict()
         rng = self._rng.state()
         if rng:
             state[_RNG_KEY] = rng
         if self.fused_adamw_side:
-            state[_SIDE_CLIP_KEY] = torch.tensor(self._side_clip_coef, dtype=torch.float64)
+            for group in state["param_groups"]:  # torch packs copies of the groups: ours stay as they are
+                group[_SIDE_CLIP_KEY] = self._side_clip_coef
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -382,8 +384,13 @@ class MoFaSGD(torch.optim.Optimizer):
                 self.state[p].update(loaded)
                 self._check_loaded_factors(p)
         self._rng.load(state_dict.get(_RNG_KEY, {}))
-        if _SIDE_CLIP_KEY in state_dict:
-            self._side_clip_coef = float(state_dict[_SIDE_CLIP_KEY])
+        saved_coefs = [g[_SIDE_CLIP_KEY] for g in state_dict["param_groups"] if _SIDE_CLIP_KEY in g]
+        if _SIDE_CLIP_KEY in state_dict:  # where checkpoints before it moved into the groups keep it
+            saved_coefs.append(state_dict[_SIDE_CLIP_KEY])
+        if saved_coefs:
+            self._side_clip_coef = float(saved_coefs[0])
+        for group in self.param_groups:  # torch's load copies every saved group key: not a hyper-parameter
+            group.pop(_SIDE_CLIP_KEY, None)
         self._pending_synced = not any("GV" in st for st in self.state.values())
 
     def _check_checkpoint_layout(self, saved_groups: list[dict[str, Any]]) -> None:
