@@ -86,3 +86,44 @@ def test_pure_bf16_under_fsdp2_moves_every_matrix_as_one_process_does(tiny_model
         moved = (final[key].float() - start[key].float()).norm()
         expected = (reference[key].float() - start[key].float()).norm()
         assert expected > 0 and 0.9 < float(moved / expected) < 1.1, key
+
+
+EXIT_DRAIN_PROBE = """
+import os
+from accelerate import Accelerator
+from accelerate.utils import FullyShardedDataParallelPlugin
+import llamafactory_mfsgd.patches as patches
+
+patches._let_gloo_workers_finish = lambda: print("DRAINED", flush=True)  # what the atexit handler runs
+patches.allow_cpu_fsdp2()
+for _ in range(2):  # a second state must not add a second wait
+    state = Accelerator(fsdp_plugin=FullyShardedDataParallelPlugin(fsdp_version=2)).state
+print("PROBE", state.distributed_type.name, flush=True)
+"""
+
+
+@pytest.mark.parametrize("flag, kind, drains", [("1", "FSDP", 1), ("0", "MULTI_CPU", 0)])
+def test_the_cpu_fsdp2_mode_waits_for_gloo_workers_at_exit(tmp_path, flag, kind, drains):
+    """MFSGD_CPU_FSDP2=1 turns accelerate's CPU processes into FSDP2 ones and runs one wait at exit (gloo's
+    worker threads freeing FSDP2's all-gathers after shutdown began abort about 1 run in 10 without it)."""
+    import os
+    import subprocess
+    import sys
+
+    from llamafactory_mfsgd.launcher import free_port
+
+    script = tmp_path / "probe.py"
+    script.write_text(EXIT_DRAIN_PROBE)
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port"]
+    proc = subprocess.run(
+        [*command, str(free_port()), str(script)],
+        env={**os.environ, "MFSGD_CPU_FSDP2": flag},
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = proc.stdout.splitlines()
+    assert lines.count(f"PROBE {kind}") == 2  # both ranks
+    assert lines.count("DRAINED") == 2 * drains  # once per rank, however many states were built
