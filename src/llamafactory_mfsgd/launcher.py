@@ -92,12 +92,12 @@ def free_port() -> int:
 
 
 def exit_spawned_worker() -> None:
-    """End a spawned gloo worker that ran FSDP2, after its work succeeded: exit without interpreter finalization.
+    """End a spawned gloo worker after its work succeeded: exit without interpreter finalization.
 
-    gloo's worker threads free a finished FSDP2 all-gather a little after the caller's wait returns; when that
-    lands after finalization has begun, the thread dies inside a destructor and the process aborts ("terminate
-    called without an active exception", about 1 run in 10 here, torch 2.14). Call it after
-    ``destroy_process_group`` and only on success, so that an exception still reaches ``mp.spawn``.
+    gloo's worker threads free a finished collective (an FSDP2 all-gather, say) a little after the caller's wait
+    returns; when that lands after finalization has begun, the thread dies inside a destructor and the process
+    aborts ("terminate called without an active exception", about 1 FSDP2 run in 10 here, torch 2.14). Call it
+    after ``destroy_process_group`` and only on success, so that an exception still reaches ``mp.spawn``.
     """
     sys.stdout.flush()
     sys.stderr.flush()
