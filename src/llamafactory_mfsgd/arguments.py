@@ -377,8 +377,12 @@ _SCALE_OUT = (
 )
 
 
-def validate_engine_keys(values: dict[str, Any]) -> None:
-    """Refuse engines MoFaSGD cannot factor under, before the training arguments are built (DeepSpeed inits there)."""
+def check_adamw_side_preset_keys(values: dict[str, Any]) -> None:
+    """Refuse `mfsgd_adamw_side` written beside either key it sets, even one equal to its default.
+
+    Parsed arguments cannot tell a key set to its default from an unset one, so only the raw config can refuse
+    `mfsgd_adamw_side: compact` with `mfsgd_adamw_state: full`; `apply_adamw_side_preset` covers the rest.
+    """
     if not is_set(values.get("use_mfsgd")):
         return
     both = [key for key in ("mfsgd_adamw_state", "mfsgd_fused_adamw_side") if key in values]
@@ -388,6 +392,12 @@ def validate_engine_keys(values: dict[str, Any]) -> None:
             f"`mfsgd_fused_adamw_side`; the config also sets {', '.join(f'`{k}`' for k in both)}. Use the preset or "
             "the two keys, not both."
         )
+
+
+def validate_engine_keys(values: dict[str, Any]) -> None:
+    """Refuse engines MoFaSGD cannot factor under, before the training arguments are built (DeepSpeed inits there)."""
+    if not is_set(values.get("use_mfsgd")):
+        return
     if is_set(values.get("deepspeed")):
         raise ValueError(
             "`use_mfsgd: true` does not run under DeepSpeed: ZeRO hands the optimizer flattened 1-D shards, so no "

@@ -26,6 +26,7 @@ from .activation import env_flag
 from .arguments import (
     EXTENSION_DATACLASSES,
     ProfileMemoryArguments,
+    check_adamw_side_preset_keys,
     check_extension_types,
     check_key_spelling,
     extension_field_names,
@@ -92,6 +93,7 @@ def patch_parser(module: ModuleType) -> None:
         values = _raw_values(raw)
         check_key_spelling(list(values), known)
         values = check_extension_types(values, command_line=isinstance(raw, list))  # before the parser coerces
+        check_adamw_side_preset_keys(values)
         validate_engine_keys(values)
         parsed = original(raw)
         model_args, data_args, training_args, finetuning_args, generating_args = parsed

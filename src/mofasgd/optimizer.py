@@ -384,11 +384,10 @@ class MoFaSGD(torch.optim.Optimizer):
                 self.state[p].update(loaded)
                 self._check_loaded_factors(p)
         self._rng.load(state_dict.get(_RNG_KEY, {}))
-        saved_coefs = [g[_SIDE_CLIP_KEY] for g in state_dict["param_groups"] if _SIDE_CLIP_KEY in g]
-        if _SIDE_CLIP_KEY in state_dict:  # where checkpoints before it moved into the groups keep it
-            saved_coefs.append(state_dict[_SIDE_CLIP_KEY])
-        if saved_coefs:
-            self._side_clip_coef = float(saved_coefs[0])
+        in_groups = [g[_SIDE_CLIP_KEY] for g in state_dict["param_groups"] if _SIDE_CLIP_KEY in g]
+        saved = in_groups[0] if in_groups else state_dict.get(_SIDE_CLIP_KEY)  # top level: older checkpoints
+        if saved is not None:
+            self._side_clip_coef = float(saved)
         for group in self.param_groups:  # torch's load copies every saved group key: not a hyper-parameter
             group.pop(_SIDE_CLIP_KEY, None)
         self._pending_synced = not any("GV" in st for st in self.state.values())
@@ -549,9 +548,10 @@ class MoFaSGD(torch.optim.Optimizer):
         for group in self.param_groups:
             if group["mofasgd"]:
                 continue
-            hooked = {id(p) for p in self._fused_side_params(group)} if self.fused_adamw_side else set()
-            self._side_hooks.register(p for p in group["params"] if id(p) in hooked)
+            side = self._fused_side_params(group) if self.fused_adamw_side else []
+            self._side_hooks.register(side)
             if self._sharded:
+                hooked = {id(p) for p in side}
                 self._copy_hooks.register(p for p in group["params"] if sharding.is_dtensor(p) and id(p) not in hooked)
 
     @staticmethod
