@@ -3,7 +3,7 @@ SHELL := /bin/bash
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: install test test-fast lint format demo bench bench-methods bench-fidelity bench-quality bench-sft-quality bench-accounting bench-ddp bench-bf16 bench-init gpu-check nanogpt-cpu nanogpt-compare nanogpt-seeds clean
+.PHONY: install test test-fast lint format demo bench bench-methods bench-fidelity bench-quality bench-sft-quality bench-sft-quality-10m bench-accounting bench-ddp bench-bf16 bench-init gpu-check nanogpt-cpu nanogpt-compare nanogpt-seeds clean
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -43,6 +43,16 @@ bench-quality: $(PY)
 
 bench-sft-quality: $(PY)
 	OMP_NUM_THREADS=1 $(PY) scripts/bench/sft_quality.py --results-dir results
+
+# The scale check on the 10 M base: a subset of the variants; MoFaSGD's embeddings/head at AdamW lr 1e-2 (the best
+# side lr on the 1 M base), and the best variant again at 1e-3 (the full grid's side lr).
+SCALE_CHECK = adamw_fp32 mofasgd_inv_gradient_r32_fp32 lora_r8_fp32 galore_r8_fp32 mofasgd_inv_gradient_r8_fp32 \
+	galore_fused_r8_fp32 lora_r32_fp32 mofasgd_inv_weight_r32_fp32 mofasgd_inv_gradient_r32_bf16
+bench-sft-quality-10m: $(PY)
+	OMP_NUM_THREADS=1 $(PY) scripts/bench/sft_quality.py --base 10m --variants $(SCALE_CHECK) --mfsgd-adamw-lr 0.01 \
+		--out outputs/sft_quality_10m --results-dir results/sft_quality_10m
+	OMP_NUM_THREADS=1 $(PY) scripts/bench/sft_quality.py --base 10m --variants mofasgd_inv_gradient_r32_fp32 \
+		--mfsgd-adamw-lr 0.001 --out outputs/sft_quality_10m --results-dir results/sft_quality_10m/adamw_side_lr_0.001
 
 bench-accounting: $(PY)
 	$(PY) scripts/bench/llama_memory_accounting.py --out results/llama_memory_accounting --fsdp2-gpus 8

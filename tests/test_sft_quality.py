@@ -167,6 +167,20 @@ def test_unigram_baseline_and_schedule():
     assert lr(10, 100, 10, 1.0) == pytest.approx(1.0) and lr(100, 100, 10, 1.0) == pytest.approx(0.1)
 
 
+def test_base_size_presets_fill_only_the_flags_not_given(tmp_path, monkeypatch):
+    small = build_pretrained_llama.parse_args([])
+    assert (small.hidden, small.layers, small.intermediate, small.steps, small.lr) == (128, 4, 352, 400, 3e-3)
+    large = build_pretrained_llama.parse_args(["--size", "10m", "--layers", "2"])
+    assert (large.hidden, large.layers, large.heads, large.kv_heads, large.threads) == (320, 2, 10, 5, 2)
+    for preset in build_pretrained_llama.SIZES.values():  # head size 32, whole query groups
+        assert preset["hidden"] // preset["heads"] == 32 and preset["heads"] % preset["kv_heads"] == 0
+    commands = []
+    monkeypatch.setattr(sft_quality.subprocess, "run", lambda command, check: commands.append(command))
+    sft_quality.ensure_pretrained(tmp_path / "base", "10m", None)
+    assert commands[0][2:] == ["--size", "10m", "--out", str(tmp_path / "base")]
+    assert sft_quality.BASES["10m"].name == "pretrained-llama-10m"
+
+
 def test_nanogpt_seed_runs_set_the_seed_and_shorten_only_the_warmups_that_exist():
     args = seeds.argparse.Namespace(config='{"train": {"val_every": 10}}', steps=50, warmup=20, out_dir="o")
     args.config_path = "scripts/nanogpt/cpu.yaml"

@@ -1,11 +1,13 @@
 """SFT quality from a pre-trained base: every method on a log learning-rate grid, extended until the best lr is
 inside it, then several seeds at the best lr; mean +- std of eval loss, step time and peak memory of the same runs.
 
-The base is the small LLaMA pre-trained offline by ``scripts/build_pretrained_llama.py`` (Python stdlib sources;
-built here on first use, cached under ``models/``). The SFT task (``tulu3_demo`` -> ``tulu3_demo_eval``, chat
-format) was not in its pre-training text. Every run goes through LLaMA-Factory's real SFT path in a fresh
-interpreter (``lf_bench.run_training``), with the method's tiny YAML and these changes: the pre-trained model,
-``--steps`` optimizer steps, cosine schedule, evaluation before the first step and after the last.
+The base is a small LLaMA pre-trained offline by ``scripts/build_pretrained_llama.py`` (Python stdlib sources;
+built here on first use, cached under ``models/``): ``--base 1m`` (1.26 M parameters; the full grid) or
+``--base 10m`` (10.4 M; the scale check, ``make bench-sft-quality-10m``, a subset of the variants). The SFT task
+(``tulu3_demo`` -> ``tulu3_demo_eval``, chat format) was not in its pre-training text. Every run goes through
+LLaMA-Factory's real SFT path in a fresh interpreter (``lf_bench.run_training``), with the method's tiny YAML and
+these changes: the pre-trained model, ``--steps`` optimizer steps, cosine schedule, evaluation before the first
+step and after the last.
 
 Variants: AdamW; LoRA rank 8 and 32; GaLore and fused GaLore (rank 8); MoFaSGD in both update forms (``inv``:
 s_hat = min(1/S, max_value), the authors' code default; ``ones``: s_hat = 1, the paper's), ranks 4/8/32, both
@@ -48,7 +50,8 @@ from lf_bench import REPO, last_logged, machine_description, median_step_seconds
 
 from mofasgd import ADAMW_STATES
 
-PRETRAINED = REPO / "models" / "pretrained-llama"
+BASES = {"1m": REPO / "models" / "pretrained-llama", "10m": REPO / "models" / "pretrained-llama-10m"}
+BASE_PAGES = {"1m": "results/pretrained_base.md", "10m": "results/sft_quality_10m/pretrained_base.md"}
 PER_DECADE = 2  # grid points per decade: half-decade spacing (x 3.16)
 
 
@@ -197,8 +200,9 @@ def render_markdown(result: dict[str, Any]) -> str:
         f"Base: `{base['path']}` ({base.get('parameters', 0):,} parameters, pre-trained on "
         f"{base.get('train_tokens_seen', 0):,} tokens of Python stdlib sources; validation loss "
         f"{base.get('val_loss', float('nan')):.3f} vs unigram {base.get('unigram', float('nan')):.3f}, see "
-        "`results/pretrained_base.md`). SFT task held out from pre-training: tulu3_demo (400 conversations) -> "
-        f"eval loss on tulu3_demo_eval (60). {setup['steps']} steps, batch {setup['batch']}, cosine schedule. "
+        f"`{base.get('page', BASE_PAGES['1m'])}`). SFT task held out from pre-training: tulu3_demo "
+        f"(400 conversations) -> eval loss on tulu3_demo_eval (60). {setup['steps']} steps, batch {setup['batch']}, "
+        "cosine schedule. "
         f"Learning rates: {setup['points']} half-decade grid points per method, extended by up to "
         f"{setup['max_extend']} while the best is at an edge; seeds 0..{setup['seeds'] - 1} at the best rate "
         f"(chosen on seed 0). MoFaSGD's embeddings/head/norms: AdamW at {setup['mfsgd_adamw_lr']:g}"
@@ -420,13 +424,14 @@ def base_description(model_dir: Path) -> dict[str, Any]:
     return base
 
 
-def ensure_pretrained(model_dir: Path, results_dir: str | None) -> None:
-    """Build the pre-trained base (and its bf16 copy) when missing."""
+def ensure_pretrained(model_dir: Path, size: str, results_dir: str | None) -> None:
+    """Build the pre-trained base of `size` (and its bf16 copy) when missing."""
     if (model_dir / "config.json").exists() and (
         model_dir.with_name(model_dir.name + "-bf16") / "config.json"
     ).exists():
         return
-    command = [sys.executable, str(REPO / "scripts" / "build_pretrained_llama.py"), "--out", str(model_dir)]
+    builder = REPO / "scripts" / "build_pretrained_llama.py"
+    command = [sys.executable, str(builder), "--size", size, "--out", str(model_dir)]
     if results_dir:
         command += ["--results-dir", results_dir]
     subprocess.run(command, check=True)
@@ -446,7 +451,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--mfsgd-fused-adamw-side", action="store_true", help="update MoFaSGD's embeddings/head in their hooks"
     )
-    parser.add_argument("--model", default=str(PRETRAINED))
+    parser.add_argument("--base", choices=list(BASES), default="1m", help="pre-trained base size (built if missing)")
+    parser.add_argument("--model", default=None, help="base directory (default: the --base size's)")
     parser.add_argument("--out", default=str(REPO / "outputs" / "sft_quality"))
     parser.add_argument("--results-dir", default=None)
     parser.add_argument("--timeout", type=int, default=1800, help="seconds per run")
@@ -455,8 +461,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
 
     os.environ.setdefault("MFSGD_CPU_PURE_BF16", "1")  # only read when a run sets pure_bf16 (and no CUDA)
-    model_dir = Path(args.model).resolve()
-    ensure_pretrained(model_dir, args.results_dir)
+    model_dir = Path(args.model or BASES[args.base]).resolve()
+    ensure_pretrained(model_dir, args.base, args.results_dir)
     start = time.perf_counter()
     deadline = time.time() + args.budget_min * 60 if args.budget_min else math.inf
     runs: list[dict[str, Any]] = []
@@ -467,7 +473,7 @@ def main(argv: list[str] | None = None) -> None:
     reference = method_config("adamw", model_dir, Path(args.out), 8)
     result = {
         "setup": {
-            "base": base_description(model_dir),
+            "base": {**base_description(model_dir), "page": BASE_PAGES[args.base]},
             "steps": args.steps,
             "points": args.points,
             "max_extend": args.max_extend,
