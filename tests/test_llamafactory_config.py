@@ -73,6 +73,13 @@ def test_bad_configs_fail_at_parse_time_with_one_clear_message(base, change, mes
         get_train_args({**base, **change})
 
 
+def test_fused_galore_with_fp16_loss_scaling_is_refused(tmp_path):
+    galore = tiny_config("tiny_sft_galore.yaml", tmp_path / "no-model-needed", tmp_path / "out", galore_fused=True)
+    get_train_args(galore)  # the same config in fp32 parses
+    with pytest.raises(ValueError, match="`fp16: true` scales the loss, and `galore_fused: true`"):
+        get_train_args({**galore, "fp16": True})
+
+
 def test_mfsgd_key_typo_is_caught_even_without_use_mfsgd(base):
     base.pop("use_mfsgd")
     with pytest.raises(ValueError, match="mfsgd_beta"):

@@ -435,6 +435,12 @@ def validate_with_training_args(finetuning_args: Any, training_args: Any) -> Non
             raise ValueError(
                 f"`galore_fused: true` fuses GaLore-AdamW only; set `optim: adamw_torch` (got {training_args.optim})."
             )
+        if training_args.fp16:
+            raise ValueError(
+                "`fp16: true` scales the loss, and `galore_fused: true` updates each weight in its gradient hook, "
+                "before the scaler can unscale the gradient. Use `bf16: true` / `pure_bf16: true`, or drop "
+                "`galore_fused`."
+            )
     if not finetuning_args.use_mfsgd:
         return
     if training_args.fp16 and finetuning_args.mfsgd_fused:
