@@ -255,31 +255,10 @@ def render_markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+_PRESET_KEYS = "hidden layers intermediate heads kv_heads steps lr warmup val_every threads".split()
 SIZES: dict[str, dict[str, Any]] = {
-    "1m": dict(
-        hidden=128,
-        layers=4,
-        intermediate=352,
-        heads=4,
-        kv_heads=2,
-        steps=400,
-        lr=3e-3,
-        warmup=40,
-        val_every=100,
-        threads=1,
-    ),
-    "10m": dict(
-        hidden=320,
-        layers=8,
-        intermediate=864,
-        heads=10,
-        kv_heads=5,
-        steps=900,
-        lr=2e-3,
-        warmup=90,
-        val_every=150,
-        threads=2,
-    ),
+    "1m": dict(zip(_PRESET_KEYS, (128, 4, 352, 4, 2, 400, 3e-3, 40, 100, 1))),
+    "10m": dict(zip(_PRESET_KEYS, (320, 8, 864, 10, 5, 900, 2e-3, 90, 150, 2))),
 }
 """Architecture and schedule per ``--size``: head size 32 and 2 query heads per KV head in both."""
 
