@@ -142,6 +142,7 @@ def test_mofasgd_runs_name_and_record_a_compact_adamw_state_only_when_not_full(
         steps=10,
         timeout=1,
         retry_failed=False,
+        report_only=False,
     )
     variant = sft_quality.VARIANTS["mofasgd_inv_weight_r8_fp32"]
     record = sft_quality.run_one(variant, 3e-3, 1, args, tmp_path / "model")
@@ -154,6 +155,32 @@ def test_mofasgd_runs_name_and_record_a_compact_adamw_state_only_when_not_full(
     assert sft_quality.run_one(variant, 3e-3, 1, args, tmp_path / "model") == record and len(configs) == 1  # reused
     sft_quality.run_one(sft_quality.VARIANTS["adamw_fp32"], 1e-3, 0, args, tmp_path / "model")
     assert "mfsgd_adamw_state" not in configs[-1] and configs[-1]["output_dir"].endswith("lr0.001_seed0")
+
+
+def test_report_only_reads_the_finished_runs_and_starts_none(monkeypatch, tmp_path):
+    configs = []
+
+    def run_training(config, timeout):  # eval loss lowest at lr 1e-3, AdamW's grid centre
+        configs.append(config)
+        loss = 1 + (math.log10(config["learning_rate"]) + 3) ** 2 + config["seed"] / 100
+        steps = [{"begin_us": 0, "end_us": 10**5}] * 3
+        return lf_bench.RunResult(Path(config["output_dir"]), {"steps": steps}, [{"eval_loss": loss}], None, None)
+
+    monkeypatch.setattr(sft_quality, "run_training", run_training)
+    args = sft_quality.argparse.Namespace(
+        out=str(tmp_path), steps=10, timeout=1, retry_failed=False, report_only=False, points=5, max_extend=3, seeds=3
+    )
+    variant = sft_quality.VARIANTS["adamw_fp32"]
+    full = sft_quality.sweep_variant(variant, args, tmp_path / "model", math.inf)
+    assert len(configs) == len(full) == 7  # 5 grid points, 2 more seeds at 1e-3
+    (tmp_path / "runs" / variant.name / "lr0.001_seed2" / "record.json").unlink()
+    args.report_only = True
+    partial = sft_quality.sweep_variant(variant, args, tmp_path / "model", math.inf)
+    assert len(configs) == 7 and partial == full[:-1]
+    assert sft_quality.sweep_variant(sft_quality.VARIANTS["galore_r8_fp32"], args, tmp_path, math.inf) == []
+    assert len(configs) == 7
+    args.report_only = False
+    assert sft_quality.sweep_variant(variant, args, tmp_path / "model", math.inf) == full and len(configs) == 8
 
 
 def test_unigram_baseline_and_schedule():

@@ -297,8 +297,11 @@ def plot(result: dict[str, Any], path: Path) -> Path:
     return path
 
 
-def run_one(variant: Variant, lr: float, seed: int, args: argparse.Namespace, model_dir: Path) -> dict[str, Any]:
-    """Train one (variant, lr, seed), or read its record when it already ran; return the record."""
+def run_one(
+    variant: Variant, lr: float, seed: int, args: argparse.Namespace, model_dir: Path
+) -> dict[str, Any] | None:
+    """Train one (variant, lr, seed), or read its record when it already ran; return the record (None: not run
+    and ``--report-only``)."""
     adamw_side = ""
     if variant.bench_method == "mofasgd":  # the default full state keeps the names of runs made before the option
         state = "" if args.mfsgd_adamw_state == "full" else f"_{args.mfsgd_adamw_state}"
@@ -310,6 +313,8 @@ def run_one(variant: Variant, lr: float, seed: int, args: argparse.Namespace, mo
         record = json.loads(record_path.read_text())
         if record["status"] != "failed" or not args.retry_failed:
             return record
+    if args.report_only:
+        return None
     optimizer_keys: dict[str, Any] = {"learning_rate": lr}
     if variant.bench_method == "mofasgd":
         optimizer_keys.update(
@@ -385,10 +390,12 @@ def run_one(variant: Variant, lr: float, seed: int, args: argparse.Namespace, mo
 
 
 def sweep_variant(variant: Variant, args: argparse.Namespace, model_dir: Path, deadline: float) -> list[dict]:
-    """Grid (extended as needed) at seed 0, then the other seeds at the best rate; stops early at `deadline`."""
+    """Grid (extended as needed) at seed 0, then the other seeds at the best rate; stops early at `deadline`
+    (and, with ``--report-only``, at the first run that has not been made)."""
     records: list[dict[str, Any]] = []
     results: dict[float, float | None] = {}
-    while time.time() < deadline:
+    missing = False
+    while time.time() < deadline and not missing:
         todo = next_lrs(variant.lr_center, results, args.points, args.max_extend)
         if not todo:
             break
@@ -396,14 +403,19 @@ def sweep_variant(variant: Variant, args: argparse.Namespace, model_dir: Path, d
             if time.time() >= deadline:
                 break
             record = run_one(variant, lr, 0, args, model_dir)
+            if record is None:
+                missing = True
+                continue
             records.append(record)
             results[lr] = record["eval_loss"]
     lr = best_lr(results)
-    if lr is not None and not next_lrs(variant.lr_center, results, args.points, args.max_extend):
+    if lr is not None and not missing and not next_lrs(variant.lr_center, results, args.points, args.max_extend):
         for seed in range(1, args.seeds):
             if time.time() >= deadline:
                 break
-            records.append(run_one(variant, lr, seed, args, model_dir))
+            record = run_one(variant, lr, seed, args, model_dir)
+            if record is not None:
+                records.append(record)
     return records
 
 
@@ -458,6 +470,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--timeout", type=int, default=1800, help="seconds per run")
     parser.add_argument("--budget-min", type=float, default=0, help="stop starting runs after this long (0: none)")
     parser.add_argument("--retry-failed", action="store_true")
+    parser.add_argument("--report-only", action="store_true", help="write the results of finished runs; run nothing")
     args = parser.parse_args(argv)
 
     os.environ.setdefault("MFSGD_CPU_PURE_BF16", "1")  # only read when a run sets pure_bf16 (and no CUDA)
