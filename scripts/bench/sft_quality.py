@@ -475,7 +475,8 @@ def main(argv: list[str] | None = None) -> None:
 
     os.environ.setdefault("MFSGD_CPU_PURE_BF16", "1")  # only read when a run sets pure_bf16 (and no CUDA)
     model_dir = Path(args.model or BASES[args.base]).resolve()
-    ensure_pretrained(model_dir, args.base, args.results_dir)
+    if not args.report_only:
+        ensure_pretrained(model_dir, args.base, args.results_dir)
     start = time.perf_counter()
     deadline = time.time() + args.budget_min * 60 if args.budget_min else math.inf
     runs: list[dict[str, Any]] = []
