@@ -94,11 +94,14 @@ from accelerate import Accelerator
 from accelerate.utils import FullyShardedDataParallelPlugin
 import llamafactory_mfsgd.patches as patches
 
-patches._let_gloo_workers_finish = lambda: print("DRAINED", flush=True)  # what the atexit handler runs
+def say(line):  # one write per line: the two ranks share the pipe (print may write a line in pieces)
+    os.write(1, (line + "\\n").encode())
+
+patches._let_gloo_workers_finish = lambda: say("DRAINED")  # what the atexit handler runs
 patches.allow_cpu_fsdp2()
 for _ in range(2):  # a second state must not add a second wait
     state = Accelerator(fsdp_plugin=FullyShardedDataParallelPlugin(fsdp_version=2)).state
-print("PROBE", state.distributed_type.name, flush=True)
+say("PROBE " + state.distributed_type.name)
 """
 
 
