@@ -5,10 +5,16 @@ the real Trainer/accelerate path runs: fully_shard, the optimizer's parameters s
 (DCP) checkpoints of the model and of MoFaSGD's state.
 """
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 from lf_helpers import assert_ok, log_history, run_cli, tiny_config, weights
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+from llamafactory_mfsgd.launcher import free_port
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 
@@ -109,12 +115,6 @@ say("PROBE " + state.distributed_type.name)
 def test_the_cpu_fsdp2_mode_waits_for_gloo_workers_at_exit(tmp_path, flag, kind, drains):
     """MFSGD_CPU_FSDP2=1 turns accelerate's CPU processes into FSDP2 ones and runs one wait at exit (gloo's
     worker threads freeing FSDP2's all-gathers after shutdown began abort about 1 run in 10 without it)."""
-    import os
-    import subprocess
-    import sys
-
-    from llamafactory_mfsgd.launcher import free_port
-
     script = tmp_path / "probe.py"
     script.write_text(EXIT_DRAIN_PROBE)
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port"]
