@@ -31,6 +31,7 @@ import torch
 import torch.distributed as dist
 import yaml
 
+from llamafactory_mfsgd.launcher import exit_spawned_worker
 from memory_profiling import peak_rss_bytes
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script: make `nanogpt` importable
@@ -356,7 +357,10 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, format="%(asctime)s %(message)s")
     train(build_config(read_yaml(args.config_file)))
     if dist.is_initialized():
+        gloo = dist.get_backend() == "gloo"
         dist.destroy_process_group()
+        if gloo:  # a gloo thread freeing a finished all-reduce during finalization aborts the process
+            exit_spawned_worker()
 
 
 if __name__ == "__main__":

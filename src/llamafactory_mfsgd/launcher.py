@@ -92,7 +92,7 @@ def free_port() -> int:
 
 
 def exit_spawned_worker() -> None:
-    """End a spawned gloo worker after its work succeeded: exit without interpreter finalization.
+    """End a gloo worker (spawned, or one of torchrun's) after its work succeeded: exit without finalization.
 
     gloo's worker threads free a finished collective (an FSDP2 all-gather, say) a little after the caller's wait
     returns; when that lands after finalization has begun, the thread dies inside a destructor and the process
