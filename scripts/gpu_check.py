@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import shutil
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -33,6 +34,8 @@ from lf_bench import (  # noqa: E402
 )
 
 METHODS = ("adamw", "lora", "galore", "galore_fused", "mofasgd")
+# on request: MoFaSGD started from a randomized top-r SVD of each W (the fast start) instead of the exact one
+EXTRA_METHODS = ("mofasgd_fast_start",)
 MODEL = "llama-1b-bf16"
 # ~0.9 B parameters: LLaMA-3.2-1B-like width and depth (hidden 2048, 16 layers, GQA 32/8 heads, MLP 8192)
 MODEL_SIZES[MODEL] = {
@@ -59,8 +62,9 @@ GROUPS = ("parameters", "gradients", "optimizer_state", "activations_and_other")
 
 def run_config(method: str, model_dir: Path, out: Path, steps: int, rank: int) -> dict[str, Any]:
     """The method's tiny YAML pointed at the 1B model: pure bf16, memory snapshot after step 3, no eval/saves."""
+    fast_start = method == "mofasgd_fast_start"
     return method_config(
-        method,
+        "mofasgd" if fast_start else method,
         model_dir,
         out / method,
         rank,
@@ -73,7 +77,8 @@ def run_config(method: str, model_dir: Path, out: Path, steps: int, rank: int) -
         logging_steps=1,
         eval_strategy="no",
         learning_rate=1e-5,
-        **({"learning_rate_mfsgd": 1e-5, "learning_rate_adamw": 1e-5} if method == "mofasgd" else {}),
+        **({"learning_rate_mfsgd": 1e-5, "learning_rate_adamw": 1e-5} if method.startswith("mofasgd") else {}),
+        **({"mfsgd_init": "weight_randomized"} if fast_start else {}),
         profile_memory_from_start=True,
         profile_memory_stop_step=3,
     )
@@ -97,6 +102,12 @@ def summarize(method: str, launched_us: int, timing: dict[str, Any], memory: dic
     }
 
 
+def failure_line(error: BaseException) -> str:
+    """The line of a failed run's error worth a table cell: the last non-blank one (the exception), pipe-free."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()] or [type(error).__name__]
+    return lines[-1].replace("|", "/")[:160]
+
+
 def _gib(value: int | None) -> str:
     return "n/a" if value is None else f"{value / 2**30:.2f}"
 
@@ -114,6 +125,9 @@ def render_markdown(rows: list[dict[str, Any]], machine: dict[str, Any], steps: 
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for row in rows:
+        if "failed" in row:
+            lines.append(f"| {row['method']} | failed: {row['failed']} |" + " |" * 7)
+            continue
         b = row["breakdown"]
         share = "n/a" if row["optimizer_share"] is None else f"{100 * row['optimizer_share']:.1f} %"
         lines.append(
@@ -128,7 +142,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--rank", type=int, default=8)
-    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS + EXTRA_METHODS))
+    parser.add_argument("--timeout", type=int, default=1800, help="seconds one method's run may take")
     parser.add_argument("--out", default=str(REPO / "outputs" / "gpu_check"))
     parser.add_argument("--results-dir", default=None)
     args = parser.parse_args(argv)
@@ -143,22 +158,31 @@ def main(argv: list[str] | None = None) -> int:
     for method in args.methods:
         config = run_config(method, model_dir, out, args.steps, args.rank)
         launched = time.time_ns() // 1000
-        run = run_training(config)
-        rows.append(summarize(method, launched, run.timing, run.memory_summary))
-        print(rows[-1], flush=True)
-    text = render_markdown(rows, machine_description(), args.steps)
+        try:
+            run = run_training(config, timeout=args.timeout)
+        except (RuntimeError, subprocess.TimeoutExpired) as error:  # report it and go on with the other methods
+            print(f"gpu-check: {method} failed: {error}", flush=True)
+            rows.append({"method": method, "failed": failure_line(error)})
+        else:
+            rows.append(summarize(method, launched, run.timing, run.memory_summary))
+            print(rows[-1], flush=True)
+        write_report(rows, args.steps, out, args.results_dir)  # after every method, so a cut-off run keeps its rows
+    print((out / "gpu_check.md").read_text())
+    return 1 if any("failed" in row for row in rows) else 0
+
+
+def write_report(rows: list[dict[str, Any]], steps: int, out: Path, results_dir: str | None) -> None:
+    """gpu_check.md under `out`; with `results_dir`, also copied there with each method's snapshot PNG."""
     out.mkdir(parents=True, exist_ok=True)
-    (out / "gpu_check.md").write_text(text)
-    print(text)
-    if args.results_dir:
-        target = Path(args.results_dir)
+    (out / "gpu_check.md").write_text(render_markdown(rows, machine_description(), steps))
+    if results_dir:
+        target = Path(results_dir)
         target.mkdir(parents=True, exist_ok=True)
         shutil.copy(out / "gpu_check.md", target / "gpu_check.md")
-        for method in args.methods:
-            png = out / method / "memory_timeline.png"
+        for row in rows:
+            png = out / row["method"] / "memory_timeline.png"
             if png.exists():
-                shutil.copy(png, target / f"gpu_check_{method}_memory.png")
-    return 0
+                shutil.copy(png, target / f"gpu_check_{row['method']}_memory.png")
 
 
 if __name__ == "__main__":

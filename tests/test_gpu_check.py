@@ -3,6 +3,7 @@
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -47,3 +48,26 @@ def test_report_rows_from_timings_and_memory_summary():
     assert row["first_step_s"] == pytest.approx(3.0)
     text = gpu_check.render_markdown([row], {"device": "GPU", "torch": "x"}, 6)
     assert "| mofasgd | 3.00 | 1.00 | 0.50 | n/a | n/a | 1.000 | 10.0 % | 3 |" in text
+
+
+def test_a_failed_method_gets_its_row_and_the_others_still_run(tmp_path, monkeypatch):
+    """One method's crash is reported in its row and in the exit code; the methods after it still run."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(gpu_check, "ensure_model", lambda name: tmp_path / "model")
+    monkeypatch.setattr(gpu_check, "machine_description", lambda: {"device": "GPU", "torch": "x"})
+    ran = []
+
+    def fake_run(config, timeout):
+        method = Path(config["output_dir"]).name
+        ran.append(method)
+        if method == "lora":
+            raise RuntimeError("training failed (exit 1); log x:\nTraceback ...\nValueError: bad | thing")
+        step = {"begin_us": 0, "end_us": 1_000_000, "optimizer_us": 10_000}
+        return SimpleNamespace(timing={"steps": [step, step]}, memory_summary=None)
+
+    monkeypatch.setattr(gpu_check, "run_training", fake_run)
+    code = gpu_check.main(["--methods", "lora", "adamw", "--out", str(tmp_path / "out"), "--timeout", "5"])
+    assert code == 1 and ran == ["lora", "adamw"]
+    text = (tmp_path / "out" / "gpu_check.md").read_text()
+    assert "| lora | failed: ValueError: bad / thing |" in text
+    assert "| adamw | n/a |" in text
