@@ -43,3 +43,13 @@ def tiny_model(tmp_path_factory) -> Path:
 def tiny_model_bf16(tmp_path_factory) -> Path:
     """The same tiny LLaMA stored in bf16 (as LLaMA-3.1 is on the hub), so `pure_bf16` trains bf16 weights."""
     return _build_tiny_model(tmp_path_factory, "tiny-llama-bf16", "--dtype", "bfloat16")
+
+
+@pytest.fixture(params=["householder", "cholesky_qr2"])
+def both_panel_qr_forms(request, monkeypatch):
+    """Run a test with each orthonormalisation of unsharded panels: CPU's Householder, and CUDA's CholeskyQR2."""
+    import mofasgd.factor_math as fm
+
+    devices = {"cuda"} | ({"cpu"} if request.param == "cholesky_qr2" else set())
+    monkeypatch.setattr(fm, "CHOLESKY_QR_DEVICES", devices)
+    return request.param

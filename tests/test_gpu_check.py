@@ -26,28 +26,42 @@ def test_without_cuda_it_says_so_in_one_line_and_exits_0():
 
 @pytest.mark.parametrize("method", gpu_check.METHODS)
 def test_every_method_runs_pure_bf16_with_the_memory_snapshot(method, tmp_path):
-    config = gpu_check.run_config(method, tmp_path / "model", tmp_path, steps=6, rank=8)
+    config = gpu_check.run_config(method, tmp_path / "model", tmp_path, steps=10, rank=8)
     assert config["pure_bf16"] is True and config["profile_memory_from_start"] is True
-    assert config["profile_memory_stop_step"] == 3 and config["max_steps"] == 6
+    assert config["profile_memory_stop_step"] == 3 and config["max_steps"] == 10 and config["logging_steps"] == 5
     assert config["output_dir"] == str(tmp_path / method)
     assert config.get("use_mfsgd", False) == (method == "mofasgd")
     assert config.get("galore_fused", False) == (method == "galore_fused")
 
 
-def test_report_rows_from_timings_and_memory_summary():
-    timing = {
-        "steps": [
-            {"begin_us": 1_000_000, "end_us": 3_000_000, "optimizer_us": 500_000},
-            {"begin_us": 3_000_000, "end_us": 4_000_000, "optimizer_us": 100_000},
-            {"begin_us": 4_000_000, "end_us": 5_000_000, "optimizer_us": 100_000},
-        ]
+def _step(step, seconds, optimizer_seconds, begin=None):
+    begin = step * 1_000_000 if begin is None else begin
+    return {
+        "step": step,
+        "begin_us": begin,
+        "end_us": begin + int(seconds * 1e6),
+        "optimizer_us": optimizer_seconds * 1e6,
     }
+
+
+def test_report_rows_time_only_the_clean_steps():
+    """The snapshot's steps and the one after it are left out, and logging steps are timed apart."""
+    slow = [_step(1, 2.0, 0.5, begin=1_000_000), _step(2, 9.0, 0.4), _step(3, 9.0, 0.4), _step(4, 9.0, 0.4)]
+    later = [_step(6, 1.0, 0.10), _step(7, 1.2, 0.10), _step(8, 0.8, 0.12), _step(9, 1.0, 0.10)]
+    logging = [_step(5, 3.0, 0.7), _step(10, 3.0, 0.9)]
     memory = {"peak": {"total_bytes": 3 * 2**30, "breakdown": {"parameters": 2**30, "gradients": 2**29}}}
-    row = gpu_check.summarize("mofasgd", 0, timing, memory)
+    row = gpu_check.summarize("mofasgd", 0, {"steps": slow + logging[:1] + later + logging[1:]}, memory)
+    assert row["timed_steps"] == [6, 7, 8, 9]
     assert row["step_s"] == pytest.approx(1.0) and row["optimizer_share"] == pytest.approx(0.1)
+    assert row["logging_optimizer_s"] == pytest.approx(0.8)
     assert row["first_step_s"] == pytest.approx(3.0)
-    text = gpu_check.render_markdown([row], {"device": "GPU", "torch": "x"}, 6)
-    assert "| mofasgd | 3.00 | 1.00 | 0.50 | n/a | n/a | 1.000 | 10.0 % | 3 |" in text
+    text = gpu_check.render_markdown([row], {"device": "GPU", "torch": "x"}, 10)
+    assert "| mofasgd | 3.00 | 1.00 | 0.50 | n/a | n/a | 1.000 | 10.0 % | 0.800 | 3 |" in text
+
+
+def test_short_runs_fall_back_to_the_steps_after_the_first():
+    row = gpu_check.summarize("adamw", 0, {"steps": [_step(1, 5.0, 1.0), _step(2, 1.0, 0.2)]}, None)
+    assert row["timed_steps"] == [2] and row["step_s"] == pytest.approx(1.0) and row["logging_optimizer_s"] is None
 
 
 def test_a_failed_method_gets_its_row_and_the_others_still_run(tmp_path, monkeypatch):
@@ -62,8 +76,7 @@ def test_a_failed_method_gets_its_row_and_the_others_still_run(tmp_path, monkeyp
         ran.append(method)
         if method == "lora":
             raise RuntimeError("training failed (exit 1); log x:\nTraceback ...\nValueError: bad | thing")
-        step = {"begin_us": 0, "end_us": 1_000_000, "optimizer_us": 10_000}
-        return SimpleNamespace(timing={"steps": [step, step]}, memory_summary=None)
+        return SimpleNamespace(timing={"steps": [_step(1, 1.0, 0.01), _step(2, 1.0, 0.01)]}, memory_summary=None)
 
     monkeypatch.setattr(gpu_check, "run_training", fake_run)
     code = gpu_check.main(["--methods", "lora", "adamw", "--out", str(tmp_path / "out"), "--timeout", "5"])

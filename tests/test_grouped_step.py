@@ -8,6 +8,8 @@ from torch.profiler import ProfilerActivity, profile
 
 from mofasgd import MoFaSGD
 
+pytestmark = pytest.mark.usefixtures("both_panel_qr_forms")  # CPU and CUDA panel QR forms
+
 SHAPES = [(12, 7), (12, 7), (7, 12), (12, 7), (9, 9), (7, 12)]
 SOLVERS = {"aten::linalg_qr", "aten::_linalg_svd", "aten::linalg_eigh", "aten::linalg_cholesky_ex"}
 
@@ -96,3 +98,27 @@ def test_non_finite_matrix_in_a_bucket_is_masked_without_disturbing_the_others()
     for a, b in zip(together, alone):
         torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-10)
         assert torch.isfinite(opt.state[a]["U"]).all()
+
+
+def test_two_panels_share_their_cholesky_passes_and_fall_back_alone(monkeypatch):
+    """CUDA's form: the U and V panels (different row counts) in one call; only the ill-conditioned one (a zero
+    projection) is refactored by Householder QR, and both come out an exact thin QR."""
+    import mofasgd.factor_math as fm
+
+    gen = torch.Generator().manual_seed(0)
+    U = torch.linalg.qr(torch.randn(3, 40, 4, generator=gen))[0]
+    V = torch.linalg.qr(torch.randn(3, 25, 4, generator=gen))[0]
+    gv = 1e-3 * torch.randn(3, 40, 4, generator=gen)
+    gtu = torch.randn(3, 25, 4, generator=gen)
+    gtu[1] = 0  # batch entry 1 of the V panel is rank-deficient
+    panels = [torch.cat([U, gv], -1), torch.cat([V, gtu], -1)]
+    calls = []
+    real_qr = torch.linalg.qr
+    monkeypatch.setattr(torch.linalg, "qr", lambda a, *args, **kw: calls.append(a.shape) or real_qr(a, *args, **kw))
+    (q_u, r_u, gram_u), (q_v, r_v, _) = fm.cholesky_qr2_panels(panels, [fm.LOCAL_ROWS, fm.LOCAL_ROWS])
+    assert calls == [torch.Size([1, 25, 8])]  # only entry 1 of the V panel fell back
+    eye = torch.eye(8).expand(3, 8, 8)
+    for q, r, panel in ((q_u, r_u, panels[0]), (q_v, r_v, panels[1])):
+        torch.testing.assert_close(q.mT @ q, eye, atol=1e-5, rtol=0)
+        torch.testing.assert_close(q @ r, panel, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(gram_u[..., :4, 4:], U.mT @ gv, atol=1e-7, rtol=1e-5)

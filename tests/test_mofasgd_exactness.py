@@ -6,6 +6,8 @@ from dense_reference import DenseMoFaSGD
 
 from mofasgd import MoFaSGD
 
+pytestmark = pytest.mark.usefixtures("both_panel_qr_forms")  # CPU and CUDA panel QR forms
+
 SHAPES = [(12, 7), (6, 15), (9, 9), (4, 10)]  # tall, wide, square, and rank >= min(m, n) with rank 5
 
 

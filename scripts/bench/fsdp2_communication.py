@@ -170,15 +170,21 @@ def _itemsize(dtype: str) -> int:
 
 
 # ---------------------------------------------------------------------------------------------------- measuring
+# CholeskyQR2's workers book under its name; comprehension frames (Python < 3.12) are looked through
+_SITE_ALIASES = {"cholesky_qr2_panels": "cholesky_qr2", "_householder_where": "cholesky_qr2"}
+_TRANSPARENT = {"<listcomp>", "<genexpr>", "<dictcomp>", "<setcomp>"}
+
+
 def _issuer(frame) -> tuple[str, tuple[int, int] | None]:
     """The innermost mofasgd function (collective helpers skipped) above `frame`, and its bucket's global shape."""
     site, shape = "outside mofasgd", None
     while frame is not None:
         module = frame.f_globals.get("__name__", "")
+        name = frame.f_code.co_name
         if module.startswith("mofasgd") and module not in ("mofasgd.sharding", "mofasgd.data_parallel"):
-            if site == "outside mofasgd":
-                site = frame.f_code.co_name
-            if frame.f_code.co_name == "_bucket_step":
+            if site == "outside mofasgd" and name not in _TRANSPARENT:
+                site = _SITE_ALIASES.get(name, name)
+            if name == "_bucket_step":
                 shapes = sorted({tuple(p.shape) for p in frame.f_locals.get("params", ())})
                 shape = shapes[0] if len(shapes) == 1 else ("mixed", *shapes)
                 break

@@ -1,11 +1,13 @@
-"""One LLaMA-3.1-8B decoder layer's seven matrices: MoFaSGD's whole per-step cost vs AdamW's, interleaved.
+"""LLaMA-3.1-8B decoder layers' seven matrices each: MoFaSGD's whole per-step cost vs AdamW's, interleaved.
 
 Each repeat runs, for both optimizers on their own copy of the same weights, a backward of sum(W * G) over
-all seven matrices (MoFaSGD's fused hooks project each gradient there) and one optimizer step; the table
-gives the medians and the ratio. Only public API is used, so the same script measures an older checkout
-too (put its ``src`` first on PYTHONPATH) for a before/after comparison of the step engine.
+all matrices (MoFaSGD's fused hooks project each gradient there) and one optimizer step; the table gives the
+medians and the ratio. AdamW is torch's with its defaults (a for-loop on CPU, foreach on CUDA), as HF Trainer
+builds it. Only public API is used, so the same script measures an older checkout too (put its ``src`` first
+on PYTHONPATH) for a before/after comparison of the step engine.
 
-    python scripts/bench/layer_step.py [--rank 8] [--repeats 3] [--scale 1]
+    python scripts/bench/layer_step.py [--rank 8] [--repeats 3] [--scale 1] [--layers 1] [--device cpu]
+        [--dtype float32] [--chunk-elements N] [--qr householder|cholesky] [--profile]
 """
 
 from __future__ import annotations
@@ -17,18 +19,42 @@ import time
 import torch
 
 import mofasgd
+import mofasgd.factor_math
+import mofasgd.rounding
 from mofasgd import MoFaSGD
 
 # q, k, v, o, gate, up, down of one LLaMA-3.1-8B layer (out x in)
 LAYER = [(4096, 4096), (1024, 4096), (1024, 4096), (4096, 4096), (14336, 4096), (14336, 4096), (4096, 14336)]
 
 
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def timed_step(params, grads, optimizer) -> float:
+    device = params[0].device
+    sync(device)
     begin = time.perf_counter()
     sum((p * g).sum() for p, g in zip(params, grads)).backward()
     optimizer.step()
     optimizer.zero_grad()
+    sync(device)
     return time.perf_counter() - begin
+
+
+def print_profile(name: str, params, grads, optimizer) -> None:
+    """One profiled backward+step: host ops launched, device busy time, and the ops that take the most host time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if params[0].is_cuda else [])
+    with profile(activities=activities) as prof:
+        wall = timed_step(params, grads, optimizer)
+    averages = prof.key_averages()
+    ops = sum(e.count for e in averages if e.key.startswith("aten::"))
+    device_ms = sum(e.self_device_time_total for e in averages) / 1e3
+    print(f"{name}: {wall * 1e3:.1f} ms wall (profiled), {ops} aten ops, device busy {device_ms:.1f} ms")
+    print(averages.table(sort_by="self_cpu_time_total", row_limit=12))
 
 
 def main() -> None:
@@ -36,26 +62,50 @@ def main() -> None:
     parser.add_argument("--rank", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--scale", type=int, default=1, help="divide every dimension by this (quick runs)")
+    parser.add_argument("--layers", type=int, default=1, help="layers of seven matrices (matrices per shape)")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument("--chunk-elements", type=int, help="stochastic rounding's chunk (default: the library's)")
+    parser.add_argument("--qr", choices=["householder", "cholesky"], help="panel QR form (default: the device's)")
+    parser.add_argument("--profile", action="store_true", help="also print each optimizer's busiest ops (one step)")
     args = parser.parse_args()
+    if args.chunk_elements:
+        mofasgd.rounding.CHUNK_ELEMENTS = args.chunk_elements
+    if args.qr:  # the devices whose unsharded panels go through CholeskyQR2
+        chosen = mofasgd.factor_math.CHOLESKY_QR_DEVICES
+        (chosen.add if args.qr == "cholesky" else chosen.discard)(torch.device(args.device).type)
     torch.manual_seed(0)
-    shapes = [(m // args.scale, n // args.scale) for m, n in LAYER]
-    weights = [torch.randn(*s) * 0.02 for s in shapes]
-    grads = [torch.randn(*s) * 1e-3 for s in shapes]
+    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    shapes = [(m // args.scale, n // args.scale) for m, n in LAYER] * args.layers
+    weights = [(torch.randn(*s, device=device) * 0.02).to(dtype) for s in shapes]
+    # two gradient sets, alternated: a gradient repeated every step would lie in the factors' span (G V = U S),
+    # an ill-conditioned panel that sends the step down its Householder fallback
+    grad_sets = [[(torch.randn(*s, device=device) * 1e-3).to(dtype) for s in shapes] for _ in range(2)]
     mf = [torch.nn.Parameter(w.clone()) for w in weights]
     ad = [torch.nn.Parameter(w.clone()) for w in weights]
     mofasgd_opt = MoFaSGD(mf, lr=1e-5, rank=args.rank, init="gradient")
-    adamw = torch.optim.AdamW(ad, lr=1e-5, foreach=False)
+    adamw = torch.optim.AdamW(ad, lr=1e-5)
     times: dict[str, list[float]] = {"MoFaSGD": [], "AdamW": []}
     for i in range(args.repeats + 1):  # the first repeat builds state
         for name, params, opt in (("MoFaSGD", mf, mofasgd_opt), ("AdamW", ad, adamw)):
-            elapsed = timed_step(params, grads, opt)
+            elapsed = timed_step(params, grad_sets[i % 2], opt)
             if i:
                 times[name].append(elapsed)
     mf_s, ad_s = (statistics.median(times[k]) for k in ("MoFaSGD", "AdamW"))
-    print(f"mofasgd from {mofasgd.__file__}; torch {torch.__version__}, {torch.get_num_threads()} threads")
+    if args.profile:
+        for name, params, opt in (("MoFaSGD", mf, mofasgd_opt), ("AdamW", ad, adamw)):
+            print_profile(name, params, grad_sets[(args.repeats + 1) % 2], opt)
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu, {torch.get_num_threads()} threads"
+    chunk = mofasgd.rounding.CHUNK_ELEMENTS
+    qr = sorted(getattr(mofasgd.factor_math, "CHOLESKY_QR_DEVICES", ()))  # absent before the CholeskyQR2 choice
+    print(f"mofasgd from {mofasgd.__file__}; torch {torch.__version__}, {where}, {args.dtype}, chunk {chunk}")
+    print(f"unsharded panels through CholeskyQR2 on: {qr or 'no device'}")
     print("| shapes | rank | MoFaSGD backward+step | AdamW backward+step | ratio |")
     print("|---|---|---|---|---|")
-    print(f"| 8B layer / {args.scale} | {args.rank} | {mf_s * 1e3:.0f} ms | {ad_s * 1e3:.0f} ms | {mf_s / ad_s:.2f} |")
+    print(
+        f"| {args.layers} x 8B layer / {args.scale} | {args.rank} | {mf_s * 1e3:.1f} ms | {ad_s * 1e3:.1f} ms "
+        f"| {mf_s / ad_s:.2f} |"
+    )
 
 
 if __name__ == "__main__":

@@ -45,6 +45,29 @@ class RowReduction(Protocol):
         """This rank's rows of a whole panel."""
 
 
+class LocalRows:
+    """The RowReduction of a panel whose rows all live in this process: there is nothing to reduce."""
+
+    def sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        """The tensor itself."""
+        return tensor
+
+    def gather(self, piece: torch.Tensor) -> torch.Tensor:
+        """The piece is the whole panel."""
+        return piece
+
+    def mine(self, full: torch.Tensor) -> torch.Tensor:
+        """All rows are this process's."""
+        return full
+
+
+LOCAL_ROWS = LocalRows()
+
+# Device types whose unsharded panels go through CholeskyQR2 (batched GEMMs and a batched 2r x 2r Cholesky)
+# instead of a batched Householder QR, which CUDA runs one matrix at a time. Chosen per device by measurement:
+# scripts/bench/layer_step.py --qr (results/layer_step_cuda.md). Sharded panels always use CholeskyQR2.
+CHOLESKY_QR_DEVICES: set[str] = {"cuda"}
+
 # CholeskyQR2 is accurate to O(eps) when cond(A) < ~eps^-1/2 (Yamamoto et al. 2015): ~4e3 in fp32. Panels whose
 # column-scaled R has diag(R) spread by more than this fall back to a Householder QR of the gathered rows.
 _CHOLESKY_QR_MAX_SPREAD = {torch.float32: 1e3, torch.float64: 1e6}
@@ -59,26 +82,51 @@ def cholesky_qr2(panel: torch.Tensor, rows: RowReduction) -> tuple[torch.Tensor,
     factored instead by Householder QR of the whole panel, all-gathered (m k numbers) - identical on every rank
     since the decision is made from all-reduced numbers. Batched over leading dimensions.
     """
-    gram = rows.sum(panel.mT @ panel)
-    norms = torch.diagonal(gram, dim1=-2, dim2=-1).clamp_min(torch.finfo(gram.dtype).tiny).sqrt()
-    scaled = gram / (norms.unsqueeze(-1) * norms.unsqueeze(-2))
+    return cholesky_qr2_panels([panel], [rows])[0]
+
+
+def cholesky_qr2_panels(
+    panels: list[torch.Tensor], reductions: list[RowReduction]
+) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """:func:`cholesky_qr2` of several panels of one width and batch shape (any row counts) at once.
+
+    Their Grams are stacked, so each pass runs one batched Cholesky for all of them, and one host read decides
+    the Householder fallback for all of them.
+    """
+    grams = torch.stack([rows.sum(panel.mT @ panel) for panel, rows in zip(panels, reductions)])
+    norms = torch.diagonal(grams, dim1=-2, dim2=-1).clamp_min(torch.finfo(grams.dtype).tiny).sqrt()
+    scaled = grams / (norms.unsqueeze(-1) * norms.unsqueeze(-2))
     r1, info1 = torch.linalg.cholesky_ex(scaled, upper=True)
     r1 = r1 * norms.unsqueeze(-2)  # R of the unscaled panel: A = Q1 (R1' D^-1)
-    q1 = torch.linalg.solve_triangular(r1, panel, upper=True, left=False)
-    r2, info2 = torch.linalg.cholesky_ex(rows.sum(q1.mT @ q1), upper=True)
-    q = torch.linalg.solve_triangular(r2, q1, upper=True, left=False)
+    q1 = [torch.linalg.solve_triangular(r1[i], panel, upper=True, left=False) for i, panel in enumerate(panels)]
+    r2, info2 = torch.linalg.cholesky_ex(
+        torch.stack([rows.sum(q.mT @ q) for q, rows in zip(q1, reductions)]), upper=True
+    )
+    qs = [torch.linalg.solve_triangular(r2[i], q, upper=True, left=False) for i, q in enumerate(q1)]
     r = r2 @ r1
     diag = torch.diagonal(r1, dim1=-2, dim2=-1) / norms
     spread = diag.amax(-1) / diag.amin(-1)
-    limit = _CHOLESKY_QR_MAX_SPREAD.get(panel.dtype, 1e3)
+    limit = _CHOLESKY_QR_MAX_SPREAD.get(grams.dtype, 1e3)
     bad = (info1 != 0) | (info2 != 0) | ~(spread <= limit) | ~torch.isfinite(r).flatten(-2).all(-1)
-    if bool(bad.any()):  # one host read per bucket; the decision is identical on every rank
-        batch_shape = q.shape[:-2]
-        q, r = q.reshape(-1, *q.shape[-2:]), r.reshape(-1, *r.shape[-2:])
-        which = bad.reshape(-1).nonzero().squeeze(1)  # gather only the ill-conditioned panels
-        q_full, r_full = torch.linalg.qr(rows.gather(panel.reshape(-1, *panel.shape[-2:])[which]))
-        q = q.index_copy(0, which, rows.mine(q_full)).reshape(*batch_shape, *q.shape[-2:])
-        r = r.index_copy(0, which, r_full).reshape(*batch_shape, *r.shape[-2:])
+    results = [(q, r[i], grams[i]) for i, q in enumerate(qs)]
+    if bool(bad.any()):  # one host read per call; the decision is identical on every rank
+        results = [
+            _householder_where(panel, rows, *result, bad[i]) if bool(bad[i].any()) else result
+            for i, (panel, rows, result) in enumerate(zip(panels, reductions, results))
+        ]
+    return results
+
+
+def _householder_where(
+    panel: torch.Tensor, rows: RowReduction, q: torch.Tensor, r: torch.Tensor, gram: torch.Tensor, bad: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(Q, R, Gram) with the panels flagged in `bad` refactored by Householder QR of their gathered rows."""
+    batch_shape = q.shape[:-2]
+    q, r = q.reshape(-1, *q.shape[-2:]), r.reshape(-1, *r.shape[-2:])
+    which = bad.reshape(-1).nonzero().squeeze(1)  # gather only the ill-conditioned panels
+    q_full, r_full = torch.linalg.qr(rows.gather(panel.reshape(-1, *panel.shape[-2:])[which]))
+    q = q.index_copy(0, which, rows.mine(q_full)).reshape(*batch_shape, *q.shape[-2:])
+    r = r.index_copy(0, which, r_full).reshape(*batch_shape, *r.shape[-2:])
     return q, r, gram
 
 
@@ -133,6 +181,11 @@ def _as_scale(beta: float | torch.Tensor, like: torch.Tensor) -> float | torch.T
     )
 
 
+def _cholesky_qr_suits(basis: torch.Tensor) -> bool:
+    """Whether the panel [basis | projection] (2r columns) goes through CholeskyQR2 on this device: it must be tall."""
+    return basis.device.type in CHOLESKY_QR_DEVICES and basis.shape[-2] >= 2 * basis.shape[-1]
+
+
 def momentum_core(
     U: torch.Tensor,
     S: torch.Tensor,
@@ -148,15 +201,21 @@ def momentum_core(
     makes [U | GV] C [V | G^T U]^T = beta U S V^T + U U^T G + G V V^T - U U^T G V V^T exactly. `beta` is a
     number or one value per batch entry. With `rows` (FSDP2), U, GV and Q_U hold this rank's rows only: [U | GV]
     goes through CholeskyQR2, whose Gram also gives U^T G V; V, G^T U and everything 2r x 2r are replicated.
+    On the devices in CHOLESKY_QR_DEVICES both panels always go through CholeskyQR2.
     """
     r = U.shape[-1]
-    if rows is None:
-        utgv = U.mT @ gv
-        q_u, r_u = torch.linalg.qr(torch.cat([U, gv], dim=-1))
+    panel_u, panel_v = torch.cat([U, gv], dim=-1), torch.cat([V, gtu], dim=-1)
+    if _cholesky_qr_suits(U) and _cholesky_qr_suits(V):  # both panels' Cholesky passes batched together
+        # V, G^T U are replicated on every rank: their panel needs no reduction
+        (q_u, r_u, gram), (q_v, r_v, _) = cholesky_qr2_panels([panel_u, panel_v], [rows or LOCAL_ROWS, LOCAL_ROWS])
     else:
-        q_u, r_u, gram = cholesky_qr2(torch.cat([U, gv], dim=-1), rows)
-        utgv = gram[..., :r, r:]
-    q_v, r_v = torch.linalg.qr(torch.cat([V, gtu], dim=-1))
+        if rows is None and not _cholesky_qr_suits(U):
+            q_u, r_u = torch.linalg.qr(panel_u)
+            gram = None
+        else:
+            q_u, r_u, gram = cholesky_qr2(panel_u, rows or LOCAL_ROWS)
+        q_v, r_v = cholesky_qr2(panel_v, LOCAL_ROWS)[:2] if _cholesky_qr_suits(V) else torch.linalg.qr(panel_v)
+    utgv = U.mT @ gv if gram is None else gram[..., :r, r:]
     # R_U C R_V^T by blocks (R_1 = first r columns, R_2 = the rest), without forming C
     ru1, ru2, rv1, rv2 = r_u[..., :r], r_u[..., r:], r_v[..., :r], r_v[..., r:]
     grad_core = ru1 @ (rv2.mT - utgv @ rv1.mT) + ru2 @ rv1.mT
