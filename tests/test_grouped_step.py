@@ -122,3 +122,37 @@ def test_two_panels_share_their_cholesky_passes_and_fall_back_alone(monkeypatch)
         torch.testing.assert_close(q.mT @ q, eye, atol=1e-5, rtol=0)
         torch.testing.assert_close(q @ r, panel, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(gram_u[..., :4, 4:], U.mT @ gv, atol=1e-7, rtol=1e-5)
+
+
+def _step_ops(count, dtype, **options):
+    """Top-level aten ops one step() issues (the third, factors settled) for `count` matrices of one shape."""
+    torch.manual_seed(0)
+    params = [nn.Parameter((torch.randn(48, 32) * 0.1).to(dtype)) for _ in range(count)]
+    opt = MoFaSGD(params, lr=1e-3, rank=4, **options)
+    for _ in range(3):
+        sum((p.float() * torch.randn(p.shape)).sum() for p in params).backward()
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            opt.step()
+        opt.zero_grad()
+    return sum(
+        1
+        for event in prof.events()
+        if event.name.startswith("aten::")
+        and (event.cpu_parent is None or not event.cpu_parent.name.startswith("aten::"))
+    )
+
+
+@pytest.mark.parametrize(
+    "dtype, options, most",
+    [
+        (torch.float32, {}, 2),  # addmm_ into the weight, and nothing else
+        (torch.float32, {"weight_decay": 0.1}, 3),  # + the decay
+        (torch.bfloat16, {"weight_decay": 0.1}, 11),  # fp32 copy, random bits, decay, addmm_, rounding (one chunk)
+    ],
+    ids=["fp32", "fp32_wd", "bf16_stochastic_rounding_wd"],
+)
+def test_each_extra_matrix_adds_only_its_weight_update_to_the_step(dtype, options, most):
+    """On a GPU the step is bound by op launches (results/layer_step_cuda.md): per matrix, only the weight update
+    may cost ops; factors, decay and step counters are handled once per bucket."""
+    per_matrix = (_step_ops(8, dtype, **options) - _step_ops(4, dtype, **options)) / 4
+    assert per_matrix <= most, per_matrix

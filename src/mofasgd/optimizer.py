@@ -869,37 +869,47 @@ class MoFaSGD(torch.optim.Optimizer):
         scale = fm.step_scaling(direction.S, group["eps"], group["max_value"], group["use_ones_for_nonzero_s"])
         scale = scale * finite[:, None]
         left = direction.U * scale.unsqueeze(-2)
+        # per-matrix views taken once per bucket (one op each, instead of an indexing op per matrix and tensor)
+        generator = self._rounding_generator(params[0], group)  # a bucket shares one device and dtype
+        dtype = torch.float32 if generator is not None else params[0].dtype  # the update's arithmetic
+        lefts, rights_t = left.to(dtype).unbind(0), direction.V.mT.to(dtype).unbind(0)
+        news = [t.unbind(0) for t in (new.U, new.S, new.V)]
+        decays = self._bucket_decay(group, finite, dtype)
+        whole_gradient = self._consumes_whole_gradient(group)
         for i, param in enumerate(params):
             p = sharding.local(param)  # FSDP2: this rank's rows, updated in place
             complement = None
-            if self._consumes_whole_gradient(group):
-                complement = (new.U[i], new.V[i]) if group["use_current_projection"] else (U[i], V[i])
+            if whole_gradient:
+                complement = (news[0][i], news[2][i]) if group["use_current_projection"] else (U[i], V[i])
                 p.grad = torch.where(finite[i], p.grad, 0)
-            one = fm.LowRank(direction.U[i], direction.S[i], direction.V[i])
-            before = self._diagnostics_before(p, one, scale[i], lr, group)
-            generator = self._rounding_generator(p, group)
-            decay = self._masked_decay(group, finite[i], p.dtype if generator is None else torch.float32)
+            before = None
+            if self._diagnostics is not None:
+                one = fm.LowRank(direction.U[i], direction.S[i], direction.V[i])
+                before = self._diagnostics_before(p, one, scale[i], lr, group)
+            decay = None if decays is None else decays[i]
             if generator is None:
                 if decay is not None:
                     p.mul_(decay)
-                p.addmm_(left[i].to(p.dtype), one.V.T.to(p.dtype), alpha=-lr * group["eta1"])
+                p.addmm_(lefts[i], rights_t[i], alpha=-lr * group["eta1"])
                 if complement is not None:
                     self._complement_step(p, p.grad, *complement, -lr * group["eta2"])
             else:
-                self._matrix_update_fp32(p, group, decay, left[i], one.V, complement, generator)
+                self._matrix_update_fp32(p, group, decay, lefts[i], rights_t[i], complement, generator)
             self._diagnostics_after(p, before)
             state = states[i]
-            new_u = new.U[i] if rows is None else sharding.wrap_rows_like(new.U[i], state["U"])
-            state["U"], state["S"], state["V"] = new_u, new.S[i], new.V[i]
-            state["step"] += 1
+            new_u = news[0][i] if rows is None else sharding.wrap_rows_like(news[0][i], state["U"])
+            state["U"], state["S"], state["V"] = new_u, news[1][i], news[2][i]
+        torch._foreach_add_([state["step"] for state in states], 1.0)
 
     @staticmethod
-    def _masked_decay(group: dict[str, Any], finite: torch.Tensor, dtype: torch.dtype) -> torch.Tensor | None:
-        """The weight-decay factor 1 - lr wd as a device scalar in `dtype` (1 for a skipped matrix), or None."""
+    def _bucket_decay(
+        group: dict[str, Any], finite: torch.Tensor, dtype: torch.dtype
+    ) -> tuple[torch.Tensor, ...] | None:
+        """Per matrix, the weight-decay factor 1 - lr wd as a `dtype` device scalar (1 if skipped), or None."""
         if group["weight_decay"] == 0:
             return None
-        decay = torch.full((), 1.0 - group["lr"] * group["weight_decay"], dtype=dtype, device=finite.device)
-        return torch.where(finite, decay, torch.ones_like(decay))
+        decay = torch.full_like(finite, 1.0 - group["lr"] * group["weight_decay"], dtype=dtype)
+        return decay.masked_fill_(~finite, 1.0).unbind(0)
 
     def _count_nonfinite(self, finite: torch.Tensor) -> None:
         """Add the matrices skipped for non-finite gradients to a device counter (read without an extra sync)."""
@@ -929,14 +939,12 @@ class MoFaSGD(torch.optim.Optimizer):
         group: dict[str, Any],
         decay: torch.Tensor | None,
         left: torch.Tensor,
-        right: torch.Tensor,
+        right_t: torch.Tensor,
         complement: tuple[torch.Tensor, torch.Tensor] | None,
         generator: torch.Generator,
     ) -> None:
-        """The same update as the in-place path, formed in fp32 row blocks and rounded stochastically into p."""
+        """The in-place path's update (fp32 `left`, `right_t`), formed in fp32 row blocks, rounded stochastically."""
         lr = group["lr"]
-        right_t = right.T.float()
-        left = left.float()
         if complement is not None:
             basis_u, basis_v = (t.float() for t in complement)
             gv, gtu = fm.project_gradient(p.grad, basis_u, basis_v)
