@@ -856,7 +856,10 @@ class MoFaSGD(torch.optim.Optimizer):
         gv.masked_fill_(~finite[:, None, None], 0)
         gtu.masked_fill_(~finite[:, None, None], 0)
         rank = U.shape[-1]
-        betas = [self.current_beta(group, int(st["step"])) for st in states]  # CPU step counters: no device sync
+        if group["beta_warmup_steps"] > 0:  # each matrix's own step count (CPU counters: no device sync)
+            betas = [self.current_beta(group, int(st["step"])) for st in states]
+        else:
+            betas = [group["beta"]]
         beta = betas[0] if len(set(betas)) == 1 else torch.tensor(betas, dtype=U.dtype, device=U.device)
         core = fm.momentum_core(U, S, V, gv, gtu, beta, rows)
         new = fm.truncate(core.q_u, core.q_v, core.core, rank)
