@@ -24,13 +24,14 @@ def test_without_cuda_it_says_so_in_one_line_and_exits_0():
     assert lines == ["gpu-check: no CUDA device on this machine, nothing run (it needs a GPU)."]
 
 
-@pytest.mark.parametrize("method", gpu_check.METHODS)
+@pytest.mark.parametrize("method", gpu_check.METHODS + gpu_check.EXTRA_METHODS)
 def test_every_method_runs_pure_bf16_with_the_memory_snapshot(method, tmp_path):
     config = gpu_check.run_config(method, tmp_path / "model", tmp_path, steps=10, rank=8)
     assert config["pure_bf16"] is True and config["profile_memory_from_start"] is True
     assert config["profile_memory_stop_step"] == 3 and config["max_steps"] == 10 and config["logging_steps"] == 5
     assert config["output_dir"] == str(tmp_path / method)
-    assert config.get("use_mfsgd", False) == (method == "mofasgd")
+    assert config.get("use_mfsgd", False) == method.startswith("mofasgd")
+    assert config.get("mfsgd_init") == {"mofasgd": "weight", "mofasgd_fast_start": "weight_randomized"}.get(method)
     assert config.get("galore_fused", False) == (method == "galore_fused")
 
 
