@@ -46,11 +46,8 @@ bench-sft-quality: $(PY)
 
 # The scale check on the 10 M base: a subset of the variants; MoFaSGD's embeddings/head at AdamW lr 1e-2 (the best
 # side lr on the 1 M base), and the best variant again at 1e-3 (the full grid's side lr).
-SCALE_CHECK = adamw_fp32 lora_r8_fp32 lora_r32_fp32 galore_r8_fp32 galore_fused_r8_fp32 \
-	mofasgd_inv_weight_r32_fp32 mofasgd_inv_gradient_r8_fp32 mofasgd_inv_gradient_r32_fp32 mofasgd_ones_gradient_r32_fp32 \
-	adamw_bf16 galore_r8_bf16 mofasgd_inv_gradient_r8_bf16 mofasgd_inv_gradient_r32_bf16
 bench-sft-quality-10m: $(PY)
-	OMP_NUM_THREADS=1 $(PY) scripts/bench/sft_quality.py --base 10m --variants $(SCALE_CHECK) --mfsgd-adamw-lr 0.01 \
+	OMP_NUM_THREADS=1 $(PY) scripts/bench/sft_quality.py --base 10m --mfsgd-adamw-lr 0.01 \
 		--out outputs/sft_quality_10m --results-dir results/sft_quality_10m
 	OMP_NUM_THREADS=1 $(PY) scripts/bench/sft_quality.py --base 10m --variants mofasgd_inv_gradient_r32_fp32 \
 		--mfsgd-adamw-lr 0.001 --out outputs/sft_quality_10m --results-dir results/sft_quality_10m/adamw_side_lr_0.001
