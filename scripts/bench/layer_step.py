@@ -17,6 +17,7 @@ import statistics
 import time
 
 import torch
+from optimizer_step import sync  # this script's folder is on sys.path when it runs
 
 import mofasgd
 import mofasgd.factor_math
@@ -25,11 +26,6 @@ from mofasgd import MoFaSGD
 
 # q, k, v, o, gate, up, down of one LLaMA-3.1-8B layer (out x in)
 LAYER = [(4096, 4096), (1024, 4096), (1024, 4096), (4096, 4096), (14336, 4096), (14336, 4096), (4096, 14336)]
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def timed_step(params, grads, optimizer) -> float:

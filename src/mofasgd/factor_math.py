@@ -205,16 +205,13 @@ def momentum_core(
     """
     r = U.shape[-1]
     panel_u, panel_v = torch.cat([U, gv], dim=-1), torch.cat([V, gtu], dim=-1)
-    if _cholesky_qr_suits(U) and _cholesky_qr_suits(V):  # both panels' Cholesky passes batched together
+    cholesky_u = rows is not None or _cholesky_qr_suits(U)  # sharded rows: only CholeskyQR2 reduces them
+    if cholesky_u and _cholesky_qr_suits(V):  # both panels' Cholesky passes batched together
         # V, G^T U are replicated on every rank: their panel needs no reduction
         (q_u, r_u, gram), (q_v, r_v, _) = cholesky_qr2_panels([panel_u, panel_v], [rows or LOCAL_ROWS, LOCAL_ROWS])
     else:
-        if rows is None and not _cholesky_qr_suits(U):
-            q_u, r_u = torch.linalg.qr(panel_u)
-            gram = None
-        else:
-            q_u, r_u, gram = cholesky_qr2(panel_u, rows or LOCAL_ROWS)
-        q_v, r_v = cholesky_qr2(panel_v, LOCAL_ROWS)[:2] if _cholesky_qr_suits(V) else torch.linalg.qr(panel_v)
+        q_u, r_u, gram = cholesky_qr2(panel_u, rows or LOCAL_ROWS) if cholesky_u else (*torch.linalg.qr(panel_u), None)
+        q_v, r_v = torch.linalg.qr(panel_v)  # here V's panel is wide, or its device keeps Householder
     utgv = U.mT @ gv if gram is None else gram[..., :r, r:]
     # R_U C R_V^T by blocks (R_1 = first r columns, R_2 = the rest), without forming C
     ru1, ru2, rv1, rv2 = r_u[..., :r], r_u[..., r:], r_v[..., :r], r_v[..., r:]
