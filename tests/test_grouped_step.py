@@ -115,7 +115,7 @@ def test_two_panels_share_their_cholesky_passes_and_fall_back_alone(monkeypatch)
     calls = []
     real_qr = torch.linalg.qr
     monkeypatch.setattr(torch.linalg, "qr", lambda a, *args, **kw: calls.append(a.shape) or real_qr(a, *args, **kw))
-    (q_u, r_u, gram_u), (q_v, r_v, _) = fm.cholesky_qr2_panels(panels, [fm.LOCAL_ROWS, fm.LOCAL_ROWS])
+    (q_u, r_u, gram_u), (q_v, r_v, _) = fm.cholesky_qr2_panels(panels, [fm.LOCAL_ROWS, fm.LOCAL_ROWS])[0]
     assert calls == [torch.Size([1, 25, 8])]  # only entry 1 of the V panel fell back
     eye = torch.eye(8).expand(3, 8, 8)
     for q, r, panel in ((q_u, r_u, panels[0]), (q_v, r_v, panels[1])):
@@ -156,3 +156,92 @@ def test_each_extra_matrix_adds_only_its_weight_update_to_the_step(dtype, option
     may cost ops; factors, decay and step counters are handled once per bucket."""
     per_matrix = (_step_ops(8, dtype, **options) - _step_ops(4, dtype, **options)) / 4
     assert per_matrix <= most, per_matrix
+
+
+def _twin_steps(clip_norm, log_midway):
+    """Four 12x7 matrices and a 7x12 one with a bias on the AdamW side, two micro-batches per step. With `clip_norm`
+    the optimizer clips; its twin gets the gradients pre-scaled by the returned coefficient instead."""
+    shapes = [(12, 7)] * 4 + [(7, 12)]
+    clipped, twin = make_params(shapes), make_params(shapes)
+    bias_a, bias_b = nn.Parameter(torch.ones(7, dtype=torch.float64)), nn.Parameter(torch.ones(7, dtype=torch.float64))
+    opt = MoFaSGD([{"params": clipped}, {"params": [bias_a], "mofasgd": False}], lr=0.05, rank=3)
+    ref = MoFaSGD([{"params": twin}, {"params": [bias_b], "mofasgd": False}], lr=0.05, rank=3)
+    for step in range(3):
+        micro_grads = [grads(step, micro, shapes) for micro in range(2)]
+        micro_grads[0][2] = torch.zeros_like(micro_grads[0][2])  # matrix 2 first gets a gradient in micro-batch 1
+        bias_grads = [torch.full((7,), 10.0 + micro, dtype=torch.float64) for micro in range(2)]
+        for micro in range(2):
+            used = [(p, g) for i, (p, g) in enumerate(zip(clipped, micro_grads[micro])) if micro or i != 2]
+            (sum((p * g).sum() for p, g in used) + (bias_a * bias_grads[micro]).sum()).backward()
+            if log_midway and micro == 0:
+                opt.grad_norm()  # a norm read between micro-batches: the next hooks must invalidate its buckets
+        norm = float(opt.clip_grad_norm_(clip_norm))
+        coef = min(1.0, clip_norm / (norm + 1e-6))
+        for micro in range(2):
+            scaled = [coef * g for g in micro_grads[micro]]
+            (sum((p * g).sum() for p, g in zip(twin, scaled)) + (bias_b * coef * bias_grads[micro]).sum()).backward()
+        for p, q in zip(clipped, twin):  # the pending sums in the state are the clipped ones
+            torch.testing.assert_close(opt.state[p]["GV"], ref.state[q]["GV"], atol=1e-12, rtol=1e-12)
+            torch.testing.assert_close(opt.state[p]["GtU"], ref.state[q]["GtU"], atol=1e-12, rtol=1e-12)
+        opt.step()
+        ref.step()
+        opt.zero_grad()
+        ref.zero_grad()
+    return clipped + [bias_a], twin + [bias_b]
+
+
+@pytest.mark.parametrize("log_midway", [False, True], ids=["clip", "norm_between_micro_batches"])
+def test_clipping_scales_every_matrix_of_a_bucket_once(log_midway):
+    """grad_norm, clipping and step share one stacking of each bucket: clipping scales the stacks, which the pending
+    sums in the state are views of; a hook after a norm read starts over."""
+    clipped, twin = _twin_steps(0.5, log_midway)
+    for a, b in zip(clipped, twin):
+        torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-10)
+
+
+def test_norm_clip_and_step_stack_each_bucket_once(both_panel_qr_forms):
+    """With factors settled, grad_norm stacks each bucket's two projections and nothing else; clipping and the
+    step reuse them, and the factors are read as slices of the last step's batched results (no copy)."""
+    shapes = [(32, 16)] * 4 + [(16, 32)] * 3
+    params = make_params(shapes, torch.float32)
+    opt = MoFaSGD(params, lr=0.01, rank=4)
+    for step in range(3):
+        for p, g in zip(params, grads(step, 0, shapes, torch.float32)):
+            (p * 100 * g).sum().backward()
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            norm = opt.clip_grad_norm_(1.0)
+            opt.step()
+        opt.zero_grad()
+    assert float(norm) > 1.0  # clipping scaled the stacks
+    stacks = sum(1 for event in prof.events() if event.name == "aten::stack")
+    grams = 2 * 2 if both_panel_qr_forms == "cholesky_qr2" else 0  # CholeskyQR2 stacks both panels' Grams, twice
+    assert stacks == 2 * 2 + grams, stacks  # G V and G^T U of 2 buckets
+
+
+def test_cholesky_qr2_fallback_is_read_after_the_cores_svd(monkeypatch):
+    """On CUDA torch's batched SVD waits for the device (it checks convergence on the host): the CholeskyQR2
+    fallback flags are read after it, and a bucket with a zero projection is redone with the fallback, equal to the
+    Householder form."""
+    import mofasgd.factor_math as fm
+
+    gen = torch.Generator().manual_seed(0)
+    U = torch.linalg.qr(torch.randn(3, 40, 4, generator=gen, dtype=torch.float64))[0]
+    V = torch.linalg.qr(torch.randn(3, 25, 4, generator=gen, dtype=torch.float64))[0]
+    S = torch.rand(3, 4, generator=gen, dtype=torch.float64).sort(-1, descending=True).values
+    gv = torch.randn(3, 40, 4, generator=gen, dtype=torch.float64)
+    gtu = torch.randn(3, 25, 4, generator=gen, dtype=torch.float64)
+    gtu[1] = 0  # entry 1's V panel is rank-deficient: CholeskyQR2 fails there
+    monkeypatch.setattr(fm, "CHOLESKY_QR_DEVICES", set())
+    expected = fm.momentum_step(U, S, V, gv, gtu, 0.9, 4, nesterov=True)
+    monkeypatch.setattr(fm, "CHOLESKY_QR_DEVICES", {"cpu"})
+    events = []
+    real_svd, real_bool = torch.linalg.svd, torch.Tensor.__bool__
+    monkeypatch.setattr(torch.linalg, "svd", lambda *a, **k: events.append("svd") or real_svd(*a, **k))
+    monkeypatch.setattr(torch.Tensor, "__bool__", lambda t: events.append("host read") or real_bool(t))
+    new, direction = fm.momentum_step(U, S, V, gv, gtu, 0.9, 4, nesterov=True)
+    monkeypatch.undo()
+    assert events[0] == "svd" and "host read" in events, events
+    assert events.count("svd") == 3, events  # the attempt, its redo with the fallback, the Nesterov look-ahead
+    for got, want in zip((new, direction), expected):  # compared as matrices: singular vectors are up to sign
+        torch.testing.assert_close(got.U * got.S.unsqueeze(-2) @ got.V.mT, want.U * want.S.unsqueeze(-2) @ want.V.mT)
+        torch.testing.assert_close(got.S, want.S)

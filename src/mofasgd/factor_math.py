@@ -82,16 +82,17 @@ def cholesky_qr2(panel: torch.Tensor, rows: RowReduction) -> tuple[torch.Tensor,
     factored instead by Householder QR of the whole panel, all-gathered (m k numbers) - identical on every rank
     since the decision is made from all-reduced numbers. Batched over leading dimensions.
     """
-    return cholesky_qr2_panels([panel], [rows])[0]
+    return cholesky_qr2_panels([panel], [rows])[0][0]
 
 
 def cholesky_qr2_panels(
-    panels: list[torch.Tensor], reductions: list[RowReduction]
-) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    panels: list[torch.Tensor], reductions: list[RowReduction], settle: bool = True
+) -> tuple[list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], torch.Tensor | None]:
     """:func:`cholesky_qr2` of several panels of one width and batch shape (any row counts) at once.
 
-    Their Grams are stacked, so each pass runs one batched Cholesky for all of them, and one host read decides
-    the Householder fallback for all of them.
+    Their Grams are stacked, so each pass runs one batched Cholesky for all of them. Returns the (Q, R, Gram) of
+    each panel and None; with ``settle=False`` the Householder fallback is left to :func:`settle_panels` and the
+    flags it needs (panel x batch entries) are returned instead of None, so the caller picks when to read them.
     """
     grams = torch.stack([rows.sum(panel.mT @ panel) for panel, rows in zip(panels, reductions)])
     norms = torch.diagonal(grams, dim1=-2, dim2=-1).clamp_min(torch.finfo(grams.dtype).tiny).sqrt()
@@ -109,12 +110,27 @@ def cholesky_qr2_panels(
     limit = _CHOLESKY_QR_MAX_SPREAD.get(grams.dtype, 1e3)
     bad = (info1 != 0) | (info2 != 0) | ~(spread <= limit) | ~torch.isfinite(r).flatten(-2).all(-1)
     results = [(q, r[i], grams[i]) for i, q in enumerate(qs)]
-    if bool(bad.any()):  # one host read per call; the decision is identical on every rank
-        results = [
-            _householder_where(panel, rows, *result, bad[i]) if bool(bad[i].any()) else result
-            for i, (panel, rows, result) in enumerate(zip(panels, reductions, results))
-        ]
-    return results
+    if not settle:
+        return results, bad
+    return settle_panels(panels, reductions, results, bad), None
+
+
+def settle_panels(
+    panels: list[torch.Tensor],
+    reductions: list[RowReduction],
+    results: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
+    bad: torch.Tensor,
+) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """The CholeskyQR2 `results` with the panels flagged in `bad` refactored by Householder QR.
+
+    Reads the flags on the host (one read; the decision is identical on every rank).
+    """
+    if not bool(bad.any()):
+        return results
+    return [
+        _householder_where(panel, rows, *result, bad[i]) if bool(bad[i].any()) else result
+        for i, (panel, rows, result) in enumerate(zip(panels, reductions, results))
+    ]
 
 
 def _householder_where(
@@ -186,6 +202,85 @@ def _cholesky_qr_suits(basis: torch.Tensor) -> bool:
     return basis.device.type in CHOLESKY_QR_DEVICES and basis.shape[-2] >= 2 * basis.shape[-1]
 
 
+class PanelFactors(NamedTuple):
+    """Thin QRs [U | GV] = Q_U R_U and [V | G^T U] = Q_V R_V, and U^T G V, of a batch of matrices.
+
+    ``unsettled``: the CholeskyQR2 work whose fallback check is still to be read (:func:`settle_panel_factors`),
+    as (panels, reductions, results, flags); None when every panel is final.
+    """
+
+    q_u: torch.Tensor
+    r_u: torch.Tensor
+    utgv: torch.Tensor
+    q_v: torch.Tensor
+    r_v: torch.Tensor
+    unsettled: tuple | None = None
+
+    def unsettled_entries(self) -> torch.Tensor | None:
+        """Per batch entry, whether one of its panels awaits the fallback (a device tensor: no host read)."""
+        return None if self.unsettled is None else self.unsettled[3].any(0)
+
+
+def panel_factors(
+    U: torch.Tensor,
+    V: torch.Tensor,
+    gv: torch.Tensor,
+    gtu: torch.Tensor,
+    rows: RowReduction | None = None,
+    settle: bool = True,
+) -> PanelFactors:
+    """Orthonormalise [U | GV] and [V | G^T U] (batched over leading dims).
+
+    With `rows` (FSDP2), U, GV and Q_U hold this rank's rows only: [U | GV] goes through CholeskyQR2, whose Gram
+    also gives U^T G V; V and G^T U are replicated. On the devices in CHOLESKY_QR_DEVICES both tall panels go
+    through CholeskyQR2. ``settle=False`` leaves CholeskyQR2's fallback check unread (``unsettled``).
+    """
+    r = U.shape[-1]
+    panel_u, panel_v = torch.cat([U, gv], dim=-1), torch.cat([V, gtu], dim=-1)
+    cholesky_u = rows is not None or _cholesky_qr_suits(U)  # sharded rows: only CholeskyQR2 reduces them
+    if cholesky_u and _cholesky_qr_suits(V):  # both panels' Cholesky passes batched together
+        # V, G^T U are replicated on every rank: their panel needs no reduction
+        panels, reductions = [panel_u, panel_v], [rows or LOCAL_ROWS, LOCAL_ROWS]
+        results, bad = cholesky_qr2_panels(panels, reductions, settle)
+        (q_u, r_u, gram), (q_v, r_v, _) = results
+    elif cholesky_u:  # here V's panel is wide, or its device keeps Householder
+        panels, reductions = [panel_u], [rows or LOCAL_ROWS]
+        results, bad = cholesky_qr2_panels(panels, reductions, settle)
+        (q_u, r_u, gram), (q_v, r_v) = results[0], torch.linalg.qr(panel_v)
+    else:
+        (q_u, r_u), (q_v, r_v), gram, bad = torch.linalg.qr(panel_u), torch.linalg.qr(panel_v), None, None
+    utgv = U.mT @ gv if gram is None else gram[..., :r, r:]
+    unsettled = None if bad is None else (panels, reductions, results, bad)
+    return PanelFactors(q_u, r_u, utgv, q_v, r_v, unsettled)
+
+
+def settle_panel_factors(factors: PanelFactors) -> PanelFactors:
+    """`factors` with CholeskyQR2's fallback applied where it was needed (reads the flags on the host)."""
+    if factors.unsettled is None:
+        return factors
+    panels, reductions, results, bad = factors.unsettled
+    settled = settle_panels(panels, reductions, results, bad)
+    (q_u, r_u, _) = settled[0]
+    q_v, r_v = (settled[1][0], settled[1][1]) if len(settled) == 2 else (factors.q_v, factors.r_v)
+    return PanelFactors(q_u, r_u, factors.utgv, q_v, r_v)
+
+
+def core_of(factors: PanelFactors, S: torch.Tensor, beta: float | torch.Tensor) -> MomentumCore:
+    """The core K of beta U diag(S) V^T + G_hat = Q_U K Q_V^T, from the panels' QRs (batched over leading dims).
+
+    The middle block C = [[beta diag(S) - U^T G V, I], [I, 0]] makes [U | GV] C [V | G^T U]^T
+    = beta U S V^T + U U^T G + G V V^T - U U^T G V V^T exactly, so K = R_U C R_V^T. `beta` is a number or one
+    value per batch entry.
+    """
+    r = S.shape[-1]
+    # R_U C R_V^T by blocks (R_1 = first r columns, R_2 = the rest), without forming C
+    ru1, ru2, rv1, rv2 = factors.r_u[..., :r], factors.r_u[..., r:], factors.r_v[..., :r], factors.r_v[..., r:]
+    rv1_t = rv1.mT
+    grad_core = ru1 @ (rv2.mT - factors.utgv @ rv1_t) + ru2 @ rv1_t
+    momentum_part = (ru1 * (_as_scale(beta, S) * S).unsqueeze(-2)) @ rv1_t
+    return MomentumCore(factors.q_u, factors.q_v, grad_core + momentum_part, grad_core)
+
+
 def momentum_core(
     U: torch.Tensor,
     S: torch.Tensor,
@@ -195,29 +290,37 @@ def momentum_core(
     beta: float | torch.Tensor,
     rows: RowReduction | None = None,
 ) -> MomentumCore:
-    """Factor beta U diag(S) V^T + G_hat as Q_U K Q_V^T with K at most 2r x 2r (batched over leading dims).
+    """Factor beta U diag(S) V^T + G_hat as Q_U K Q_V^T with K at most 2r x 2r (batched over leading dims)."""
+    return core_of(panel_factors(U, V, gv, gtu, rows), S, beta)
 
-    [U | GV] = Q_U R_U and [V | G^T U] = Q_V R_V; the middle block C = [[beta diag(S) - U^T G V, I], [I, 0]]
-    makes [U | GV] C [V | G^T U]^T = beta U S V^T + U U^T G + G V V^T - U U^T G V V^T exactly. `beta` is a
-    number or one value per batch entry. With `rows` (FSDP2), U, GV and Q_U hold this rank's rows only: [U | GV]
-    goes through CholeskyQR2, whose Gram also gives U^T G V; V, G^T U and everything 2r x 2r are replicated.
-    On the devices in CHOLESKY_QR_DEVICES both panels always go through CholeskyQR2.
+
+def momentum_step(
+    U: torch.Tensor,
+    S: torch.Tensor,
+    V: torch.Tensor,
+    gv: torch.Tensor,
+    gtu: torch.Tensor,
+    beta: float | torch.Tensor,
+    rank: int,
+    nesterov: bool = False,
+    rows: RowReduction | None = None,
+) -> tuple[LowRank, LowRank]:
+    """The new momentum factors SVD_r(beta M + G_hat) and the step's direction (the Nesterov look-ahead or them).
+
+    CholeskyQR2's fallback flags are read only after the core's SVD: on CUDA torch's batched SVD waits for the
+    device anyway (it checks convergence on the host), so the read adds no wait of its own. Entries that need the
+    fallback enter that SVD with a zero core, and are redone after it (rare: a zero or rank-deficient gradient).
     """
-    r = U.shape[-1]
-    panel_u, panel_v = torch.cat([U, gv], dim=-1), torch.cat([V, gtu], dim=-1)
-    cholesky_u = rows is not None or _cholesky_qr_suits(U)  # sharded rows: only CholeskyQR2 reduces them
-    if cholesky_u and _cholesky_qr_suits(V):  # both panels' Cholesky passes batched together
-        # V, G^T U are replicated on every rank: their panel needs no reduction
-        (q_u, r_u, gram), (q_v, r_v, _) = cholesky_qr2_panels([panel_u, panel_v], [rows or LOCAL_ROWS, LOCAL_ROWS])
-    else:
-        q_u, r_u, gram = cholesky_qr2(panel_u, rows or LOCAL_ROWS) if cholesky_u else (*torch.linalg.qr(panel_u), None)
-        q_v, r_v = torch.linalg.qr(panel_v)  # here V's panel is wide, or its device keeps Householder
-    utgv = U.mT @ gv if gram is None else gram[..., :r, r:]
-    # R_U C R_V^T by blocks (R_1 = first r columns, R_2 = the rest), without forming C
-    ru1, ru2, rv1, rv2 = r_u[..., :r], r_u[..., r:], r_v[..., :r], r_v[..., r:]
-    grad_core = ru1 @ (rv2.mT - utgv @ rv1.mT) + ru2 @ rv1.mT
-    momentum_part = (ru1 * (_as_scale(beta, S) * S).unsqueeze(-2)) @ rv1.mT
-    return MomentumCore(q_u, q_v, grad_core + momentum_part, grad_core)
+    factors = panel_factors(U, V, gv, gtu, rows, settle=False)
+    unsettled = factors.unsettled_entries()
+    core = core_of(factors, S, beta)
+    if unsettled is not None:  # a failed Cholesky may leave non-finite numbers, which the SVD must not see
+        core = core._replace(core=core.core.masked_fill(unsettled[..., None, None], 0))
+    new = truncate(core.q_u, core.q_v, core.core, rank)
+    if unsettled is not None and bool(unsettled.any()):  # the device is idle here: the SVD waited for it
+        core = core_of(settle_panel_factors(factors), S, beta)
+        new = truncate(core.q_u, core.q_v, core.core, rank)
+    return new, nesterov_direction(core, new, beta, rank, rows) if nesterov else new
 
 
 def truncate(q_u: torch.Tensor, q_v: torch.Tensor, core: torch.Tensor, rank: int) -> LowRank:
@@ -241,7 +344,7 @@ def step_scaling(S: torch.Tensor, eps: float, max_value: float, use_ones: bool) 
     alive = S > eps
     if use_ones:
         return alive.to(S.dtype)
-    return torch.where(alive, S.clamp_min(eps).reciprocal().clamp_max(max_value), torch.zeros_like(S))
+    return torch.where(alive, S.reciprocal().clamp_max_(max_value), 0.0)  # 1/0 = inf is clamped, then dropped
 
 
 def top_singular_triplets(matrix: torch.Tensor, rank: int) -> LowRank:
