@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 import sys
 from pathlib import Path
 
@@ -158,3 +159,42 @@ def test_sweep_picks_lowest_eval_loss_and_flags_grid_edges():
     assert [(r["variant"], r["lr"]) for r in best] == [("a", 2.0), ("b", 2.0)]
     assert not quality_sweep.at_grid_edge(best[0], records) and quality_sweep.at_grid_edge(best[1], records)
     assert set(quality_sweep.VARIANTS) >= {"mofasgd_inv_weight", "mofasgd_ones_gradient", "adamw", "lora", "galore"}
+
+
+def test_tiny_step_parts_times_each_part_and_bounds_the_ratio(capsys, monkeypatch):
+    import tiny_step_parts
+
+    monkeypatch.setattr(sys, "argv", ["tiny_step_parts.py", "--blocks", "3", "--lf-adamw-ms", "20"])
+    monkeypatch.setattr(tiny_step_parts, "solver_seconds", lambda cls, steps=200: 0.001)  # 1 ms, to check the sum
+    tiny_step_parts.main()
+    out = capsys.readouterr().out
+    rows = {line.split("|")[1].strip(): line for line in out.splitlines() if line.startswith("| ")}
+    assert set(rows) >= {"AdamW", "MoFaSGD"}
+    hooks = float(rows["MoFaSGD"].split("|")[2]) - float(rows["AdamW"].split("|")[2])  # table values: rounded
+    match = re.search(r"solver calls 1.000 ms \+ gradient hooks (\S+) ms = (\S+) ms .* at least (\S+)", out)
+    printed_hooks, floor, ratio = (float(x) for x in match.groups())
+    assert printed_hooks == pytest.approx(hooks, abs=2e-3)
+    assert floor == pytest.approx(1 + printed_hooks, abs=2e-3)
+    assert ratio == pytest.approx(1 + floor / 20, abs=2e-3)
+
+
+def test_tiny_step_parts_times_the_solver_calls_of_a_step():
+    import tiny_step_parts
+
+    from mofasgd import MoFaSGD
+
+    assert tiny_step_parts.solver_seconds(MoFaSGD, steps=8) > 0
+    assert tiny_step_parts.solver_seconds(None, steps=8) == 0  # AdamW calls no solver
+    assert torch.linalg.qr.__name__ == "linalg_qr"  # the timers are removed again
+
+
+def test_layer_step_counts_clipping_and_step_ops(capsys, monkeypatch):
+    import layer_step
+
+    monkeypatch.setattr(sys, "argv", ["layer_step.py", "--ops", "--scale", "64", "--layers", "2"])
+    layer_step.main()
+    rows = [line.split("|") for line in capsys.readouterr().out.splitlines() if "x 8B layer" in line]
+    counts = {row[3].strip(): [int(row[i]) for i in (4, 5, 6)] for row in rows}
+    assert set(counts) == {"MoFaSGD", "AdamW"}
+    for clip, step, total in counts.values():
+        assert clip > 0 and step > 0 and total == clip + step

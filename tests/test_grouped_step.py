@@ -245,3 +245,26 @@ def test_cholesky_qr2_fallback_is_read_after_the_cores_svd(monkeypatch):
     for got, want in zip((new, direction), expected):  # compared as matrices: singular vectors are up to sign
         torch.testing.assert_close(got.U * got.S.unsqueeze(-2) @ got.V.mT, want.U * want.S.unsqueeze(-2) @ want.V.mT)
         torch.testing.assert_close(got.S, want.S)
+
+
+def _clip_ops(count):
+    torch.manual_seed(0)
+    params = [nn.Parameter(torch.randn(48, 32) * 0.1) for _ in range(count)]
+    opt = MoFaSGD(params, lr=1e-3, rank=4)
+    for _ in range(3):
+        sum((p * 100 * torch.randn(p.shape)).sum() for p in params).backward()
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            opt.clip_grad_norm_(1.0)
+        opt.step()
+        opt.zero_grad()
+    return sum(
+        1
+        for event in prof.events()
+        if event.name.startswith("aten::")
+        and (event.cpu_parent is None or not event.cpu_parent.name.startswith("aten::"))
+    )
+
+
+def test_clipping_costs_the_same_ops_for_any_number_of_matrices_of_a_shape():
+    """The tangent norms and the scaling run on the bucket's stacks (the stacking itself is one op per tensor)."""
+    assert _clip_ops(8) == _clip_ops(4)

@@ -7,14 +7,20 @@ builds it. Only public API is used, so the same script measures an older checkou
 on PYTHONPATH) for a before/after comparison of the step engine.
 
     python scripts/bench/layer_step.py [--rank 8] [--repeats 3] [--scale 1] [--layers 1] [--device cpu]
-        [--dtype float32] [--chunk-elements N] [--qr householder|cholesky] [--profile]
+        [--dtype float32] [--chunk-elements N] [--qr householder|cholesky] [--profile] [--count-syncs] [--ops]
+
+``--ops`` counts the host-side aten ops of one gradient clipping and one step, after two micro-batches, for
+MoFaSGD (its own clip_grad_norm_, as the LLaMA-Factory extension routes it) and AdamW (torch's
+clip_grad_norm_): on a GPU, where this step is bound by op launches, that count is what the host pays.
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import statistics
 import time
+import warnings
 
 import torch
 from optimizer_step import sync  # this script's folder is on sys.path when it runs
@@ -53,6 +59,53 @@ def print_profile(name: str, params, grads, optimizer) -> None:
     print(averages.table(sort_by="self_cpu_time_total", row_limit=12))
 
 
+def count_syncs(params, grads, optimizer) -> None:
+    """CUDA only: the host-device synchronisations of one backward+step, by the Python line that made them."""
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            sum((p * g).sum() for p, g in zip(params, grads)).backward()
+            optimizer.step()
+            optimizer.zero_grad()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    where = collections.Counter(
+        f"{w.filename.rsplit('/', 1)[-1]}:{w.lineno}" for w in caught if "synchroniz" in str(w.message)
+    )
+    print(f"{type(optimizer).__name__}: {sum(where.values())} host-device syncs in one backward+step")
+    for line, count in where.most_common():
+        print(f"  {count:4d}  {line}")
+
+
+def top_level_ops(fn) -> int:
+    """The aten ops `fn` issues from Python (an op called inside another op is not counted again)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    return sum(
+        1
+        for e in prof.events()
+        if e.name.startswith("aten::") and (e.cpu_parent is None or not e.cpu_parent.name.startswith("aten::"))
+    )
+
+
+def clip_and_step_ops(params, grad_sets, optimizer) -> tuple[int, int]:
+    """(ops of clipping, ops of step) on the third step, each after two micro-batches."""
+    if hasattr(optimizer, "clip_grad_norm_"):
+        clip = lambda: optimizer.clip_grad_norm_(1.0)  # noqa: E731
+    else:
+        clip = lambda: torch.nn.utils.clip_grad_norm_(params, 1.0)  # noqa: E731
+    for step in range(3):
+        for micro in range(2):
+            sum((p * g).sum() for p, g in zip(params, grad_sets[(step + micro) % 2])).backward()
+        counts = top_level_ops(clip), top_level_ops(optimizer.step)
+        optimizer.zero_grad()
+    return counts
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rank", type=int, default=8)
@@ -64,6 +117,8 @@ def main() -> None:
     parser.add_argument("--chunk-elements", type=int, help="stochastic rounding's chunk (default: the library's)")
     parser.add_argument("--qr", choices=["householder", "cholesky"], help="panel QR form (default: the device's)")
     parser.add_argument("--profile", action="store_true", help="also print each optimizer's busiest ops (one step)")
+    parser.add_argument("--count-syncs", action="store_true", help="CUDA: also list one step's host-device syncs")
+    parser.add_argument("--ops", action="store_true", help="only count the ops of one clipping and one step")
     args = parser.parse_args()
     if args.chunk_elements:
         mofasgd.rounding.CHUNK_ELEMENTS = args.chunk_elements
@@ -81,6 +136,18 @@ def main() -> None:
     ad = [torch.nn.Parameter(w.clone()) for w in weights]
     mofasgd_opt = MoFaSGD(mf, lr=1e-5, rank=args.rank, init="gradient")
     adamw = torch.optim.AdamW(ad, lr=1e-5)
+    if args.ops:
+        qr = sorted(getattr(mofasgd.factor_math, "CHOLESKY_QR_DEVICES", ()))
+        print(f"mofasgd from {mofasgd.__file__}; unsharded panels through CholeskyQR2 on: {qr or 'no device'}")
+        print("| shapes | rank | optimizer | clipping ops | step ops | total |")
+        print("|---|---|---|---|---|---|")
+        for name, params, opt in (("MoFaSGD", mf, mofasgd_opt), ("AdamW", ad, adamw)):
+            clip_ops, step_ops = clip_and_step_ops(params, grad_sets, opt)
+            print(
+                f"| {args.layers} x 8B layer / {args.scale} | {args.rank} | {name} | {clip_ops} | {step_ops} "
+                f"| {clip_ops + step_ops} |"
+            )
+        return
     times: dict[str, list[float]] = {"MoFaSGD": [], "AdamW": []}
     for i in range(args.repeats + 1):  # the first repeat builds state
         for name, params, opt in (("MoFaSGD", mf, mofasgd_opt), ("AdamW", ad, adamw)):
@@ -91,6 +158,12 @@ def main() -> None:
     if args.profile:
         for name, params, opt in (("MoFaSGD", mf, mofasgd_opt), ("AdamW", ad, adamw)):
             print_profile(name, params, grad_sets[(args.repeats + 1) % 2], opt)
+    if args.count_syncs:
+        if device.type != "cuda":
+            print("--count-syncs needs a CUDA device (torch.cuda.set_sync_debug_mode); skipped")
+        else:
+            for params, opt in ((mf, mofasgd_opt), (ad, adamw)):
+                count_syncs(params, grad_sets[args.repeats % 2], opt)
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu, {torch.get_num_threads()} threads"
     chunk = mofasgd.rounding.CHUNK_ELEMENTS
     qr = sorted(getattr(mofasgd.factor_math, "CHOLESKY_QR_DEVICES", ()))  # absent before the CholeskyQR2 choice
