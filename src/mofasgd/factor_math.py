@@ -227,13 +227,12 @@ def panel_factors(
     gv: torch.Tensor,
     gtu: torch.Tensor,
     rows: RowReduction | None = None,
-    settle: bool = True,
 ) -> PanelFactors:
-    """Orthonormalise [U | GV] and [V | G^T U] (batched over leading dims).
+    """Orthonormalise [U | GV] and [V | G^T U] (batched over leading dims), leaving CholeskyQR2's check unread.
 
     With `rows` (FSDP2), U, GV and Q_U hold this rank's rows only: [U | GV] goes through CholeskyQR2, whose Gram
     also gives U^T G V; V and G^T U are replicated. On the devices in CHOLESKY_QR_DEVICES both tall panels go
-    through CholeskyQR2. ``settle=False`` leaves CholeskyQR2's fallback check unread (``unsettled``).
+    through CholeskyQR2. Panels CholeskyQR2 factored may still need its fallback: see ``unsettled``.
     """
     r = U.shape[-1]
     panel_u, panel_v = torch.cat([U, gv], dim=-1), torch.cat([V, gtu], dim=-1)
@@ -241,11 +240,11 @@ def panel_factors(
     if cholesky_u and _cholesky_qr_suits(V):  # both panels' Cholesky passes batched together
         # V, G^T U are replicated on every rank: their panel needs no reduction
         panels, reductions = [panel_u, panel_v], [rows or LOCAL_ROWS, LOCAL_ROWS]
-        results, bad = cholesky_qr2_panels(panels, reductions, settle)
+        results, bad = cholesky_qr2_panels(panels, reductions, settle=False)
         (q_u, r_u, gram), (q_v, r_v, _) = results
     elif cholesky_u:  # here V's panel is wide, or its device keeps Householder
         panels, reductions = [panel_u], [rows or LOCAL_ROWS]
-        results, bad = cholesky_qr2_panels(panels, reductions, settle)
+        results, bad = cholesky_qr2_panels(panels, reductions, settle=False)
         (q_u, r_u, gram), (q_v, r_v) = results[0], torch.linalg.qr(panel_v)
     else:
         (q_u, r_u), (q_v, r_v), gram, bad = torch.linalg.qr(panel_u), torch.linalg.qr(panel_v), None, None
@@ -281,19 +280,6 @@ def core_of(factors: PanelFactors, S: torch.Tensor, beta: float | torch.Tensor) 
     return MomentumCore(factors.q_u, factors.q_v, grad_core + momentum_part, grad_core)
 
 
-def momentum_core(
-    U: torch.Tensor,
-    S: torch.Tensor,
-    V: torch.Tensor,
-    gv: torch.Tensor,
-    gtu: torch.Tensor,
-    beta: float | torch.Tensor,
-    rows: RowReduction | None = None,
-) -> MomentumCore:
-    """Factor beta U diag(S) V^T + G_hat as Q_U K Q_V^T with K at most 2r x 2r (batched over leading dims)."""
-    return core_of(panel_factors(U, V, gv, gtu, rows), S, beta)
-
-
 def momentum_step(
     U: torch.Tensor,
     S: torch.Tensor,
@@ -311,7 +297,7 @@ def momentum_step(
     device anyway (it checks convergence on the host), so the read adds no wait of its own. Entries that need the
     fallback enter that SVD with a zero core, and are redone after it (rare: a zero or rank-deficient gradient).
     """
-    factors = panel_factors(U, V, gv, gtu, rows, settle=False)
+    factors = panel_factors(U, V, gv, gtu, rows)
     unsettled = factors.unsettled_entries()
     core = core_of(factors, S, beta)
     if unsettled is not None:  # a failed Cholesky may leave non-finite numbers, which the SVD must not see
