@@ -45,6 +45,31 @@ def test_newest_live_optimizer_owns_the_gradient_and_the_old_one_is_warned_about
     assert "GV" in opt2.state[w] and "GV" not in opt1.state.get(w, {})
 
 
+def test_remove_hooks_hands_the_gradient_back_and_a_takeover_is_not_undone_by_the_old_hooks():
+    w = fresh()
+    opt1 = MoFaSGD([w], lr=0.1, rank=2)
+    with pytest.warns(UserWarning):
+        opt2 = MoFaSGD([w], lr=0.1, rank=2)
+    opt2.remove_hooks()  # nobody consumes it now: the deactivated hooks of opt1 stay off
+    backward_with(w, torch.randn(12, 7))
+    assert w.grad is not None and "GV" not in opt1.state.get(w, {}) and "GV" not in opt2.state[w]
+    w.grad = None
+    opt3 = MoFaSGD([w], lr=0.1, rank=2)  # no live owner left: no warning, and it takes the gradient
+    backward_with(w, torch.randn(12, 7))
+    assert w.grad is None and "GV" in opt3.state[w]
+
+
+def test_backward_with_create_graph_keeps_the_projections_out_of_the_graph():
+    w, twin = fresh(), fresh()
+    opt, ref = MoFaSGD([w], lr=0.1, rank=2), MoFaSGD([twin], lr=0.1, rank=2)
+    g = torch.randn(12, 7)
+    (w * g).square().sum().backward(create_graph=True)  # the hook runs with grad mode on
+    (twin * g).square().sum().backward()
+    assert not opt.state[w]["GV"].requires_grad and not opt.state[w]["GtU"].requires_grad
+    torch.testing.assert_close(opt.state[w]["GV"], ref.state[twin]["GV"])
+    torch.testing.assert_close(opt.state[w]["GtU"], ref.state[twin]["GtU"])
+
+
 def test_dead_optimizer_hooks_are_removed_when_it_is_collected():
     w = fresh()
     opt = MoFaSGD([w], lr=0.1, rank=2)

@@ -179,6 +179,23 @@ def project_gradient(grad: torch.Tensor, U: torch.Tensor, V: torch.Tensor) -> tu
     return gv, _transpose_times(grad, U.to(grad.dtype)).to(U.dtype)
 
 
+def add_projections_(
+    gv: torch.Tensor, gtu: torch.Tensor, grad: torch.Tensor, U: torch.Tensor, V: torch.Tensor
+) -> None:
+    """Add G V to `gv` and G^T U to `gtu` in place (the next micro-batch of an accumulation).
+
+    G V is one fused multiply-add when G has the factors' dtype; G^T U keeps :func:`project_gradient`'s form (an
+    in-place product into a transposed output takes CPU BLAS's slow path).
+    """
+    if grad.dtype == gv.dtype:
+        gv.addmm_(grad, V)
+        gtu.add_(_transpose_times(grad, U))
+        return
+    more_gv, more_gtu = project_gradient(grad, U, V)
+    gv.add_(more_gv)
+    gtu.add_(more_gtu)
+
+
 def tangent_norm_sq(U: torch.Tensor, gv: torch.Tensor, gtu: torch.Tensor) -> torch.Tensor:
     """||G_hat||_F^2 of the tangent projection G_hat = UU^T G + G VV^T - UU^T G VV^T, from projections only.
 

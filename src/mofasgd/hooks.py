@@ -18,30 +18,33 @@ from typing import Any
 import torch
 from torch.utils.weak import WeakIdKeyDictionary
 
-# parameter -> weak reference to the optimizer whose hook consumes its gradient
+# parameter -> the hook that consumes its gradient (the newest optimizer's); an older optimizer's hook is deactivated
 _OWNERS: WeakIdKeyDictionary = WeakIdKeyDictionary()
 
 
 class GradientConsumerHook:
-    """Calls ``optimizer.<method>(param)`` after each gradient accumulation, while the optimizer lives and owns it."""
+    """Calls ``optimizer.<method>(param)`` after each gradient accumulation, while the optimizer lives and owns it.
+
+    Ownership is a flag on the hook (cleared when a newer optimizer takes the parameter over, or on removal), so a
+    call costs a weak-reference read, not a lookup in the ownership table: it runs once per matrix per micro-batch.
+    """
 
     def __init__(self, optimizer_ref: weakref.ref, method: str) -> None:
         self.optimizer_ref = optimizer_ref
         self.method = method
+        self.active = True
 
     def __call__(self, param: torch.Tensor) -> None:
         """Forward to the optimizer's consumer method, unless it was collected or lost ownership of `param`."""
-        owner = _OWNERS.get(param)
-        optimizer = self.optimizer_ref()
-        if optimizer is None or owner is None or owner() is not optimizer:
-            return
-        getattr(optimizer, self.method)(param)
+        optimizer = self.optimizer_ref() if self.active else None
+        if optimizer is not None:
+            getattr(optimizer, self.method)(param)
 
 
 def owner_of(param: torch.Tensor) -> Any | None:
     """The live optimizer whose hook consumes `param`'s gradient, or None."""
-    owner = _OWNERS.get(param)
-    return owner() if owner is not None else None
+    hook = _OWNERS.get(param)
+    return hook.optimizer_ref() if hook is not None and hook.active else None
 
 
 class HookRegistry:
@@ -51,7 +54,8 @@ class HookRegistry:
         self._optimizer_ref = weakref.ref(optimizer)
         self._method = method
         self._handles: dict[int, Any] = {}
-        weakref.finalize(optimizer, _remove_handles, self._handles)
+        self._hooks: dict[int, GradientConsumerHook] = {}
+        weakref.finalize(optimizer, _remove_handles, self._handles, self._hooks)
 
     def register(self, params: Iterable[torch.Tensor]) -> None:
         """Hook every parameter that requires grad and is not hooked yet."""
@@ -59,29 +63,35 @@ class HookRegistry:
         for p in params:
             if id(p) in self._handles or not p.requires_grad:
                 continue
-            previous = owner_of(p)
-            if previous is not None and previous is not optimizer:
+            previous = _OWNERS.get(p)
+            previous_owner = owner_of(p)
+            if previous_owner is not None and previous_owner is not optimizer:
                 warnings.warn(
                     f"A parameter of shape {tuple(p.shape)} already had its gradient consumed by another live "
-                    f"{type(previous).__name__}; the newest optimizer takes it over. Call remove_hooks() on the "
+                    f"{type(previous_owner).__name__}; the newest optimizer takes it over. Call remove_hooks() on the "
                     "old optimizer (or delete it) to silence this.",
                     stacklevel=3,
                 )
-            _OWNERS[p] = self._optimizer_ref
-            self._handles[id(p)] = p.register_post_accumulate_grad_hook(
-                GradientConsumerHook(self._optimizer_ref, self._method)
-            )
+            if previous is not None and previous.optimizer_ref() is not optimizer:
+                previous.active = False
+            hook = GradientConsumerHook(self._optimizer_ref, self._method)
+            _OWNERS[p] = hook
+            self._hooks[id(p)] = hook
+            self._handles[id(p)] = p.register_post_accumulate_grad_hook(hook)
 
     def remove(self) -> None:
-        """Detach every hook of this optimizer and give up ownership of the parameters."""
-        optimizer = self._optimizer_ref()
+        """Detach every hook of this registry and give up ownership of its parameters."""
+        mine = {id(hook) for hook in self._hooks.values()}
         for p in list(_OWNERS.keys()):
-            if optimizer is not None and owner_of(p) is optimizer:
+            if id(_OWNERS.get(p)) in mine:
                 del _OWNERS[p]
-        _remove_handles(self._handles)
+        _remove_handles(self._handles, self._hooks)
 
 
-def _remove_handles(handles: dict[int, Any]) -> None:
+def _remove_handles(handles: dict[int, Any], hooks: dict[int, GradientConsumerHook]) -> None:
+    for hook in hooks.values():
+        hook.active = False
     for handle in handles.values():
         handle.remove()
     handles.clear()
+    hooks.clear()

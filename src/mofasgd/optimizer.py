@@ -544,21 +544,29 @@ class MoFaSGD(torch.optim.Optimizer):
         state["step"] = torch.tensor(0.0, dtype=torch.float32)
         return state
 
-    @torch.no_grad()
     def _consume_gradient(self, p: torch.Tensor) -> None:
-        """Post-accumulate-grad hook: add (G V, G^T U) to the pending sums and free the m x n gradient."""
-        if p.grad is None:
+        """Post-accumulate-grad hook: add (G V, G^T U) to the pending sums and free the m x n gradient.
+
+        It runs once per matrix and micro-batch, so it stays lean: backward already runs without grad mode (a
+        ``no_grad`` context is entered only under ``create_graph=True``), and a pending sum takes G V in place.
+        """
+        if torch.is_grad_enabled():
+            with torch.no_grad():
+                return self._consume_gradient(p)
+        grad = p.grad
+        if grad is None:
             return
-        if sharding.is_dtensor(p) and "U" not in self.state[p]:
-            return  # the first init of a sharded matrix is collective: step() does it, in the same order everywhere
-        state = self._init_factors(p, self.param_groups[self._group_index[p]], p.grad)
+        state = self.state[p]
+        if "U" not in state:
+            if sharding.is_dtensor(p):
+                return  # a sharded matrix's first init is collective: step() does it, in the same order everywhere
+            state = self._init_factors(p, self.param_groups[self._group_index[p]], grad)
         # FSDP2: local rows of G give local rows of G V and this rank's share of G^T U (summed at synchronisation)
-        gv, gtu = fm.project_gradient(sharding.local(p.grad), sharding.local(state["U"]), state["V"])
+        grad, U, V = sharding.local(grad), sharding.local(state["U"]), state["V"]
         if "GV" in state:
-            state["GV"].add_(gv)
-            state["GtU"].add_(gtu)
+            fm.add_projections_(state["GV"], state["GtU"], grad, U, V)
         else:
-            state["GV"], state["GtU"] = gv, gtu
+            state["GV"], state["GtU"] = fm.project_gradient(grad, U, V)
         p.grad = None
         self._pending_synced = False
         self._buckets_now.clear()
