@@ -8,9 +8,9 @@ gives medians per part. ``--before PATH`` adds MoFaSGD from another checkout's `
 step engine in the same process).
 
 The floor line is what MoFaSGD cannot avoid at this size whatever its bookkeeping: the solver calls of a step
-(batched QR, SVD, Cholesky; timed around each call) and the gradient hooks' extra backward time. Divided by the
-step time of the real LLaMA-Factory run (``--lf-adamw-ms``, from ``results/bench_methods_tiny.md``) it bounds
-the train-step ratio to AdamW from below.
+(batched QR, SVD, Cholesky; timed around each call) and the backward time that bare hooks add, hooks that only
+form G V and G^T U and free the gradient. Divided by the step time of the real LLaMA-Factory run
+(``--lf-adamw-ms``) it bounds the train-step ratio to AdamW from below.
 
     python scripts/bench/tiny_step_parts.py [--blocks 30] [--before ../old/src] [--lf-adamw-ms 22.5]
 """
@@ -114,6 +114,43 @@ def solver_seconds(optimizer_class, steps: int = 200) -> float:
     return statistics.median(per_step)
 
 
+def bare_projection_seconds(blocks: int) -> float:
+    """Backward time (two micro-batches) that hooks forming only G V and (U^T G)^T, then freeing G, add."""
+    torch.manual_seed(0)
+    bases = {s: (torch.linalg.qr(torch.randn(s[0], 8))[0], torch.linalg.qr(torch.randn(s[1], 8))[0]) for s in LAYER}
+
+    def project(p: torch.Tensor) -> None:
+        U, V = bases[tuple(p.shape)]
+        p.grad @ V, (U.T @ p.grad).T  # noqa: B018 - the work itself is what is timed
+        p.grad = None
+
+    def backward_of(hooked: bool):
+        mats = [torch.nn.Parameter(torch.randn(*s) * 0.05) for s in LAYER * 2]
+        for p in mats if hooked else ():
+            p.register_post_accumulate_grad_hook(project)
+        inputs = {s: torch.randn(16, s[1]) for s in set(LAYER)}
+
+        def backward() -> float:
+            begin = time.perf_counter()
+            for _ in range(2):
+                sum((inputs[tuple(p.shape)] @ p.T).square().mean() for p in mats).backward()
+            for p in mats:
+                p.grad = None
+            return time.perf_counter() - begin
+
+        return backward
+
+    runs = {True: backward_of(True), False: backward_of(False)}
+    times: dict[bool, list[float]] = {True: [], False: []}
+    for block in range(blocks):
+        for hooked, run in runs.items():
+            for _ in range(20):
+                seconds = run()
+                if block >= 2:
+                    times[hooked].append(seconds)
+    return statistics.median(times[True]) - statistics.median(times[False])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--blocks", type=int, default=30, help="blocks of 20 steps per optimizer (2 are warm-up)")
@@ -144,11 +181,14 @@ def main() -> None:
         extra = m["total"] - median["AdamW"]["total"]
         print(f"| {name} | " + " | ".join(f"{m[p]:.3f}" for p in PARTS) + f" | {extra:.3f} |")
     solvers = solver_seconds(MoFaSGD) * 1e3
+    projections = bare_projection_seconds(args.blocks) * 1e3
     hooks = median["MoFaSGD"]["backward x2"] - median["AdamW"]["backward x2"]
-    floor = solvers + hooks
+    floor = solvers + projections
     print(
-        f"\nfloor: solver calls {solvers:.3f} ms + gradient hooks {hooks:.3f} ms = {floor:.3f} ms per step; on a "
-        f"{args.lf_adamw_ms} ms AdamW train step that is a ratio of at least {1 + floor / args.lf_adamw_ms:.3f}"
+        f"\nMoFaSGD's gradient hooks add {hooks:.3f} ms to two backward passes; bare projecting hooks add "
+        f"{projections:.3f} ms.\nfloor: solver calls {solvers:.3f} ms + bare projections {projections:.3f} ms = "
+        f"{floor:.3f} ms per step; on a {args.lf_adamw_ms} ms AdamW train step that is a ratio of at least "
+        f"{1 + floor / args.lf_adamw_ms:.3f}"
     )
 
 
