@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import functools
 import importlib
 import statistics
 import sys
@@ -30,6 +31,8 @@ import torch
 LAYER = [(64, 64), (32, 64), (32, 64), (64, 64), (256, 64), (256, 64), (64, 256)]
 SIDE = [(512, 64), (512, 64), *[(64,)] * 5]  # embeddings, LM head, norms
 PARTS = ("backward x2", "clip", "step", "total")
+BLOCK = 20  # calls per turn
+WARM_UP_BLOCKS = 2
 SOLVERS = (("linalg", "qr"), ("linalg", "svd"), ("linalg", "cholesky_ex"))
 
 
@@ -43,6 +46,27 @@ def load_mofasgd(src: str):
     for name in [n for n in sys.modules if n == "mofasgd" or n.startswith("mofasgd.")]:
         sys.modules[f"_bench_{src}_{name}"] = sys.modules.pop(name)
     return module
+
+
+def stand_in_loss(mats: list[torch.Tensor], inputs: dict[tuple[int, ...], torch.Tensor]) -> torch.Tensor:
+    """A cheap loss through every hidden matrix: the mean square of a 16-row input times each."""
+    return sum((inputs[tuple(p.shape)] @ p.T).square().mean() for p in mats)
+
+
+def take_turns(runs: dict, blocks: int) -> dict:
+    """Median seconds of each part each run reports, the runs taking turns in blocks of BLOCK calls.
+
+    The first WARM_UP_BLOCKS blocks are not counted; turns make a drift of the shared CPU hit every run alike.
+    """
+    times = {name: collections.defaultdict(list) for name in runs}
+    for block in range(blocks):
+        for name, run in runs.items():
+            for _ in range(BLOCK):
+                parts = run()
+                if block >= WARM_UP_BLOCKS:
+                    for part, seconds in parts.items():
+                        times[name][part].append(seconds)
+    return {name: {part: statistics.median(v) for part, v in t.items()} for name, t in times.items()}
 
 
 def setup(optimizer_class):
@@ -64,8 +88,7 @@ def setup(optimizer_class):
     inputs = {s: torch.randn(16, s[1]) for s in set(LAYER)}
 
     def backward():
-        loss = sum((inputs[tuple(p.shape)] @ p.T).square().mean() for p in mats)
-        (loss + sum(p.square().sum() for p in side)).backward()
+        (stand_in_loss(mats, inputs) + sum(p.square().sum() for p in side)).backward()
 
     return opt, clip, backward
 
@@ -130,30 +153,23 @@ def bare_projection_seconds(blocks: int) -> float:
             p.register_post_accumulate_grad_hook(project)
         inputs = {s: torch.randn(16, s[1]) for s in set(LAYER)}
 
-        def backward() -> float:
+        def backward() -> dict[str, float]:
             begin = time.perf_counter()
             for _ in range(2):
-                sum((inputs[tuple(p.shape)] @ p.T).square().mean() for p in mats).backward()
+                stand_in_loss(mats, inputs).backward()
             for p in mats:
                 p.grad = None
-            return time.perf_counter() - begin
+            return {"backward x2": time.perf_counter() - begin}
 
         return backward
 
-    runs = {True: backward_of(True), False: backward_of(False)}
-    times: dict[bool, list[float]] = {True: [], False: []}
-    for block in range(blocks):
-        for hooked, run in runs.items():
-            for _ in range(20):
-                seconds = run()
-                if block >= 2:
-                    times[hooked].append(seconds)
-    return statistics.median(times[True]) - statistics.median(times[False])
+    median = take_turns({"hooked": backward_of(True), "plain": backward_of(False)}, blocks)
+    return median["hooked"]["backward x2"] - median["plain"]["backward x2"]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--blocks", type=int, default=30, help="blocks of 20 steps per optimizer (2 are warm-up)")
+    parser.add_argument("--blocks", type=int, default=30, help=f"turns of {BLOCK} steps ({WARM_UP_BLOCKS} warm-up)")
     parser.add_argument("--before", help="another checkout's src/ whose MoFaSGD is timed too")
     parser.add_argument("--lf-adamw-ms", type=float, default=22.5, help="AdamW's train step through LLaMA-Factory")
     args = parser.parse_args()
@@ -164,16 +180,8 @@ def main() -> None:
     from mofasgd import MoFaSGD
 
     optimizers["MoFaSGD"] = MoFaSGD
-    runs = {name: setup(cls) for name, cls in optimizers.items()}
-    times = {name: collections.defaultdict(list) for name in runs}
-    for block in range(args.blocks):
-        for name, run in runs.items():
-            for _ in range(20):
-                parts = one_step(*run)
-                if block >= 2:
-                    for part, seconds in parts.items():
-                        times[name][part].append(seconds)
-    median = {name: {part: statistics.median(v) * 1e3 for part, v in t.items()} for name, t in times.items()}
+    runs = {name: functools.partial(one_step, *setup(cls)) for name, cls in optimizers.items()}
+    median = {name: {part: s * 1e3 for part, s in m.items()} for name, m in take_turns(runs, args.blocks).items()}
     print(f"torch {torch.__version__}, cpu, {torch.get_num_threads()} threads; medians in ms")
     print("| optimizer | " + " | ".join(PARTS) + " | extra over AdamW |")
     print("|---|" + "---:|" * (len(PARTS) + 1))
