@@ -123,7 +123,8 @@ def settle_panels(
 ) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """The CholeskyQR2 `results` with the panels flagged in `bad` refactored by Householder QR.
 
-    Reads the flags on the host (one read; the decision is identical on every rank).
+    Reads the flags on the host (one read; the decision is identical on every rank), and returns `results` itself
+    when none is flagged.
     """
     if not bool(bad.any()):
         return results
@@ -219,11 +220,20 @@ def _cholesky_qr_suits(basis: torch.Tensor) -> bool:
     return basis.device.type in CHOLESKY_QR_DEVICES and basis.shape[-2] >= 2 * basis.shape[-1]
 
 
+class UnsettledPanels(NamedTuple):
+    """CholeskyQR2 results whose fallback flags (panel x batch entry) are still to be read (:func:`settle_panels`)."""
+
+    panels: list[torch.Tensor]
+    reductions: list[RowReduction]
+    results: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+    bad: torch.Tensor
+
+
 class PanelFactors(NamedTuple):
     """Thin QRs [U | GV] = Q_U R_U and [V | G^T U] = Q_V R_V, and U^T G V, of a batch of matrices.
 
-    ``unsettled``: the CholeskyQR2 work whose fallback check is still to be read (:func:`settle_panel_factors`),
-    as (panels, reductions, results, flags); None when every panel is final.
+    ``unsettled``: the panels CholeskyQR2 factored, whose fallback check is still to be read
+    (:func:`settle_panel_factors`); None when every panel is final.
     """
 
     q_u: torch.Tensor
@@ -231,11 +241,11 @@ class PanelFactors(NamedTuple):
     utgv: torch.Tensor
     q_v: torch.Tensor
     r_v: torch.Tensor
-    unsettled: tuple | None = None
+    unsettled: UnsettledPanels | None = None
 
     def unsettled_entries(self) -> torch.Tensor | None:
         """Per batch entry, whether one of its panels awaits the fallback (a device tensor: no host read)."""
-        return None if self.unsettled is None else self.unsettled[3].any(0)
+        return None if self.unsettled is None else self.unsettled.bad.any(0)
 
 
 def panel_factors(
@@ -266,16 +276,20 @@ def panel_factors(
     else:
         (q_u, r_u), (q_v, r_v), gram, bad = torch.linalg.qr(panel_u), torch.linalg.qr(panel_v), None, None
     utgv = U.mT @ gv if gram is None else gram[..., :r, r:]
-    unsettled = None if bad is None else (panels, reductions, results, bad)
+    unsettled = None if bad is None else UnsettledPanels(panels, reductions, results, bad)
     return PanelFactors(q_u, r_u, utgv, q_v, r_v, unsettled)
 
 
 def settle_panel_factors(factors: PanelFactors) -> PanelFactors:
-    """`factors` with CholeskyQR2's fallback applied where it was needed (reads the flags on the host)."""
+    """`factors` with CholeskyQR2's fallback applied where it was needed (reads the flags on the host).
+
+    Returns `factors` itself when no panel needed it.
+    """
     if factors.unsettled is None:
         return factors
-    panels, reductions, results, bad = factors.unsettled
-    settled = settle_panels(panels, reductions, results, bad)
+    settled = settle_panels(*factors.unsettled)
+    if settled is factors.unsettled.results:
+        return factors
     (q_u, r_u, _) = settled[0]
     q_v, r_v = (settled[1][0], settled[1][1]) if len(settled) == 2 else (factors.q_v, factors.r_v)
     return PanelFactors(q_u, r_u, factors.utgv, q_v, r_v)
@@ -320,8 +334,9 @@ def momentum_step(
     if unsettled is not None:  # a failed Cholesky may leave non-finite numbers, which the SVD must not see
         core = core._replace(core=core.core.masked_fill(unsettled[..., None, None], 0))
     new = truncate(core.q_u, core.q_v, core.core, rank)
-    if unsettled is not None and bool(unsettled.any()):  # the device is idle here: the SVD waited for it
-        core = core_of(settle_panel_factors(factors), S, beta)
+    settled = settle_panel_factors(factors)  # reads the flags: the device is idle here, the SVD waited for it
+    if settled is not factors:
+        core = core_of(settled, S, beta)
         new = truncate(core.q_u, core.q_v, core.core, rank)
     return new, nesterov_direction(core, new, beta, rank, rows) if nesterov else new
 
