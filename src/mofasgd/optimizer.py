@@ -808,13 +808,9 @@ class MoFaSGD(torch.optim.Optimizer):
         self._side_clip_coef = min(coef, 1.0)  # fused_adamw_side: what the next step's hooked updates use
         if coef < 1.0:
             consumed = [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
-            for group in self.param_groups:
-                buckets = self._buckets_now.get(id(group))
-                if buckets is not None:  # the pending sums are views of the stacks: scale each stack once
-                    consumed += [t for bucket in buckets for t in (bucket.gv, bucket.gtu)]
-                    continue
-                for p in group["params"]:
-                    consumed += [self.state[p][key] for key in _PENDING if key in self.state.get(p, {})]
+            # pending sums exist in fused mode only, where grad_norm() has just stacked every bucket: the sums are
+            # views of the stacks, so each stack is scaled once
+            consumed += [t for buckets in self._buckets_now.values() for b in buckets for t in (b.gv, b.gtu)]
             plain = [t for t in consumed if not sharding.is_dtensor(t)]
             if plain:
                 torch._foreach_mul_(plain, coef)
