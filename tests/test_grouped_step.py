@@ -268,3 +268,30 @@ def _clip_ops(count):
 def test_clipping_costs_the_same_ops_for_any_number_of_matrices_of_a_shape():
     """The tangent norms and the scaling run on the bucket's stacks (the stacking itself is one op per tensor)."""
     assert _clip_ops(8) == _clip_ops(4)
+
+
+def test_state_saved_between_clipping_and_step_resumes_exactly(tmp_path):
+    """After clipping, the pending sums in the state are views of the bucket stacks: a checkpoint taken there holds
+    the clipped sums, and a resumed optimizer steps every matrix to the same weights and factors."""
+    shapes = [(12, 7)] * 3 + [(7, 12)]
+    params, resumed_params = make_params(shapes), make_params(shapes)
+    opt = MoFaSGD(params, lr=0.05, rank=3)
+    for step in range(2):
+        for p, g in zip(params, grads(step, 0, shapes)):
+            (p * 50 * g).sum().backward()
+        assert float(opt.clip_grad_norm_(1.0)) > 1.0  # the stacks were scaled
+        if step == 1:
+            torch.save(opt.state_dict(), tmp_path / "opt.pt")
+            with torch.no_grad():
+                for p, q in zip(params, resumed_params):
+                    q.copy_(p)
+        opt.step()
+        opt.zero_grad()
+    resumed = MoFaSGD(resumed_params, lr=0.05, rank=3)
+    resumed.load_state_dict(torch.load(tmp_path / "opt.pt", weights_only=True))
+    resumed.step()
+    for p, q, start in zip(params, resumed_params, make_params(shapes)):
+        assert not torch.equal(p, start)  # every matrix moved
+        torch.testing.assert_close(q, p, atol=1e-12, rtol=1e-12)
+        for key in ("U", "S", "V"):
+            torch.testing.assert_close(resumed.state[q][key], opt.state[p][key], atol=1e-12, rtol=1e-12)
