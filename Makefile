@@ -44,8 +44,8 @@ bench-quality: $(PY)
 bench-sft-quality: $(PY)
 	OMP_NUM_THREADS=1 $(PY) scripts/bench/sft_quality.py --results-dir results
 
-# The scale check on the 10 M base: a subset of the variants; MoFaSGD's embeddings/head at AdamW lr 1e-2 (the best
-# side lr on the 1 M base), and the best variant again at 1e-3 (the full grid's side lr).
+# The scale check on the 10 M base: every variant (resumable: finished runs are skipped); MoFaSGD's embeddings/head
+# at AdamW lr 1e-2 (the best side lr on the 1 M base), and one variant again at 1e-3 (the full grid's side lr).
 bench-sft-quality-10m: $(PY)
 	OMP_NUM_THREADS=1 $(PY) scripts/bench/sft_quality.py --base 10m --mfsgd-adamw-lr 0.01 \
 		--out outputs/sft_quality_10m --results-dir results/sft_quality_10m
