@@ -406,7 +406,7 @@ def kept_buffer_bytes(unit: _Unit, ratio: int = 4) -> int:
     """Gradient bytes a MoFaSGD unit holds beyond its AdamW-side shards.
 
     MoFaSGD copies an AdamW-side shard out of the unit's flat reduce-scatter buffer when the buffer is at least
-    `ratio` times its size (mofasgd.optimizer._SHARED_BUFFER_RATIO). If a larger AdamW-side shard stays a view
+    `ratio` times its size (mofasgd.intake.SHARED_BUFFER_RATIO). If a larger AdamW-side shard stays a view
     (the root's embeddings and LM head), the buffer lives on: its managed shards and the copies are extra.
     """
     buffer = unit.managed_shards + sum(unit.adamw_shards)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import warnings
 import weakref
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
@@ -23,22 +23,23 @@ _OWNERS: WeakIdKeyDictionary = WeakIdKeyDictionary()
 
 
 class GradientConsumerHook:
-    """Calls ``optimizer.<method>(param)`` after each gradient accumulation, while the optimizer lives and owns it.
+    """Calls a bound consumer method after each gradient accumulation, while its object lives and owns the param.
 
-    Ownership is a flag on the hook (cleared when a newer optimizer takes the parameter over, or on removal), so a
-    call costs a weak-reference read, not a lookup in the ownership table: it runs once per matrix per micro-batch.
+    The method is held through a ``WeakMethod``, so the hook never keeps its optimizer (or intake) alive. Ownership
+    is a flag on the hook (cleared when a newer optimizer takes the parameter over, or on removal), so a call costs
+    a weak-reference read, not a lookup in the ownership table: it runs once per matrix per micro-batch.
     """
 
-    def __init__(self, optimizer_ref: weakref.ref, method: str) -> None:
+    def __init__(self, consumer: weakref.WeakMethod, optimizer_ref: weakref.ref) -> None:
+        self.consumer = consumer
         self.optimizer_ref = optimizer_ref
-        self.method = method
         self.active = True
 
     def __call__(self, param: torch.Tensor) -> None:
-        """Forward to the optimizer's consumer method, unless it was collected or lost ownership of `param`."""
-        optimizer = self.optimizer_ref() if self.active else None
-        if optimizer is not None:
-            getattr(optimizer, self.method)(param)
+        """Forward to the consumer method, unless its object was collected or lost ownership of `param`."""
+        consume = self.consumer() if self.active else None
+        if consume is not None:
+            consume(param)
 
 
 def owner_of(param: torch.Tensor) -> Any | None:
@@ -48,11 +49,16 @@ def owner_of(param: torch.Tensor) -> Any | None:
 
 
 class HookRegistry:
-    """The hooks one optimizer registered; they are removed when the optimizer is collected or on `remove()`."""
+    """The hooks one optimizer registered; they are removed when the optimizer is collected or on `remove()`.
 
-    def __init__(self, optimizer: Any, method: str) -> None:
+    ``consumer`` is a bound method (held weakly) called with each hooked parameter; ``optimizer`` is the optimizer
+    that owns those gradients (the method's own object by default), which ownership and take-over warnings name.
+    """
+
+    def __init__(self, consumer: Callable[[torch.Tensor], None], optimizer: Any = None) -> None:
+        optimizer = consumer.__self__ if optimizer is None else optimizer
+        self._consumer = weakref.WeakMethod(consumer)
         self._optimizer_ref = weakref.ref(optimizer)
-        self._method = method
         self._handles: dict[int, Any] = {}
         self._hooks: dict[int, GradientConsumerHook] = {}
         weakref.finalize(optimizer, _remove_handles, self._handles, self._hooks)
@@ -74,7 +80,7 @@ class HookRegistry:
                 )
             if previous is not None and previous.optimizer_ref() is not optimizer:
                 previous.active = False
-            hook = GradientConsumerHook(self._optimizer_ref, self._method)
+            hook = GradientConsumerHook(self._consumer, self._optimizer_ref)
             _OWNERS[p] = hook
             self._hooks[id(p)] = hook
             self._handles[id(p)] = p.register_post_accumulate_grad_hook(hook)

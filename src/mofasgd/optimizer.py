@@ -11,9 +11,9 @@ from torch.optim.adamw import adamw
 
 from mofasgd import data_parallel as dp
 from mofasgd import factor_math as fm
-from mofasgd import sharding
+from mofasgd import projected_linear, sharding
 from mofasgd.adamw_side import AdamSettings, adamw_update_fp32_, factored_adam_update_
-from mofasgd.hooks import HookRegistry
+from mofasgd.intake import PENDING_KEYS, GradientIntake
 from mofasgd.memory import optimizer_state_bytes
 from mofasgd.rounding import GeneratorBank, supports_stochastic_rounding, update_in_fp32_
 
@@ -26,7 +26,7 @@ _INITS = ("weight", "weight_randomized", "gradient")
 # or a factored second moment and no first moment. Vectors (norms, biases) always keep full AdamW moments.
 ADAMW_STATES = ("full", "factored", "factored_no_momentum")
 _GROUP_KEYS_NOT_HYPERPARAMS = {"params", "name", "param_names", "initial_lr"}
-_PENDING = ("GV", "GtU")
+_PENDING = PENDING_KEYS
 _FACTOR_KEYS = ("U", "S", "V", *_PENDING)
 _FACTORED_MOMENT_KEYS = ("exp_avg_sq_row", "exp_avg_sq_col")  # adamw_state="factored*": fp32 whatever the param
 _FP32_KEYS = (*_FACTOR_KEYS, *_FACTORED_MOMENT_KEYS)
@@ -34,9 +34,6 @@ _FP32_KEYS = (*_FACTOR_KEYS, *_FACTORED_MOMENT_KEYS)
 _SHAPE_KEYS = ("rank", "mofasgd", "adamw_state")
 _RNG_KEY = "mofasgd_rng"
 _SIDE_CLIP_KEY = "mofasgd_side_clip_coef"  # fused_adamw_side: the coefficient the next hooked updates use
-# An AdamW-side FSDP2 gradient whose buffer is this many times its size shares it with others: copied out (cheap).
-# scripts/bench/llama_memory_accounting.py models the same rule.
-_SHARED_BUFFER_RATIO = 4
 # Largest |U^T U - I| entry accepted for loaded fp32 factors (fresh QR factors are ~1e-6 off).
 _ORTHONORMAL_TOL = {torch.float32: 1e-3, torch.float64: 1e-8}
 
@@ -64,8 +61,8 @@ def _squared_norm(grad: torch.Tensor) -> torch.Tensor:
 class _Bucket(NamedTuple):
     """Managed matrices of one (shape, dtype, device, rank) that hold a gradient now, with their tensors stacked.
 
-    Built once per step (:meth:`MoFaSGD._buckets`) and shared by ``grad_norm``, clipping and the step; in fused
-    mode the matrices' pending projections are views of ``gv`` and ``gtu``.
+    Built by :meth:`MoFaSGD._buckets` for ``grad_norm`` and the step; in fused mode ``gv`` and ``gtu`` are the
+    intake's pending buffers themselves (:class:`~mofasgd.intake.PendingBucket`) when every entry holds a gradient.
     """
 
     params: list[torch.Tensor]
@@ -123,7 +120,10 @@ class MoFaSGD(torch.optim.Optimizer):
 
     With ``fused=True`` each managed gradient is projected to (G V, G^T U) in a post-accumulate-grad hook
     and freed at once, so no m x n gradient outlives backward(); accumulation over several backward
-    passes stays exact because the projections are linear. A managed ``.grad`` that no hook consumed
+    passes stays exact because the projections are linear. With ``projected_backward=True`` (the default) and
+    :meth:`attach` called on the model, the weights of ``nn.Linear`` modules skip even that: their backward forms
+    G V = dY^T (X V) and G^T U = X^T (dY U) directly and no weight gradient is ever formed
+    (:mod:`mofasgd.projected_linear`). A managed ``.grad`` that no hook consumed
     (parameter unfrozen after construction, gradient set by hand) is consumed at ``step()``. ``eta2 > 0``
     needs the whole gradient, so it requires ``fused=False``. Factor math is fp32 (fp64 for fp64
     parameters) whatever the parameter dtype.
@@ -173,6 +173,7 @@ class MoFaSGD(torch.optim.Optimizer):
         fused: bool = True,
         fused_adamw_side: bool = False,
         data_parallel: bool = False,
+        projected_backward: bool = True,
         seed: int = 0,
     ) -> None:
         defaults = dict(
@@ -200,6 +201,7 @@ class MoFaSGD(torch.optim.Optimizer):
         _check_flag("fused", fused)
         _check_flag("fused_adamw_side", fused_adamw_side)
         _check_flag("data_parallel", data_parallel)
+        _check_flag("projected_backward", projected_backward)
         if fused_adamw_side and not fused:
             raise ValueError(
                 "fused_adamw_side=True updates AdamW-side parameters in their gradient hooks: it needs fused=True"
@@ -209,27 +211,25 @@ class MoFaSGD(torch.optim.Optimizer):
         self.fused = fused
         self.fused_adamw_side = fused_adamw_side
         self.data_parallel = data_parallel
+        self.projected_backward = projected_backward
+        self.attachment: projected_linear.Attachment | None = None  # what attach() patched
         # fused AdamW side: whether this backward ends an accumulation window (set `accumulating`, or give a callable)
         self.accumulating = False
         self.accumulation_boundary: Callable[[], bool] | None = None
         # (||g||^2, is an FSDP2 shard's share) of the AdamW-side grads consumed in hooks this step
         self._side_norm_sq: list[tuple[torch.Tensor, bool]] = []
         self._side_clip_coef = 1.0  # the last clip_grad_norm_'s coefficient, applied to the next hooked updates
-        self._pending_synced = True
         if self.data_parallel and not self.fused:
             raise ValueError(
                 "data_parallel=True averages the fused projections across ranks; with fused=False DDP already "
                 "averages .grad, so leave data_parallel=False"
             )
-        self._hooks = HookRegistry(self, "_consume_gradient")
-        self._copy_hooks = HookRegistry(self, "_own_gradient_storage")  # FSDP2: AdamW-side grads leave the buffer
-        self._side_hooks = HookRegistry(self, "_adamw_side_hook")  # fused_adamw_side: update during backward
+        self.intake = GradientIntake(self)  # pending projections and every gradient hook
         self._group_index: dict[torch.Tensor, int] = {}
         self._rng = GeneratorBank(seed)
         self._diagnostics: dict[str, list[torch.Tensor]] | None = None
         self._nonfinite: torch.Tensor | None = None
         self._nonfinite_total = 0
-        self._buckets_now: dict[int, list[_Bucket]] = {}  # fused mode: this step's buckets per group, by id
         self._sharded = False  # any managed matrix is an FSDP2 DTensor
         self._validate_group(defaults, where="argument")
         super().__init__(params, defaults)
@@ -265,10 +265,10 @@ class MoFaSGD(torch.optim.Optimizer):
                         f"stochastic_rounding=True supports bf16 parameters; {self._describe(p)} is {p.dtype}. "
                         "Use bf16 weights or stochastic_rounding=None/False."
                     )
-        if self.fused and group["mofasgd"]:
-            self._hooks.register(group["params"])
+        self.intake.rebuild()
         if self.fused:
-            self._hook_adamw_side()
+            self.intake.hook_matrices()
+            self.intake.hook_adamw_side()
 
     def _check_adamw_side_layout(self, p: torch.Tensor, group: dict[str, Any]) -> None:
         """Refuse the factored AdamW side on FSDP2 shards (its row and column means would span ranks)."""
@@ -337,31 +337,54 @@ class MoFaSGD(torch.optim.Optimizer):
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
-        if "_hooks" not in self.__dict__:
-            self._hooks = HookRegistry(self, "_consume_gradient")
-        if "_copy_hooks" not in self.__dict__:
-            self._copy_hooks = HookRegistry(self, "_own_gradient_storage")
-        if "_side_hooks" not in self.__dict__:
-            self._side_hooks = HookRegistry(self, "_adamw_side_hook")
         self.__dict__.setdefault("fused_adamw_side", False)
+        self.__dict__.setdefault("projected_backward", True)
+        self.__dict__.setdefault("attachment", None)
         self.__dict__.setdefault("accumulating", False)
         self.__dict__.setdefault("accumulation_boundary", None)
         self.__dict__.setdefault("_side_norm_sq", [])
         self.__dict__.setdefault("_side_clip_coef", 1.0)
-        self.__dict__.setdefault("_pending_synced", True)
         self.__dict__.setdefault("_rng", GeneratorBank(0))
         self.__dict__.setdefault("_diagnostics", None)
         self.__dict__.setdefault("_nonfinite", None)
         self.__dict__.setdefault("_nonfinite_total", 0)
-        self.__dict__["_buckets_now"] = {}
         self.__dict__.setdefault("_sharded", False)
         self._group_index = {p: i for i, g in enumerate(self.param_groups) for p in g["params"]}
+        if "intake" not in self.__dict__:
+            self.intake = GradientIntake(self)
+            self.intake.rebuild()
 
     def remove_hooks(self) -> None:
-        """Detach the fused-mode gradient hooks (e.g. before handing the model to another optimizer)."""
-        self._hooks.remove()
-        self._copy_hooks.remove()
-        self._side_hooks.remove()
+        """Detach the fused-mode gradient hooks and the projected Linear forwards (e.g. before another optimizer)."""
+        self.intake.remove_hooks()
+        if self.attachment is not None:
+            self.attachment.detach()
+
+    def attach(self, model: torch.nn.Module) -> projected_linear.Attachment:
+        """Train the managed weights of `model`'s ``nn.Linear`` modules through the projected backward.
+
+        Their backward then forms only G V and G^T U (no weight gradient, no weight-gradient GEMM); every other
+        managed matrix keeps the post-accumulate-grad hook. Returns what went where, with reasons
+        (:meth:`~mofasgd.projected_linear.Attachment.table`). Without this call every matrix takes the hook path.
+        """
+        if self.attachment is not None:
+            self.attachment.detach()
+        names = {id(p): n for n, p in model.named_parameters()}
+        managed = {
+            id(p): names.get(id(p), self._describe(p)) for g in self.param_groups if g["mofasgd"] for p in g["params"]
+        }
+        self.attachment = projected_linear.attach(model, self.intake, managed, self._projection_refusal())
+        return self.attachment
+
+    def _projection_refusal(self) -> str | None:
+        """Why no managed matrix can take the projected backward under this optimizer's settings, or None."""
+        if not self.projected_backward:
+            return "projected_backward=False"
+        if not self.fused:
+            return "fused=False keeps the dense gradient"
+        if self._sharded:
+            return "FSDP2 shards the weight"
+        return None
 
     def _describe(self, p: torch.Tensor) -> str:
         """`name` (shape) of a parameter when its group carries param_names, else its group, index and shape."""
@@ -431,8 +454,7 @@ class MoFaSGD(torch.optim.Optimizer):
             self._side_clip_coef = float(saved)
         for group in self.param_groups:  # torch's load copies every saved group key: not a hyper-parameter
             group.pop(_SIDE_CLIP_KEY, None)
-        self._pending_synced = not any("GV" in st for st in self.state.values())
-        self._buckets_now.clear()
+        self.intake.adopt_state_sums()
 
     def _check_checkpoint_layout(self, saved_groups: list[dict[str, Any]]) -> None:
         """Say what changed when a checkpoint's groups do not match this optimizer's (optimizer, target, rank)."""
@@ -544,33 +566,6 @@ class MoFaSGD(torch.optim.Optimizer):
         state["step"] = torch.tensor(0.0, dtype=torch.float32)
         return state
 
-    def _consume_gradient(self, p: torch.Tensor) -> None:
-        """Post-accumulate-grad hook: add (G V, G^T U) to the pending sums and free the m x n gradient.
-
-        It runs once per matrix and micro-batch, so it stays lean: backward already runs without grad mode (a
-        ``no_grad`` context is entered only under ``create_graph=True``), and a pending sum takes G V in place.
-        """
-        if torch.is_grad_enabled():
-            with torch.no_grad():
-                return self._consume_gradient(p)
-        grad = p.grad
-        if grad is None:
-            return
-        state = self.state[p]
-        if "U" not in state:
-            if sharding.is_dtensor(p):
-                return  # a sharded matrix's first init is collective: step() does it, in the same order everywhere
-            state = self._init_factors(p, self.param_groups[self._group_index[p]], grad)
-        # FSDP2: local rows of G give local rows of G V and this rank's share of G^T U (summed at synchronisation)
-        grad, U, V = sharding.local(grad), sharding.local(state["U"]), state["V"]
-        if "GV" in state:
-            fm.add_projections_(state["GV"], state["GtU"], grad, U, V)
-        else:
-            state["GV"], state["GtU"] = fm.project_gradient(grad, U, V)
-        p.grad = None
-        self._pending_synced = False
-        self._buckets_now.clear()
-
     def _adopt_swapped_params(self) -> None:
         """Take over parameters put into the param groups after construction (accelerate's FSDP2 preparation).
 
@@ -580,30 +575,14 @@ class MoFaSGD(torch.optim.Optimizer):
         """
         if all(p in self._group_index for g in self.param_groups for p in g["params"]):
             return
-        self._hooks.remove()  # the replaced parameters' hooks (their ids may be reused by the new ones)
-        self._copy_hooks.remove()
-        self._side_hooks.remove()
+        self.intake.remove_hooks()  # the replaced parameters' hooks (their ids may be reused by the new ones)
         self._group_index = {p: i for i, g in enumerate(self.param_groups) for p in g["params"]}
         for group in self.param_groups:
             for p in group["params"]:
                 if group["mofasgd"] and sharding.is_dtensor(p):
                     self._check_sharded(p, group)
                 self._check_adamw_side_layout(p, group)
-
-    def _hook_adamw_side(self) -> None:
-        """Hook the AdamW side: its matrices for fused_adamw_side, and under FSDP2 its other shards.
-
-        Under FSDP2 their gradients may share a reduce-scatter buffer with managed ones, so they are copied out (a
-        hooked matrix's own hook does that while an accumulation is pending).
-        """
-        for group in self.param_groups:
-            if group["mofasgd"]:
-                continue
-            side = self._fused_side_params(group) if self.fused_adamw_side else []
-            self._side_hooks.register(side)
-            if self._sharded:
-                hooked = {id(p) for p in side}
-                self._copy_hooks.register(p for p in group["params"] if sharding.is_dtensor(p) and id(p) not in hooked)
+        self.intake.rebuild()
 
     @staticmethod
     def _fused_side_params(group: dict[str, Any]) -> list[torch.Tensor]:
@@ -620,19 +599,13 @@ class MoFaSGD(torch.optim.Optimizer):
         return self.accumulation_boundary() if self.accumulation_boundary is not None else not self.accumulating
 
     @torch.no_grad()
-    def _adamw_side_hook(self, p: torch.Tensor) -> None:
-        """fused_adamw_side: update an AdamW-side parameter as soon as its gradient is complete, then free it.
+    def _adamw_side_update(self, p: torch.Tensor) -> None:
+        """fused_adamw_side: update an AdamW-side parameter whose gradient is complete (from its hook), then free it.
 
         Its squared norm is recorded for grad_norm() (so the logged norm stays exact). Clipping cannot wait for
         the global norm here, so the gradient is scaled by the coefficient of the last clip_grad_norm_ call
         (the previous step's global norm); the managed matrices, stepped later, use this step's.
         """
-        if p.grad is None:
-            return
-        if not self._at_accumulation_boundary():  # more micro-batches add to this gradient: wait for them
-            if sharding.is_dtensor(p):
-                self._own_gradient_storage(p)
-            return
         if self.data_parallel:  # left out of DDP's all-reduce: average it here, in the same order on every rank
             dp.average_tensor_(p.grad)
         self._side_norm_sq.append((_squared_norm(sharding.local(p.grad)).double(), sharding.is_dtensor(p)))
@@ -641,32 +614,20 @@ class MoFaSGD(torch.optim.Optimizer):
         self._adamw_step(self.param_groups[self._group_index[p]], only=[p])
         p.grad = None
 
-    @torch.no_grad()
-    def _own_gradient_storage(self, p: torch.Tensor) -> None:
-        """FSDP2 hook on AdamW-side shards: copy a gradient that is a small view of a shared buffer out of it.
-
-        FSDP2 reduce-scatters each unit's gradients into one flat buffer and hands every shard a view of it. The
-        managed matrices' views are consumed in their hooks, but the buffer lives while any view does: a decoder
-        layer's norm gradients would keep the whole layer's gradient memory. Copying those small views frees it.
-        """
-        local = sharding.local(p.grad) if p.grad is not None else None
-        if local is not None and local.untyped_storage().nbytes() >= _SHARED_BUFFER_RATIO * local.nbytes:
-            p.grad = p.grad.clone()
-
     def _absorb_unhooked_gradients(self) -> None:
         """Fused mode: consume managed `.grad`s no hook took (unfrozen later, set by hand), and hook new params."""
         self._adopt_swapped_params()
         if not self.fused:
             return
-        self._hook_adamw_side()
+        self.intake.hook_adamw_side()
+        self.intake.hook_matrices()
         for group in self.param_groups:
             if not group["mofasgd"]:
                 continue
-            self._hooks.register(group["params"])
             for p in group["params"]:
                 if p.grad is not None:
                     self._init_factors(p, group, p.grad)  # collective for FSDP2: same order on every rank
-                    self._consume_gradient(p)
+                    self.intake.matrix_gradient(p)
 
     @torch.no_grad()
     def _synchronize_pending(self) -> None:
@@ -676,36 +637,12 @@ class MoFaSGD(torch.optim.Optimizer):
         collective is the same on all ranks; a matrix no rank saw a gradient for stays without one.
         """
         self._absorb_unhooked_gradients()
-        sharded = self._sharded and not self._pending_synced
-        if not sharded and (not self.data_parallel or self._pending_synced or dp.world_size() == 1):
+        if self.intake.synced:
             return
-        self._buckets_now.clear()
-        flags, tensors = [], []
-        for group in self.param_groups:
-            if not group["mofasgd"]:
-                continue
-            for p in group["params"]:
-                if not p.requires_grad:
-                    continue
-                state = self._init_factors(p, group, None)
-                U = sharding.local(state["U"])
-                flag = torch.ones(1, dtype=U.dtype, device=U.device)
-                if "GV" not in state:
-                    flag.zero_()
-                    state["GV"], state["GtU"] = torch.zeros_like(U), torch.zeros_like(state["V"])
-                flags.append((state, flag))
-                # FSDP2: G V stays local; G^T U is this rank's rows' share of the sum
-                tensors += [state["GtU"], flag] if sharded else [state["GV"], state["GtU"], flag]
-        if sharded:
-            dp.sum_in_place(tensors, self._process_group())
-        else:
-            dp.average_in_place(tensors)
-        seen_anywhere = torch.cat([flag for _, flag in flags]).tolist() if flags else []  # one device sync
-        for (state, _), seen in zip(flags, seen_anywhere):
-            if seen == 0.0:
-                for key in _PENDING:
-                    state.pop(key)
-        self._pending_synced = True
+        if self._sharded:
+            self.intake.synchronize(sharded=True, group=self._process_group())
+        elif self.data_parallel and dp.world_size() > 1:
+            self.intake.synchronize(sharded=False)
 
     def _process_group(self):
         """The process group the FSDP2-sharded matrices are sharded over (one mesh per model)."""
@@ -720,11 +657,8 @@ class MoFaSGD(torch.optim.Optimizer):
             )
         return groups.pop()
 
-    def _pending_projections(self, p: torch.Tensor, group: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """(G V, G^T U) of the gradient the next step consumes, or None when p received no gradient."""
-        state = self.state[p]
-        if self.fused:
-            return (state["GV"], state["GtU"]) if "GV" in state else None
+    def _dense_projections(self, p: torch.Tensor, group: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """fused=False: (G V, G^T U) of the .grad the next step consumes, or None when p has no gradient."""
         if p.grad is None:
             return None
         state = self._init_factors(p, group, p.grad)
@@ -736,12 +670,11 @@ class MoFaSGD(torch.optim.Optimizer):
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Clear gradients and, in fused mode, the pending projections of managed matrices."""
         super().zero_grad(set_to_none=set_to_none)
-        for state in self.state.values():
+        self.intake.consumed()
+        for state in self.state.values():  # sums a checkpoint loaded outside the intake's layout
             for key in _PENDING:
                 state.pop(key, None)
-        self._pending_synced = True
         self._side_norm_sq = []
-        self._buckets_now.clear()
 
     # ------------------------------------------------------------------ norms and clipping
     @torch.no_grad()
@@ -762,9 +695,9 @@ class MoFaSGD(torch.optim.Optimizer):
                 shares.append(part)
             else:
                 totals[part.device] = totals.get(part.device, 0) + part
-        for group in self.param_groups:
+        for gi, group in enumerate(self.param_groups):
             if group["mofasgd"] and not self._consumes_whole_gradient(group):  # ||G_hat|| from the projections
-                for bucket in self._buckets(group):
+                for bucket in self._buckets(gi):
                     if bucket.rows is not None:  # FSDP2: G^T U is already summed, the same on every rank
                         part = bucket.gtu.square().sum()
                         shares.append(bucket.gv.square().sum().double())
@@ -808,9 +741,7 @@ class MoFaSGD(torch.optim.Optimizer):
         self._side_clip_coef = min(coef, 1.0)  # fused_adamw_side: what the next step's hooked updates use
         if coef < 1.0:
             consumed = [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
-            # pending sums exist in fused mode only, where grad_norm() has just stacked every bucket: the sums are
-            # views of the stacks, so each stack is scaled once
-            consumed += [t for buckets in self._buckets_now.values() for b in buckets for t in (b.gv, b.gtu)]
+            consumed += self.intake.buffers()  # fused mode: every pending sum, scaled once in its bucket's buffer
             plain = [t for t in consumed if not sharding.is_dtensor(t)]
             if plain:
                 torch._foreach_mul_(plain, coef)
@@ -829,9 +760,9 @@ class MoFaSGD(torch.optim.Optimizer):
                 loss = closure()
         self._synchronize_pending()
         finite = []
-        for group in self.param_groups:
+        for gi, group in enumerate(self.param_groups):
             if group["mofasgd"]:
-                finite += self._matrix_steps(group)
+                finite += self._matrix_steps(gi)
             else:
                 self._adamw_step(group)
         self._count_nonfinite(finite)
@@ -854,54 +785,50 @@ class MoFaSGD(torch.optim.Optimizer):
             return None
         return self._rng.get(p.device)
 
-    def _buckets(self, group: dict[str, Any]) -> list[_Bucket]:
-        """The managed matrices of `group` that hold a gradient, in buckets of one (shape, dtype, device, rank).
+    def _buckets(self, group_index: int) -> list[_Bucket]:
+        """The managed matrices of a group that hold a gradient, in buckets of one (shape, dtype, device, rank).
 
         Matrices of a bucket are stepped together: their panels go through one batched QR per side and their cores
         through one batched SVD, so the solver calls per step scale with the number of distinct shapes, not of
-        matrices. In fused mode the buckets are kept until the pending projections change (a hook, zero_grad, the
-        step), so ``grad_norm``, clipping and ``step`` stack them once; the pending sums become views of the stacks.
+        matrices. In fused mode the projections are the intake's pending buffers; with fused=False they are formed
+        here from each ``.grad``.
         """
-        cached = self._buckets_now.get(id(group))
-        if cached is not None:
-            return cached
-        members: dict[tuple, list[tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]]] = {}
-        for p in group["params"]:
-            projections = self._pending_projections(p, group)
-            if projections is None:
-                continue
-            U = sharding.local(self.state[p]["U"])
-            # FSDP2: the global shape fixes every rank's rows, so all ranks form the same buckets (same collectives)
-            shape = (tuple(p.shape), tuple(sharding.local(p).shape), sharding.is_dtensor(p))
-            members.setdefault((shape, p.dtype, p.device, U.dtype, U.shape[1]), []).append((p, projections))
+        group = self.param_groups[group_index]
+        if self.fused:
+            pending = [(view.params, view.gv, view.gtu) for view in self.intake.pending(group_index)]
+        else:
+            pending = self._dense_buckets(group)
         buckets = []
-        for items in members.values():
-            params = [p for p, _ in items]
+        for params, gv, gtu in pending:
             states = [self.state[p] for p in params]
             U = _stacked([sharding.local(st["U"]) for st in states])
             S, V = (_stacked([st[key] for st in states]) for key in ("S", "V"))
-            gv, gtu = (_stacked([proj[k] for _, proj in items]) for k in (0, 1))
-            if self.fused and len(params) > 1:
-                for state, pending_gv, pending_gtu in zip(states, gv.unbind(0), gtu.unbind(0)):
-                    state["GV"], state["GtU"] = pending_gv, pending_gtu
             rows = sharding.RowGroup(params[0]) if sharding.is_dtensor(params[0]) else None
             buckets.append(_Bucket(params, states, U, S, V, gv, gtu, rows))
-        if self.fused:  # non-fused projections come from .grad, which the caller may change between calls
-            self._buckets_now[id(group)] = buckets
         return buckets
 
-    def _matrix_steps(self, group: dict[str, Any]) -> list[torch.Tensor]:
-        """Step every managed matrix of `group` that has a gradient, one batched step per bucket.
+    def _dense_buckets(self, group: dict[str, Any]) -> list[tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]]:
+        """fused=False: the matrices holding a .grad, grouped by (shape, dtype, device, rank), projections stacked."""
+        members: dict[tuple, list[tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]]] = {}
+        for p in group["params"]:
+            projections = self._dense_projections(p, group)
+            if projections is None:
+                continue
+            U = self.state[p]["U"]
+            members.setdefault((tuple(p.shape), p.dtype, p.device, U.dtype, U.shape[1]), []).append((p, projections))
+        return [
+            ([p for p, _ in items], *(torch.stack([proj[k] for _, proj in items]) for k in (0, 1)))
+            for items in members.values()
+        ]
+
+    def _matrix_steps(self, group_index: int) -> list[torch.Tensor]:
+        """Step every managed matrix of a group that has a gradient, one batched step per bucket.
 
         Returns each bucket's per-matrix finiteness flags (device tensors, counted once per step).
         """
-        finite = []
-        for bucket in self._buckets(group):
-            finite.append(self._bucket_step(group, bucket))
-            for state in bucket.states:
-                for key in _PENDING:
-                    state.pop(key, None)
-        self._buckets_now.pop(id(group), None)
+        group = self.param_groups[group_index]
+        finite = [self._bucket_step(group, bucket) for bucket in self._buckets(group_index)]
+        self.intake.consumed(group_index)
         return finite
 
     def _bucket_step(self, group: dict[str, Any], bucket: _Bucket) -> torch.Tensor:

@@ -85,7 +85,7 @@ class FusedGaLoreAdamW(GaLoreAdamW):
                 )
         self._group_index: dict[torch.Tensor, int] = {}
         self._pending: dict[torch.Tensor, torch.Tensor] = {}
-        self._hooks = HookRegistry(self, "_absorb_gradient")
+        self._hooks = HookRegistry(self._absorb_gradient)
         super().__init__(
             params,
             lr=lr,

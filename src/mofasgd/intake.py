@@ -1,0 +1,378 @@
+"""Gradient intake: where every gradient enters MoFaSGD, and the one place the pending projections live.
+
+A managed matrix's gradient G is only ever needed as (G V, G^T U). Those sums live in :class:`PendingBucket`
+buffers, one per param group and (shape, dtype, device, rank), allocated at their first write and kept, so the
+step reads a bucket's stacked projections as they are. Two paths write into them:
+
+- the projected linear backward (:mod:`mofasgd.projected_linear`): an ``nn.Linear`` weight's projections are
+  formed from the layer's input and output gradient; the m x n gradient is never formed;
+- a post-accumulate-grad hook, for every other managed matrix (and a Linear weight whose dense gradient is
+  needed, or that is also used outside its Linear): G is projected and freed at once.
+
+The AdamW-side hooks (updates during backward with ``fused_adamw_side``; FSDP2 gradients copied out of a shared
+buffer) live here too. While a sum is pending, the matrix's optimizer state holds views of its slot
+(``state["GV"]``, ``state["GtU"]``), which is how a checkpoint taken mid-accumulation saves and resumes it.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any, NamedTuple
+
+import torch
+
+from mofasgd import data_parallel as dp
+from mofasgd import factor_math as fm
+from mofasgd import sharding
+from mofasgd.hooks import HookRegistry
+
+if TYPE_CHECKING:
+    from mofasgd.optimizer import MoFaSGD
+
+PENDING_KEYS = ("GV", "GtU")
+# An AdamW-side FSDP2 gradient whose buffer is this many times its size shares it with others: copied out (cheap).
+# scripts/bench/llama_memory_accounting.py models the same rule.
+SHARED_BUFFER_RATIO = 4
+# Devices where a transposed-left product A^T B of a tall A by a thin B is formed as (B^T A)^T: CPU BLAS takes a
+# slow path for the first form (see factor_math._TRANSPOSE_OUTSIDE); CUDA's GEMM takes transposes as flags.
+_TRANSPOSE_OUTSIDE = fm._TRANSPOSE_OUTSIDE
+
+
+class Slot(NamedTuple):
+    """Where one managed matrix's pending projections live: entry `index` of `bucket`."""
+
+    bucket: PendingBucket
+    index: int
+
+
+class PendingBucket:
+    """The pending (G V, G^T U) sums of the managed matrices of one group that share shape, dtype, device and rank.
+
+    ``gv`` (B x m x r, FSDP2: this rank's rows) and ``gtu`` (B x n x r) are allocated at the first write and kept;
+    ``seen[i]`` says whether entry i holds a sum in the current accumulation window (other entries are stale).
+    """
+
+    def __init__(self, params: list[torch.Tensor], rows: int, cols: int, rank: int, dtype: torch.dtype) -> None:
+        self.params = params
+        self.shape = (len(params), rows, cols, rank)
+        self.dtype = dtype
+        self.device = params[0].device
+        self.gv: torch.Tensor | None = None
+        self.gtu: torch.Tensor | None = None
+        self.seen = [False] * len(params)
+
+    def allocate(self) -> None:
+        """Create the buffers (zeros) if they do not exist yet."""
+        if self.gv is None:
+            count, rows, cols, rank = self.shape
+            self.gv = torch.zeros(count, rows, rank, dtype=self.dtype, device=self.device)
+            self.gtu = torch.zeros(count, cols, rank, dtype=self.dtype, device=self.device)
+
+    def any_seen(self) -> bool:
+        """Whether any entry holds a sum this window."""
+        return any(self.seen)
+
+    def zero_unseen_(self) -> None:
+        """Zero the stale entries (before a collective sums every entry over ranks)."""
+        self.allocate()
+        stale = [i for i, seen in enumerate(self.seen) if not seen]
+        if len(stale) == len(self.seen):
+            self.gv.zero_()
+            self.gtu.zero_()
+        elif stale:
+            index = torch.tensor(stale, device=self.device)
+            self.gv.index_fill_(0, index, 0)
+            self.gtu.index_fill_(0, index, 0)
+
+
+class PendingView(NamedTuple):
+    """The entries of one bucket that hold a gradient now: their params and stacked projections.
+
+    The stacks are the bucket's own buffers when every entry holds one (the usual case), else copies of the rows.
+    """
+
+    params: list[torch.Tensor]
+    gv: torch.Tensor
+    gtu: torch.Tensor
+
+
+class GradientIntake:
+    """Takes the gradients of one MoFaSGD optimizer's parameters: projections of managed matrices, AdamW-side hooks.
+
+    Holds its optimizer weakly (the hooks and patched Linear modules must not keep it alive).
+    """
+
+    def __init__(self, optimizer: MoFaSGD) -> None:
+        self._optimizer = weakref.ref(optimizer)
+        self.matrix_hooks = HookRegistry(self.matrix_gradient, optimizer)
+        self.copy_hooks = HookRegistry(self.own_gradient_storage, optimizer)  # FSDP2: side grads leave the buffer
+        self.side_hooks = HookRegistry(self.side_gradient, optimizer)  # fused_adamw_side: update during backward
+        self.buckets: dict[int, list[PendingBucket]] = {}  # per param-group index
+        self.slots: dict[int, Slot] = {}  # id(param) -> slot
+        self.synced = True  # no pending sum awaits a data-parallel average
+
+    @property
+    def optimizer(self) -> MoFaSGD | None:
+        """The optimizer this intake feeds, or None once it was collected."""
+        return self._optimizer()
+
+    # ------------------------------------------------------------------ layout
+    def rebuild(self) -> None:
+        """Lay the buckets out for the optimizer's current param groups, keeping every pending sum.
+
+        Called at construction, when a group is added and when FSDP2's DTensors replace the parameters. Entries are
+        in group order, so every data-parallel rank forms the same buckets (same collectives).
+        """
+        optimizer = self.optimizer
+        buckets: dict[int, list[PendingBucket]] = {}
+        slots: dict[int, Slot] = {}
+        for gi, group in enumerate(optimizer.param_groups):
+            if not group["mofasgd"]:
+                continue
+            members: dict[tuple, list[torch.Tensor]] = {}
+            for p in group["params"]:
+                rows = tuple(sharding.local(p).shape)
+                key = (tuple(p.shape), rows, sharding.is_dtensor(p), p.dtype, p.device)
+                members.setdefault(key, []).append(p)
+            buckets[gi] = []
+            for (shape, rows, _, dtype, _), params in members.items():
+                rank = fm.effective_rank(group["rank"], shape)
+                bucket = PendingBucket(params, rows[0], shape[1], rank, fm.factor_dtype(dtype))
+                buckets[gi].append(bucket)
+                for i, p in enumerate(params):
+                    slots[id(p)] = Slot(bucket, i)
+        self.buckets, self.slots = buckets, slots
+        self.adopt_state_sums()
+
+    def adopt_state_sums(self) -> None:
+        """Move pending sums found in the optimizer state (a loaded checkpoint, an older layout) into the slots."""
+        optimizer = self.optimizer
+        for bucket, index in self.slots.values():
+            p = bucket.params[index]
+            state = optimizer.state.get(p)
+            if not state or "GV" not in state:
+                continue
+            gv, gtu = state["GV"], state["GtU"]
+            self.write(p, gv.to(bucket.dtype), gtu.to(bucket.dtype))
+        self.synced = not any(b.any_seen() for bs in self.buckets.values() for b in bs)
+
+    def slot(self, p: torch.Tensor) -> Slot | None:
+        """Where `p`'s pending sums live, or None when the optimizer does not manage it."""
+        return self.slots.get(id(p))
+
+    # ------------------------------------------------------------------ writing
+    def _open(self, p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, bool]:
+        """(G V slot, G^T U slot, whether it already holds a sum this window) of `p`, allocating the buffers."""
+        bucket, index = self.slots[id(p)]
+        bucket.allocate()
+        return bucket.gv[index], bucket.gtu[index], bucket.seen[index]
+
+    def _mark(self, p: torch.Tensor) -> None:
+        bucket, index = self.slots[id(p)]
+        if not bucket.seen[index]:
+            bucket.seen[index] = True
+            state = self.optimizer.state[p]
+            state["GV"], state["GtU"] = bucket.gv[index], bucket.gtu[index]
+        self.synced = False
+
+    def write(self, p: torch.Tensor, gv: torch.Tensor, gtu: torch.Tensor) -> None:
+        """Add (or, first in a window, set) `p`'s projections."""
+        slot_gv, slot_gtu, seen = self._open(p)
+        if seen:
+            slot_gv.add_(gv)
+            slot_gtu.add_(gtu)
+        else:
+            slot_gv.copy_(gv)
+            slot_gtu.copy_(gtu)
+        self._mark(p)
+
+    def add_gradient(self, p: torch.Tensor, grad: torch.Tensor, U: torch.Tensor, V: torch.Tensor) -> None:
+        """Add the projections of a dense gradient (this rank's rows under FSDP2)."""
+        slot_gv, slot_gtu, seen = self._open(p)
+        if seen:
+            fm.add_projections_(slot_gv, slot_gtu, grad, U, V)
+        else:
+            gv, gtu = fm.project_gradient(grad, U, V)
+            slot_gv.copy_(gv)
+            slot_gtu.copy_(gtu)
+        self._mark(p)
+
+    def add_linear(self, p: torch.Tensor, inputs: torch.Tensor, grad_outputs: torch.Tensor) -> bool:
+        """Add G V = dY^T (X V) and G^T U = X^T (dY U) of a Linear weight, from X (T x n) and dY (T x m).
+
+        Returns False (the caller then forms the dense gradient for the hook path) when the optimizer is gone, the
+        matrix is not (or no longer) managed, or its factors do not exist yet and only the dense gradient can make
+        them (``init='gradient'``, an FSDP2 shard).
+        """
+        optimizer = self.optimizer
+        if optimizer is None or id(p) not in self.slots or sharding.is_dtensor(p):
+            return False
+        state = optimizer.state[p]
+        if "U" not in state:
+            group = optimizer.param_groups[optimizer._group_index[p]]
+            if group["init"] == "gradient":
+                return False
+            state = optimizer._init_factors(p, group, None)
+        U, V = state["U"], state["V"]
+        x = inputs if inputs.dtype == V.dtype else inputs.to(V.dtype)
+        dy = grad_outputs if grad_outputs.dtype == V.dtype else grad_outputs.to(V.dtype)
+        xv, dyu = x @ V, dy @ U  # T x r each
+        slot_gv, slot_gtu, seen = self._open(p)
+        if p.device.type in _TRANSPOSE_OUTSIDE:
+            gv, gtu = (xv.T @ dy).T, (dyu.T @ x).T
+            if seen:
+                slot_gv.add_(gv)
+                slot_gtu.add_(gtu)
+            else:
+                slot_gv.copy_(gv)
+                slot_gtu.copy_(gtu)
+        elif seen:
+            slot_gv.addmm_(dy.T, xv)
+            slot_gtu.addmm_(x.T, dyu)
+        else:
+            torch.mm(dy.T, xv, out=slot_gv)
+            torch.mm(x.T, dyu, out=slot_gtu)
+        self._mark(p)
+        return True
+
+    # ------------------------------------------------------------------ hooks
+    def hook_matrices(self) -> None:
+        """Register the post-accumulate-grad hook on every managed matrix (those already hooked are skipped)."""
+        for group in self.optimizer.param_groups:
+            if group["mofasgd"]:
+                self.matrix_hooks.register(group["params"])
+
+    def matrix_gradient(self, p: torch.Tensor) -> None:
+        """Post-accumulate-grad hook of a managed matrix: add (G V, G^T U) to its slot and free the m x n gradient.
+
+        It runs once per matrix and micro-batch, so it stays lean: backward already runs without grad mode (a
+        ``no_grad`` context is entered only under ``create_graph=True``).
+        """
+        if torch.is_grad_enabled():
+            with torch.no_grad():
+                return self.matrix_gradient(p)
+        grad = p.grad
+        optimizer = self.optimizer
+        if grad is None or optimizer is None:
+            return
+        state = optimizer.state[p]
+        if "U" not in state:
+            if sharding.is_dtensor(p):
+                return  # a sharded matrix's first init is collective: step() does it, in the same order everywhere
+            state = optimizer._init_factors(p, optimizer.param_groups[optimizer._group_index[p]], grad)
+        # FSDP2: local rows of G give local rows of G V and this rank's share of G^T U (summed at synchronisation)
+        self.add_gradient(p, sharding.local(grad), sharding.local(state["U"]), state["V"])
+        p.grad = None
+
+    def hook_adamw_side(self) -> None:
+        """Hook the AdamW side: its matrices for fused_adamw_side, and under FSDP2 its other shards.
+
+        Under FSDP2 their gradients may share a reduce-scatter buffer with managed ones, so they are copied out (a
+        hooked matrix's own hook does that while an accumulation is pending).
+        """
+        optimizer = self.optimizer
+        for group in optimizer.param_groups:
+            if group["mofasgd"]:
+                continue
+            side = optimizer._fused_side_params(group) if optimizer.fused_adamw_side else []
+            self.side_hooks.register(side)
+            if optimizer._sharded:
+                hooked = {id(p) for p in side}
+                self.copy_hooks.register(p for p in group["params"] if sharding.is_dtensor(p) and id(p) not in hooked)
+
+    @torch.no_grad()
+    def side_gradient(self, p: torch.Tensor) -> None:
+        """fused_adamw_side: hand an AdamW-side gradient to the optimizer once the accumulation window is complete."""
+        optimizer = self.optimizer
+        if p.grad is None or optimizer is None:
+            return
+        if not optimizer._at_accumulation_boundary():  # more micro-batches add to this gradient: wait for them
+            if sharding.is_dtensor(p):
+                self.own_gradient_storage(p)
+            return
+        optimizer._adamw_side_update(p)
+
+    @torch.no_grad()
+    def own_gradient_storage(self, p: torch.Tensor) -> None:
+        """FSDP2 hook on AdamW-side shards: copy a gradient that is a small view of a shared buffer out of it.
+
+        FSDP2 reduce-scatters each unit's gradients into one flat buffer and hands every shard a view of it. The
+        managed matrices' views are consumed in their hooks, but the buffer lives while any view does: a decoder
+        layer's norm gradients would keep the whole layer's gradient memory. Copying those small views frees it.
+        """
+        local = sharding.local(p.grad) if p.grad is not None else None
+        if local is not None and local.untyped_storage().nbytes() >= SHARED_BUFFER_RATIO * local.nbytes:
+            p.grad = p.grad.clone()
+
+    def remove_hooks(self) -> None:
+        """Detach every gradient hook of this intake."""
+        self.matrix_hooks.remove()
+        self.copy_hooks.remove()
+        self.side_hooks.remove()
+
+    # ------------------------------------------------------------------ reading
+    def pending(self, group_index: int) -> Iterator[PendingView]:
+        """The entries of each bucket of a group that hold a sum this window (buckets without any are skipped)."""
+        for bucket in self.buckets.get(group_index, ()):
+            if not bucket.any_seen():
+                continue
+            if all(bucket.seen):
+                yield PendingView(bucket.params, bucket.gv, bucket.gtu)
+                continue
+            chosen = [i for i, seen in enumerate(bucket.seen) if seen]
+            index = torch.tensor(chosen, device=bucket.device)
+            yield PendingView([bucket.params[i] for i in chosen], bucket.gv[index], bucket.gtu[index])
+
+    def buffers(self) -> list[torch.Tensor]:
+        """Every allocated pending buffer (clipping scales them in place)."""
+        return [t for bs in self.buckets.values() for b in bs if b.gv is not None for t in (b.gv, b.gtu)]
+
+    def consumed(self, group_index: int | None = None) -> None:
+        """Forget the pending sums of a group (or of all groups): the step took them, or zero_grad dropped them."""
+        optimizer = self.optimizer
+        for gi, bs in self.buckets.items():
+            if group_index is not None and gi != group_index:
+                continue
+            for bucket in bs:
+                for i, seen in enumerate(bucket.seen):
+                    if seen:
+                        bucket.seen[i] = False
+                        state = optimizer.state.get(bucket.params[i])
+                        if state is not None:
+                            for key in PENDING_KEYS:
+                                state.pop(key, None)
+        if group_index is None:
+            self.synced = True
+
+    # ------------------------------------------------------------------ data parallelism
+    def synchronize(self, sharded: bool, group: Any = None) -> None:
+        """Combine the pending sums over ranks: averaged under DDP, G^T U summed over FSDP2's row shards.
+
+        Every rank contributes every bucket entry (zeros where it saw no gradient) plus a flag, so the collective is
+        the same on all ranks; an entry no rank saw a gradient for stays without one. One host read for the flags.
+        """
+        optimizer = self.optimizer
+        tensors, flags = [], []
+        for gi, bs in self.buckets.items():
+            params_group = optimizer.param_groups[gi]
+            for bucket in bs:
+                for p in bucket.params:
+                    if p.requires_grad:
+                        optimizer._init_factors(p, params_group, None)
+                bucket.zero_unseen_()
+                flag = torch.tensor(bucket.seen, dtype=bucket.dtype, device=bucket.device)
+                flags.append((bucket, flag))
+                tensors += [bucket.gtu, flag] if sharded else [bucket.gv, bucket.gtu, flag]
+        if sharded:
+            dp.sum_in_place(tensors, group)
+        else:
+            dp.average_in_place(tensors)
+        seen_anywhere = torch.cat([flag for _, flag in flags]).tolist() if flags else []  # one device sync
+        offset = 0
+        for bucket, flag in flags:
+            for i in range(flag.numel()):
+                if seen_anywhere[offset + i] != 0.0 and bucket.params[i].requires_grad:
+                    self._mark(bucket.params[i])
+            offset += flag.numel()
+        self.synced = True

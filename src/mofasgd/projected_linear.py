@@ -1,0 +1,162 @@
+"""Projected linear backward: an ``nn.Linear`` whose managed weight never receives a gradient.
+
+For y = x W^T (W m x n, x T x n, dY T x m) the weight gradient is G = dY^T X, and MoFaSGD needs only
+G V = dY^T (X V) and G^T U = X^T (dY U): four thin products, 2 T (m + n) r FLOPs instead of the 2 T m n of the
+weight-gradient GEMM, and no m x n tensor. :func:`attach` swaps the forward of the Linear modules whose weight an
+optimizer manages for one through :class:`_ProjectedLinear`, whose backward returns dX (and the bias gradient) as
+usual and hands X and dY to the optimizer's :class:`~mofasgd.intake.GradientIntake` instead of returning dW.
+
+Where the intake cannot take the projections (its factors can only come from a dense gradient, the optimizer is
+gone), the backward returns the dense dW after all, and the weight's post-accumulate-grad hook consumes it: the
+result is the same, only slower. A weight also used outside its Linear gets that use's gradient through the hook
+too, so both contributions are counted.
+"""
+
+from __future__ import annotations
+
+import re
+import types
+import weakref
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+if TYPE_CHECKING:
+    from mofasgd.intake import GradientIntake
+
+PROJECTED = "projected"
+HOOK = "hook"
+
+
+class _ProjectedLinear(torch.autograd.Function):
+    """F.linear whose backward sends (X, dY) to the intake instead of forming dW (dense dW only as a fall-back)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, intake_ref):
+        device = x.device.type
+        if torch.is_autocast_enabled(device):  # what autocast would run: F.linear in its dtype, inputs cast
+            dtype = torch.get_autocast_dtype(device)
+            x, weight_c = x.to(dtype), weight.to(dtype)
+            bias = None if bias is None else bias.to(dtype)
+            with torch.autocast(device, enabled=False):
+                out = F.linear(x, weight_c, bias)
+        else:
+            weight_c = weight
+            out = F.linear(x, weight, bias)
+        ctx.save_for_backward(x, weight_c)
+        ctx.weight_ref = weakref.ref(weight)  # the parameter itself (weight_c may be autocast's copy)
+        ctx.intake_ref = intake_ref
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, weight_c = ctx.saved_tensors
+        grad_x = grad_out @ weight_c if ctx.needs_input_grad[0] else None
+        grad_bias = None
+        if ctx.needs_input_grad[2]:
+            grad_bias = grad_out.reshape(-1, grad_out.shape[-1]).sum(0)
+        grad_weight = None
+        if ctx.needs_input_grad[1]:
+            with torch.no_grad():
+                inputs = x.reshape(-1, x.shape[-1])
+                grad_outputs = grad_out.reshape(-1, grad_out.shape[-1])
+                intake = ctx.intake_ref()
+                weight = ctx.weight_ref()
+                taken = intake is not None and weight is not None and intake.add_linear(weight, inputs, grad_outputs)
+                if not taken:  # the hook path: the dense gradient, consumed by the weight's post-accumulate hook
+                    grad_weight = grad_outputs.T @ inputs
+        return grad_x, grad_weight, grad_bias, None
+
+
+def _projected_forward(self: nn.Linear, input: torch.Tensor) -> torch.Tensor:
+    """nn.Linear.forward through the projected backward while its weight is a managed parameter of a live intake."""
+    intake_ref = self.__dict__.get("_mofasgd_intake")
+    intake = intake_ref() if intake_ref is not None else None
+    weight = self.weight
+    if intake is None or intake.slot(weight) is None or not torch.is_grad_enabled() or not weight.requires_grad:
+        return F.linear(input, weight, self.bias)
+    return _ProjectedLinear.apply(input, weight, self.bias, intake_ref)
+
+
+@dataclass
+class Attachment:
+    """What :func:`attach` did: per managed matrix (by name), the path its gradient takes and, for hooks, why."""
+
+    paths: dict[str, tuple[str, str]] = field(default_factory=dict)  # name -> (PROJECTED | HOOK, reason)
+    modules: list[weakref.ref] = field(default_factory=list)
+
+    def projected(self) -> list[str]:
+        """Names of the matrices on the projected path."""
+        return [name for name, (path, _) in self.paths.items() if path == PROJECTED]
+
+    def table(self) -> str:
+        """One line per path and reason, layers folded like the routing table (``layers.*.``)."""
+        folded: dict[tuple[str, str, str], int] = {}
+        for name, (path, reason) in self.paths.items():
+            key = (re.sub(r"\.\d+\.", ".*.", name), path, reason)
+            folded[key] = folded.get(key, 0) + 1
+        rows = [("matrix", "count", "gradient path")]
+        for (name, path, reason), count in folded.items():
+            rows.append((name, str(count), path + (f" ({reason})" if reason else "")))
+        widths = [max(len(r[i]) for r in rows) for i in range(2)]
+        lines = [f"{r[0].ljust(widths[0])}  {r[1].ljust(widths[1])}  {r[2]}" for r in rows]
+        count = len(self.projected())
+        lines.append(f"Projected backward: {count} of {len(self.paths)} MoFaSGD matrices (no weight gradient formed).")
+        return "\n".join(lines)
+
+    def detach(self) -> None:
+        """Give every patched module its own forward back."""
+        for ref in self.modules:
+            module = ref()
+            if module is not None:
+                module.__dict__.pop("forward", None)
+                module.__dict__.pop("_mofasgd_intake", None)
+        self.modules.clear()
+
+
+def _why_not(module: nn.Module) -> str | None:
+    """Why a Linear module holding a managed weight cannot take the projected forward, or None when it can."""
+    if type(module).forward is not nn.Linear.forward:
+        return f"{type(module).__name__} has its own forward"
+    if "forward" in module.__dict__:
+        return "its forward is already wrapped"
+    if module._forward_hooks or module._forward_pre_hooks:
+        return "it has forward hooks"
+    return None
+
+
+def attach(model: nn.Module, intake: GradientIntake, names: dict[int, str], refusal: str | None) -> Attachment:
+    """Route the managed weights of `model`'s Linear modules through the projected backward.
+
+    Args:
+        model: the model whose modules are patched (in place; :meth:`Attachment.detach` undoes it).
+        intake: the optimizer's gradient intake, which receives the projections.
+        names: id(parameter) -> name, for the managed matrices to report on.
+        refusal: why no matrix can take the projected path (an optimizer setting), or None.
+    """
+    attachment = Attachment()
+    linear_of: dict[int, list[nn.Module]] = {}
+    for module in model.modules():
+        weight = getattr(module, "weight", None)
+        if isinstance(module, nn.Linear) and isinstance(weight, torch.Tensor) and id(weight) in names:
+            linear_of.setdefault(id(weight), []).append(module)
+    ref = weakref.ref(intake)
+    for pid, name in names.items():
+        modules = linear_of.get(pid, [])
+        reason = refusal
+        if reason is None and not modules:
+            reason = "not the weight of an nn.Linear"
+        if reason is None:
+            reason = next((why for why in map(_why_not, modules) if why), None)
+        if reason is not None:
+            attachment.paths[name] = (HOOK, reason)
+            continue
+        for module in modules:
+            module.__dict__["_mofasgd_intake"] = ref
+            module.forward = types.MethodType(_projected_forward, module)
+            attachment.modules.append(weakref.ref(module))
+        attachment.paths[name] = (PROJECTED, "")
+    return attachment
