@@ -92,6 +92,12 @@ class MfsgdArguments:
         "Update the AdamW-side matrices (embeddings, LM head) in their gradient hooks, at the last micro-batch, so "
         "their gradients never coexist. Clipping then uses the previous step's coefficient for them.",
     )
+    mfsgd_projected_backward: bool = _option(
+        "projected_backward",
+        "Train the MoFaSGD weights of nn.Linear layers through a backward that forms only G V and G^T U: no "
+        "weight gradient, no weight-gradient GEMM (faster). `false`: every matrix takes the gradient hook. The "
+        "start-up log says per matrix which path it takes and why.",
+    )
     mfsgd_target: str = field(
         default="all",
         metadata={

@@ -74,8 +74,21 @@ def create_mfsgd_optimizer(model: nn.Module, training_args: Any, finetuning_args
 
         gradient_state = GradientState()
         optimizer.accumulation_boundary = lambda: gradient_state.sync_gradients
-    logger.info_rank0(f"{effective_settings(optimizer, finetuning_args.mfsgd_target)} Routing:\n{routing.table()}")
+    attachment = optimizer.attach(model, reason=_hook_path_reason(training_args))
+    logger.info_rank0(
+        f"{effective_settings(optimizer, finetuning_args.mfsgd_target)} Routing:\n{routing.table()}\n"
+        f"Gradient paths:\n{attachment.table()}"
+    )
     return optimizer
+
+
+def _hook_path_reason(training_args: Any) -> str | None:
+    """Why this run keeps every MoFaSGD matrix on the gradient-hook path whatever the optimizer says, or None."""
+    if training_args.fsdp:
+        return "FSDP2 shards the weight; measured cost in docs/algorithm.md"
+    if training_args.torch_compile:
+        return "torch_compile traces the backward"
+    return None
 
 
 def effective_settings(optimizer: MoFaSGD, target: str) -> str:
@@ -101,6 +114,7 @@ def effective_settings(optimizer: MoFaSGD, target: str) -> str:
         warmup = f"{mofasgd['beta_start']:g}->{mofasgd['beta_end']:g} over {mofasgd['beta_warmup_steps']} steps"
         parts.append(f"beta warm-up {warmup}")
     parts += [f"fused={optimizer.fused}", f"fused_adamw_side={optimizer.fused_adamw_side}"]
+    parts.append(f"projected_backward={optimizer.projected_backward}")
     parts += [f"data_parallel={optimizer.data_parallel}", f"target={target}"]
     if adamw:
         parts.append(

@@ -111,6 +111,11 @@ class GradientIntake:
         self.buckets: dict[int, list[PendingBucket]] = {}  # per param-group index
         self.slots: dict[int, Slot] = {}  # id(param) -> slot
         self.synced = True  # no pending sum awaits a data-parallel average
+        # An empty leaf every projected Linear takes as an input: it keeps the output in the autograd graph when
+        # nothing else there needs a gradient, and whether backward will run its accumulator node says whether this
+        # backward accumulates into leaves (backward()) or only computes some gradients (autograd.grad, inputs=).
+        self.anchor = torch.zeros(0, requires_grad=True)
+        self.anchor_node = torch.autograd.graph.get_gradient_edge(self.anchor).node  # held: one node for good
 
     @property
     def optimizer(self) -> MoFaSGD | None:
@@ -198,12 +203,15 @@ class GradientIntake:
             slot_gtu.copy_(gtu)
         self._mark(p)
 
+    def accumulates(self) -> bool:
+        """Inside backward: whether the running backward accumulates into leaves (so into the pending sums)."""
+        return torch._C._will_engine_execute_node(self.anchor_node)
+
     def add_linear(self, p: torch.Tensor, inputs: torch.Tensor, grad_outputs: torch.Tensor) -> bool:
         """Add G V = dY^T (X V) and G^T U = X^T (dY U) of a Linear weight, from X (T x n) and dY (T x m).
 
-        Returns False (the caller then forms the dense gradient for the hook path) when the optimizer is gone, the
-        matrix is not (or no longer) managed, or its factors do not exist yet and only the dense gradient can make
-        them (``init='gradient'``, an FSDP2 shard).
+        Returns False when the optimizer is gone or the matrix is not (or no longer) managed. Factors that do not
+        exist yet are made first; ``init='gradient'`` needs the dense gradient for that, formed here once.
         """
         optimizer = self.optimizer
         if optimizer is None or id(p) not in self.slots or sharding.is_dtensor(p):
@@ -211,9 +219,13 @@ class GradientIntake:
         state = optimizer.state[p]
         if "U" not in state:
             group = optimizer.param_groups[optimizer._group_index[p]]
+            dense = None
             if group["init"] == "gradient":
-                return False
-            state = optimizer._init_factors(p, group, None)
+                dense = (grad_outputs.T @ inputs).to(p.dtype)
+            state = optimizer._init_factors(p, group, dense)
+            if dense is not None:
+                self.add_gradient(p, dense, state["U"], state["V"])
+                return True
         U, V = state["U"], state["V"]
         x = inputs if inputs.dtype == V.dtype else inputs.to(V.dtype)
         dy = grad_outputs if grad_outputs.dtype == V.dtype else grad_outputs.to(V.dtype)

@@ -360,12 +360,13 @@ class MoFaSGD(torch.optim.Optimizer):
         if self.attachment is not None:
             self.attachment.detach()
 
-    def attach(self, model: torch.nn.Module) -> projected_linear.Attachment:
+    def attach(self, model: torch.nn.Module, reason: str | None = None) -> projected_linear.Attachment:
         """Train the managed weights of `model`'s ``nn.Linear`` modules through the projected backward.
 
         Their backward then forms only G V and G^T U (no weight gradient, no weight-gradient GEMM); every other
         managed matrix keeps the post-accumulate-grad hook. Returns what went where, with reasons
         (:meth:`~mofasgd.projected_linear.Attachment.table`). Without this call every matrix takes the hook path.
+        `reason`: why the caller keeps every matrix on the hook path (e.g. the model will be FSDP2-sharded).
         """
         if self.attachment is not None:
             self.attachment.detach()
@@ -373,7 +374,8 @@ class MoFaSGD(torch.optim.Optimizer):
         managed = {
             id(p): names.get(id(p), self._describe(p)) for g in self.param_groups if g["mofasgd"] for p in g["params"]
         }
-        self.attachment = projected_linear.attach(model, self.intake, managed, self._projection_refusal())
+        refusal = self._projection_refusal() or reason
+        self.attachment = projected_linear.attach(model, self.intake, managed, refusal)
         return self.attachment
 
     def _projection_refusal(self) -> str | None:

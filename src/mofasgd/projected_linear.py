@@ -6,10 +6,12 @@ weight-gradient GEMM, and no m x n tensor. :func:`attach` swaps the forward of t
 optimizer manages for one through :class:`_ProjectedLinear`, whose backward returns dX (and the bias gradient) as
 usual and hands X and dY to the optimizer's :class:`~mofasgd.intake.GradientIntake` instead of returning dW.
 
-Where the intake cannot take the projections (its factors can only come from a dense gradient, the optimizer is
-gone), the backward returns the dense dW after all, and the weight's post-accumulate-grad hook consumes it: the
-result is the same, only slower. A weight also used outside its Linear gets that use's gradient through the hook
-too, so both contributions are counted.
+Where the factors do not exist yet and can only come from a dense gradient (``init='gradient'``'s first step), the
+intake forms dW = dY^T X once, initialises the factors from it and projects it. A weight also used outside its
+Linear gets that use's gradient through its post-accumulate-grad hook, so both contributions are counted. Under
+``create_graph=True`` dX is formed from the weight itself, so higher-order terms reach W through that hook too. A
+backward that accumulates into no leaf (``torch.autograd.grad``, ``backward(inputs=...)``) adds nothing, as it
+would leave ``.grad`` alone.
 """
 
 from __future__ import annotations
@@ -32,43 +34,45 @@ HOOK = "hook"
 
 
 class _ProjectedLinear(torch.autograd.Function):
-    """F.linear whose backward sends (X, dY) to the intake instead of forming dW (dense dW only as a fall-back)."""
+    """F.linear whose backward sends (X, dY) to the intake instead of forming dW.
+
+    The weight enters detached, so autograd has no edge to it: its AccumulateGrad never runs and its
+    post-accumulate-grad hooks never fire. The intake's ``anchor`` (an empty leaf that requires grad) keeps the
+    output in the graph when neither the input nor the bias needs a gradient.
+    """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, intake_ref):
+    def forward(ctx, x, weight, bias, anchor, intake_ref, weight_ref):
         device = x.device.type
         if torch.is_autocast_enabled(device):  # what autocast would run: F.linear in its dtype, inputs cast
             dtype = torch.get_autocast_dtype(device)
-            x, weight_c = x.to(dtype), weight.to(dtype)
+            x, weight = x.to(dtype), weight.to(dtype)
             bias = None if bias is None else bias.to(dtype)
             with torch.autocast(device, enabled=False):
-                out = F.linear(x, weight_c, bias)
+                out = F.linear(x, weight, bias)
         else:
-            weight_c = weight
             out = F.linear(x, weight, bias)
-        ctx.save_for_backward(x, weight_c)
-        ctx.weight_ref = weakref.ref(weight)  # the parameter itself (weight_c may be autocast's copy)
-        ctx.intake_ref = intake_ref
+        ctx.save_for_backward(x, weight)
+        ctx.intake_ref, ctx.weight_ref = intake_ref, weight_ref
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        x, weight_c = ctx.saved_tensors
-        grad_x = grad_out @ weight_c if ctx.needs_input_grad[0] else None
-        grad_bias = None
+        x, weight = ctx.saved_tensors
+        param = ctx.weight_ref()
+        grad_x = grad_bias = None
+        if ctx.needs_input_grad[0]:
+            if torch.is_grad_enabled() and param is not None:  # create_graph: keep dX differentiable in W
+                grad_x = grad_out @ param.to(weight.dtype)
+            else:
+                grad_x = grad_out @ weight
         if ctx.needs_input_grad[2]:
             grad_bias = grad_out.reshape(-1, grad_out.shape[-1]).sum(0)
-        grad_weight = None
-        if ctx.needs_input_grad[1]:
+        intake = ctx.intake_ref()
+        if intake is not None and param is not None and intake.accumulates():
             with torch.no_grad():
-                inputs = x.reshape(-1, x.shape[-1])
-                grad_outputs = grad_out.reshape(-1, grad_out.shape[-1])
-                intake = ctx.intake_ref()
-                weight = ctx.weight_ref()
-                taken = intake is not None and weight is not None and intake.add_linear(weight, inputs, grad_outputs)
-                if not taken:  # the hook path: the dense gradient, consumed by the weight's post-accumulate hook
-                    grad_weight = grad_outputs.T @ inputs
-        return grad_x, grad_weight, grad_bias, None
+                intake.add_linear(param, x.reshape(-1, x.shape[-1]), grad_out.reshape(-1, grad_out.shape[-1]))
+        return grad_x, None, grad_bias, None, None, None
 
 
 def _projected_forward(self: nn.Linear, input: torch.Tensor) -> torch.Tensor:
@@ -78,7 +82,7 @@ def _projected_forward(self: nn.Linear, input: torch.Tensor) -> torch.Tensor:
     weight = self.weight
     if intake is None or intake.slot(weight) is None or not torch.is_grad_enabled() or not weight.requires_grad:
         return F.linear(input, weight, self.bias)
-    return _ProjectedLinear.apply(input, weight, self.bias, intake_ref)
+    return _ProjectedLinear.apply(input, weight.detach(), self.bias, intake.anchor, intake_ref, weakref.ref(weight))
 
 
 @dataclass
@@ -117,6 +121,10 @@ class Attachment:
         self.modules.clear()
 
 
+# torch's own test of whether the running backward executes a node (torch.utils.checkpoint relies on it too)
+_ENGINE_QUERY = "_will_engine_execute_node"
+
+
 def _why_not(module: nn.Module) -> str | None:
     """Why a Linear module holding a managed weight cannot take the projected forward, or None when it can."""
     if type(module).forward is not nn.Linear.forward:
@@ -138,6 +146,8 @@ def attach(model: nn.Module, intake: GradientIntake, names: dict[int, str], refu
         refusal: why no matrix can take the projected path (an optimizer setting), or None.
     """
     attachment = Attachment()
+    if refusal is None and not hasattr(torch._C, _ENGINE_QUERY):
+        refusal = f"this torch has no torch._C.{_ENGINE_QUERY}"
     linear_of: dict[int, list[nn.Module]] = {}
     for module in model.modules():
         weight = getattr(module, "weight", None)
