@@ -362,3 +362,64 @@ def _clone(obj):
     if isinstance(obj, list):
         return [_clone(v) for v in obj]
     return obj
+
+
+def _ddp_worker(rank, world, port, out_path):
+    import os
+
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    from llamafactory_mfsgd.launcher import exit_spawned_worker
+    from mofasgd.data_parallel import ignore_managed_in_ddp
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        model = build()
+        opt = make_optimizer(model, True, data_parallel=True)
+        ignore_managed_in_ddp(model, managed(model))
+        ddp = DistributedDataParallel(model)
+        for micro_batches in batches(6, 2, seed=3):
+            for i, tokens in enumerate(micro_batches):
+                mine = tokens[rank::world]
+                loss = F.cross_entropy(ddp(mine).reshape(-1, VOCAB), mine.reshape(-1)) / 2
+                if i == 0:
+                    with ddp.no_sync():
+                        loss.backward()
+                else:
+                    loss.backward()
+            opt.clip_grad_norm_(1.0)
+            opt.step()
+            opt.zero_grad()
+        if rank == 0:
+            torch.save(model.state_dict(), out_path)
+    finally:
+        dist.destroy_process_group()
+    exit_spawned_worker()
+
+
+@pytest.mark.distributed
+def test_two_process_ddp_on_the_projected_path_equals_one_process(tmp_path):
+    """Each rank projects its half batch; the averaged projections equal one process's over the whole batch."""
+    import torch.multiprocessing as mp
+
+    from llamafactory_mfsgd.launcher import free_port
+
+    out = tmp_path / "rank0.pt"
+    mp.spawn(_ddp_worker, args=(2, free_port(), str(out)), nprocs=2, join=True)
+    model = build()
+    opt = make_optimizer(model, True)
+    for micro_batches in batches(6, 2, seed=3):
+        for tokens in micro_batches:
+            # the mean over ranks of each rank's mean loss over its rows = the mean over the batch (equal halves)
+            halves = [tokens[r::2] for r in range(2)]
+            loss = sum(F.cross_entropy(model(h).reshape(-1, VOCAB), h.reshape(-1)) for h in halves) / 4
+            loss.backward()
+        opt.clip_grad_norm_(1.0)
+        opt.step()
+        opt.zero_grad()
+    result = torch.load(out, weights_only=True)
+    for key, value in model.state_dict().items():
+        torch.testing.assert_close(result[key], value, atol=2e-5, rtol=2e-5)
+    assert_every_matrix_moved(model, build(), model)
