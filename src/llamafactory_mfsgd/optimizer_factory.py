@@ -6,20 +6,25 @@ from typing import Any
 
 from llamafactory.extras.logging import get_logger
 from torch import nn
-from transformers.pytorch_utils import ALL_LAYERNORM_LAYERS
-from transformers.trainer_pt_utils import get_parameter_names
+from transformers import Trainer
 
 from mofasgd import MoFaSGD, split_for_mofasgd
 from mofasgd.data_parallel import ignore_managed_in_ddp
 
 from .arguments import optimizer_options
+from .compat import require
 
 logger = get_logger("llamafactory.mfsgd")  # under llamafactory.* so it shares its handler and verbosity
 
 
 def decay_parameter_names(model: nn.Module) -> set[str]:
-    """Names of parameters that take weight decay: everything but norms and biases (the HF/LLaMA-Factory rule)."""
-    return {n for n in get_parameter_names(model, ALL_LAYERNORM_LAYERS) if "bias" not in n}
+    """Names of parameters that take weight decay: the HF Trainer's own rule, as the AdamW baseline's.
+
+    No biases, no norm weights (`input_layernorm`, `model.norm`, Qwen3's `q_norm`/`k_norm`). The Trainer's method
+    reads nothing from the trainer, and this factory has none: it is called unbound.
+    """
+    require(Trainer, "get_decay_parameter_names")
+    return set(Trainer.get_decay_parameter_names(None, model))
 
 
 def _or_default(value: float | None, default: float) -> float:
