@@ -1,11 +1,14 @@
 """Parse-time hardening (issue 22): the config checker reads YAML as training does; degenerate keys are caught."""
 
+import logging
+
 import llamafactory.hparams.parser as lf_parser
 import llamafactory.train.trainer_utils  # noqa: F401  (applies the extension's patches)
 import pytest
 import transformers.training_args as hf_training_args
 import yaml
 from lf_helpers import tiny_config
+from llamafactory.hparams import get_train_args
 from omegaconf import OmegaConf
 
 from llamafactory_mfsgd.check_configs import check_one
@@ -48,3 +51,42 @@ def test_the_checker_refuses_a_duplicated_key_as_training_does(base, tmp_path, c
         OmegaConf.load(path)  # llamafactory-cli train refuses it
     with pytest.raises(ValueError, match=r"duplicate key `mfsgd_rank`.*keep only one"):
         checker(path)
+
+
+# ---------------------------------------------------------------- item 11: keys that do nothing or freeze the matrices
+
+
+@pytest.fixture()
+def lf_log(caplog):
+    """Records LLaMA-Factory's logger (it does not propagate to the root logger that caplog watches)."""
+    lf_logger = logging.getLogger("llamafactory")
+    lf_logger.addHandler(caplog.handler)
+    caplog.set_level(logging.INFO)
+    yield caplog
+    lf_logger.removeHandler(caplog.handler)
+
+
+def _warnings(lf_log) -> list[str]:
+    return [r.getMessage() for r in lf_log.records if r.levelno == logging.WARNING]
+
+
+def test_optim_beside_use_mfsgd_warns_that_it_is_ignored(base, lf_log):
+    get_train_args(base)
+    assert not [w for w in _warnings(lf_log) if "optim" in w]
+    get_train_args({**base, "optim": "adafactor"})
+    (warning,) = [w for w in _warnings(lf_log) if "`optim: adafactor`" in w]
+    assert "ignored" in warning and "-> MoFaSGD" in warning and "Remove `optim:`" in warning
+
+
+def test_beta_warmup_keys_without_warmup_steps_are_refused(base):
+    with pytest.raises(ValueError, match=r"mfsgd_beta_start.*mfsgd_beta_end.*`mfsgd_beta_warmup_steps`"):
+        get_train_args({**base, "mfsgd_beta_start": 0.75, "mfsgd_beta_end": 0.95})
+    with pytest.raises(ValueError, match=r"`mfsgd_beta_end: 0.95` .*`mfsgd_beta_warmup_steps`"):
+        get_train_args({**base, "mfsgd_beta_end": 0.95})
+
+
+def test_beta_warmup_keys_with_warmup_steps_zero_warn_that_beta_stays_constant(base, lf_log):
+    change = {"mfsgd_beta_start": 0.75, "mfsgd_beta_end": 0.95, "mfsgd_beta_warmup_steps": 0, "mfsgd_beta": 0.8}
+    get_train_args({**base, **change})
+    (warning,) = [w for w in _warnings(lf_log) if "mfsgd_beta_warmup_steps: 0" in w]
+    assert "0.75 -> 0.95" in warning and "0.8" in warning and "unused" in warning

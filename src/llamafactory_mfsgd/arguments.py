@@ -394,6 +394,50 @@ def check_adamw_side_preset_keys(values: dict[str, Any]) -> None:
         )
 
 
+def _warn(message: str) -> None:
+    """A parse-time warning through LLaMA-Factory's logger (imported here: run.py reads configs without it)."""
+    from llamafactory.extras.logging import get_logger
+
+    get_logger("llamafactory.mfsgd").warning_rank0(message)
+
+
+def check_unused_keys(values: dict[str, Any]) -> None:
+    """Keys a MoFaSGD run would ignore: `optim:` (warned) and β warm-up bounds without a warm-up (refused).
+
+    Only the raw config tells a key written as its default from one left out, so these run before parsing.
+    `mfsgd_beta_start`/`_end` without `mfsgd_beta_warmup_steps` are refused: they do nothing, and the missing key is
+    the likely mistake. Written beside `mfsgd_beta_warmup_steps: 0` (the warm-up switched off on purpose) they get
+    a warning.
+    """
+    if not is_set(values.get("use_mfsgd")):
+        return
+    if "optim" in values:
+        _warn(
+            f"`optim: {values['optim']}` is ignored (optim: {values['optim']} -> MoFaSGD): `use_mfsgd: true` trains "
+            "with MoFaSGD, whose AdamW side (embeddings, LM head, norms) is torch's AdamW, set by "
+            "`learning_rate_adamw`, `adam_beta1`/`adam_beta2`, `adam_epsilon` and `mfsgd_adamw_state`. Remove "
+            "`optim:` from the config."
+        )
+    bounds = {key: values[key] for key in ("mfsgd_beta_start", "mfsgd_beta_end") if values.get(key) is not None}
+    if not bounds:
+        return
+    written = ", ".join(f"`{key}: {value}`" for key, value in bounds.items())
+    if "mfsgd_beta_warmup_steps" not in values:
+        raise ValueError(
+            f"{written} set a linear beta warm-up, but the config has no `mfsgd_beta_warmup_steps`, so beta would "
+            "stay `mfsgd_beta` throughout. Add `mfsgd_beta_warmup_steps: N` (the warm-up's length in optimizer "
+            "steps), or remove the warm-up keys."
+        )
+    if values["mfsgd_beta_warmup_steps"] == 0:
+        start = values.get("mfsgd_beta_start", OPTIMIZER_DEFAULTS["beta_start"])
+        end = values.get("mfsgd_beta_end", OPTIMIZER_DEFAULTS["beta_end"])
+        beta = values.get("mfsgd_beta", OPTIMIZER_DEFAULTS["beta"])
+        _warn(
+            f"`mfsgd_beta_warmup_steps: 0` switches the beta warm-up off: {written} are unused (warm-up {start} -> "
+            f"{end} not applied), and beta stays `mfsgd_beta` = {beta} throughout."
+        )
+
+
 def validate_engine_keys(values: dict[str, Any]) -> None:
     """Refuse engines MoFaSGD cannot factor under, before the training arguments are built (DeepSpeed inits there)."""
     if not is_set(values.get("use_mfsgd")):
