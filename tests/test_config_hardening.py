@@ -5,6 +5,7 @@ import logging
 import llamafactory.hparams.parser as lf_parser
 import llamafactory.train.trainer_utils  # noqa: F401  (applies the extension's patches)
 import pytest
+import torch
 import transformers.training_args as hf_training_args
 import yaml
 from lf_helpers import tiny_config
@@ -12,6 +13,7 @@ from llamafactory.hparams import get_train_args
 from omegaconf import OmegaConf
 
 from llamafactory_mfsgd.check_configs import check_one
+from mofasgd import MoFaSGD
 
 
 @pytest.fixture()
@@ -90,3 +92,67 @@ def test_beta_warmup_keys_with_warmup_steps_zero_warn_that_beta_stays_constant(b
     get_train_args({**base, **change})
     (warning,) = [w for w in _warnings(lf_log) if "mfsgd_beta_warmup_steps: 0" in w]
     assert "0.75 -> 0.95" in warning and "0.8" in warning and "unused" in warning
+
+
+@pytest.mark.parametrize(
+    "change,message",
+    [
+        ({"mfsgd_eta1": 0.0}, r"`mfsgd_eta1: 0.0`.*scales every MoFaSGD step to zero"),
+        ({"mfsgd_max_value": 0.0}, r"`mfsgd_max_value: 0.0`.*min\(1/S, max_value\).*mfsgd_use_ones_for_nonzero_s"),
+        ({"mfsgd_eps": 100.0}, r"`mfsgd_eps: 100.0`.*`max_grad_norm: 1.0`.*= 10\b"),
+        ({"mfsgd_eps": 30.0, "max_grad_norm": 3.0, "mfsgd_beta": 0.5}, r"`mfsgd_eps: 30.0`.*= 6\b"),
+        (
+            {"mfsgd_eps": 12.0, "mfsgd_beta_start": 0.5, "mfsgd_beta_end": 0.9, "mfsgd_beta_warmup_steps": 10},
+            r"`mfsgd_eps: 12.0`.*= 10\b",
+        ),
+        ({"mfsgd_eps": float("inf"), "max_grad_norm": 0.0}, r"`mfsgd_eps: inf`"),
+    ],
+    ids=["eta1", "max_value", "eps", "eps_clip_beta", "eps_warmup", "eps_inf"],
+)
+def test_settings_that_freeze_every_matrix_are_refused_at_parse_time(base, change, message):
+    with pytest.raises(ValueError, match=message + r".*, so every MoFaSGD matrix would stay frozen") as error:
+        get_train_args({**base, **change})
+    assert "(the default)" in str(error.value) and "finetuning_type: freeze" in str(error.value)
+
+
+@pytest.mark.parametrize("init", ["gradient", "weight"])
+def test_the_eps_bound_is_tight_a_coherent_clipped_gradient_moves_a_matrix_only_below_it(init):
+    """max_grad_norm / (1 - beta) bounds S under clipping; the most coherent gradient (constant, rank one) nears it."""
+    ceiling = 1.0 / (1 - 0.9)
+    torch.manual_seed(0)
+    gradient = 50 * torch.randn(24, 1) @ torch.randn(1, 16)
+    moves = {}
+    for eps in (1.01 * ceiling, 0.9 * ceiling):
+        torch.manual_seed(0)
+        w = torch.nn.Parameter(0.1 * torch.randn(24, 16))
+        optimizer = MoFaSGD([w], lr=1e-3, rank=4, beta=0.9, eps=eps, init=init, fused=False)
+        moves[eps] = 0
+        for _ in range(150):
+            before = w.detach().clone()
+            w.grad = gradient.clone()
+            optimizer.clip_grad_norm_(1.0)
+            optimizer.step()
+            moves[eps] += bool((w.detach() != before).any())
+    assert moves == {1.01 * ceiling: 0, 0.9 * ceiling: pytest.approx(150, abs=30)}
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"mfsgd_max_value": 0.0, "mfsgd_use_ones_for_nonzero_s": True},  # the spectral step does not read it
+        {"mfsgd_eta1": 0.0, "mfsgd_eta2": 0.5, "mfsgd_fused": False},  # the complement step still moves them
+        {"mfsgd_eps": 100.0, "max_grad_norm": 0.0},  # no clipping: no bound on the momentum's singular values
+        {"mfsgd_eps": 9.0},  # below max_grad_norm / (1 - beta) = 10
+    ],
+)
+def test_settings_that_still_move_the_matrices_parse(base, change):
+    get_train_args({**base, **change})
+
+
+def test_stochastic_rounding_on_fp32_weights_warns_that_it_has_no_effect(base, lf_log):
+    get_train_args({**base, "mfsgd_stochastic_rounding": False})
+    get_train_args(base)
+    assert not [w for w in _warnings(lf_log) if "stochastic_rounding" in w]
+    get_train_args({**base, "mfsgd_stochastic_rounding": True})
+    (warning,) = [w for w in _warnings(lf_log) if "mfsgd_stochastic_rounding: true" in w]
+    assert "fp32" in warning and "no effect" in warning and "pure_bf16: true" in warning
