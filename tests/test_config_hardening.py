@@ -11,8 +11,10 @@ import yaml
 from lf_helpers import tiny_config
 from llamafactory.hparams import get_train_args
 from omegaconf import OmegaConf
+from transformers import LlamaConfig, LlamaForCausalLM
 
 from llamafactory_mfsgd.check_configs import check_one
+from llamafactory_mfsgd.optimizer_factory import create_mfsgd_optimizer
 from mofasgd import MoFaSGD
 
 
@@ -156,3 +158,24 @@ def test_stochastic_rounding_on_fp32_weights_warns_that_it_has_no_effect(base, l
     get_train_args({**base, "mfsgd_stochastic_rounding": True})
     (warning,) = [w for w in _warnings(lf_log) if "mfsgd_stochastic_rounding: true" in w]
     assert "fp32" in warning and "no effect" in warning and "pure_bf16: true" in warning
+
+
+def _tiny_llama():
+    torch.manual_seed(0)
+    shapes = dict(vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4)
+    return LlamaForCausalLM(LlamaConfig(**shapes, num_key_value_heads=2, head_dim=8))  # k/v_proj: 16 x 32
+
+
+def test_a_rank_above_some_matrices_size_warns_naming_them_and_their_rank(base, lf_log):
+    _, _, training_args, finetuning_args, _ = get_train_args({**base, "mfsgd_rank": 24})
+    create_mfsgd_optimizer(_tiny_llama(), training_args, finetuning_args).remove_hooks()
+    (warning,) = [w for w in _warnings(lf_log) if "mfsgd_rank: 24" in w]
+    assert "4 of the 14 MoFaSGD matrices" in warning
+    assert "4 of shape 16x32 (e.g. `model.layers.0.self_attn.k_proj.weight`) keep rank 16" in warning
+    assert "q_proj" not in warning and "mlp" not in warning
+
+
+def test_a_rank_within_every_matrix_does_not_warn(base, lf_log):
+    _, _, training_args, finetuning_args, _ = get_train_args({**base, "mfsgd_rank": 16})
+    create_mfsgd_optimizer(_tiny_llama(), training_args, finetuning_args).remove_hooks()
+    assert not [w for w in _warnings(lf_log) if "mfsgd_rank" in w]

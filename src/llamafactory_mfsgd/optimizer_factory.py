@@ -31,6 +31,30 @@ def _or_default(value: float | None, default: float) -> float:
     return default if value is None else value
 
 
+def _warn_rank_above_matrix_size(matrices: list[tuple[str, nn.Parameter]], rank: int) -> None:
+    """Warn, naming them by shape, about the matrices whose smaller side is below `mfsgd_rank` (they keep min(m, n)).
+
+    A warning, not an error: such a matrix trains correctly (its momentum is exact, full rank), one rank serves the
+    whole model, and small matrices (GQA k/v projections, routers) may sit below a rank that suits the others.
+    """
+    clamped: dict[tuple[int, int], list[str]] = {}
+    for name, p in matrices:
+        if rank > min(p.shape):
+            clamped.setdefault(tuple(p.shape), []).append(name)
+    if not clamped:
+        return
+    shapes = "; ".join(
+        f"{len(names)} of shape {m}x{n} (e.g. `{names[0]}`) keep rank {min(m, n)}" for (m, n), names in clamped.items()
+    )
+    count = sum(len(names) for names in clamped.values())
+    logger.warning_rank0(
+        f"`mfsgd_rank: {rank}` is above the size of {count} of the {len(matrices)} MoFaSGD matrices, which keep rank "
+        f"min(m, n) instead (rank {rank} -> min(m, n)): {shapes}. Their momentum is then exact but not compact: "
+        "(m + n + 1) * r factor numbers, more than the m * n of the matrix. Lower `mfsgd_rank`, or leave them out of "
+        "`mfsgd_target`."
+    )
+
+
 def create_mfsgd_optimizer(model: nn.Module, training_args: Any, finetuning_args: Any) -> MoFaSGD:
     """One MoFaSGD optimizer: a MoFaSGD group for the routed matrices, AdamW groups (decay / no decay) for the rest.
 
@@ -46,6 +70,7 @@ def create_mfsgd_optimizer(model: nn.Module, training_args: Any, finetuning_args
             f"`mfsgd_target: {finetuning_args.mfsgd_target}` matches no trainable 2-D weight of this model; "
             "use `all` or module names such as `q_proj,v_proj,mlp`."
         )
+    _warn_rank_above_matrix_size(routing.mofasgd, finetuning_args.mfsgd_rank)
     lr_mfsgd = _or_default(finetuning_args.learning_rate_mfsgd, training_args.learning_rate)
     lr_adamw = _or_default(finetuning_args.learning_rate_adamw, training_args.learning_rate)
     decay_names = decay_parameter_names(model)
