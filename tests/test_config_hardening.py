@@ -1,6 +1,7 @@
 """Parse-time hardening (issue 22): the config checker reads YAML as training does; degenerate keys are caught."""
 
 import logging
+import types
 
 import llamafactory.hparams.parser as lf_parser
 import llamafactory.train.trainer_utils  # noqa: F401  (applies the extension's patches)
@@ -11,7 +12,7 @@ import yaml
 from lf_helpers import tiny_config
 from llamafactory.hparams import get_train_args
 from omegaconf import OmegaConf
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaConfig, LlamaForCausalLM, Trainer
 
 from llamafactory_mfsgd.check_configs import check_one
 from llamafactory_mfsgd.optimizer_factory import create_mfsgd_optimizer
@@ -179,3 +180,36 @@ def test_a_rank_within_every_matrix_does_not_warn(base, lf_log):
     _, _, training_args, finetuning_args, _ = get_train_args({**base, "mfsgd_rank": 16})
     create_mfsgd_optimizer(_tiny_llama(), training_args, finetuning_args).remove_hooks()
     assert not [w for w in _warnings(lf_log) if "mfsgd_rank" in w]
+
+
+def _resuming_trainer(optimizer):
+    """What HF Trainer._load_optimizer_and_scheduler reads from `self` in a plain single-process run."""
+    return types.SimpleNamespace(
+        optimizer=optimizer,
+        lr_scheduler=torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0),
+        args=types.SimpleNamespace(world_size=1, device=torch.device("cpu")),
+        is_deepspeed_enabled=False,
+        is_fsdp_enabled=False,
+        is_fsdp_xla_v1_enabled=False,
+    )
+
+
+@pytest.mark.parametrize("with_scheduler", [True, False], ids=["scheduler_saved", "save_cut_before_scheduler"])
+@pytest.mark.parametrize("kept", [0.0, 0.1, 0.5, 0.9, 0.99])
+def test_a_truncated_optimizer_file_is_named_as_damaged_on_resume(tmp_path, kept, with_scheduler):
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(64, 32)) for _ in range(3)] + [torch.nn.Parameter(torch.randn(32))]
+    optimizer = MoFaSGD([{"params": params[:3]}, {"params": params[3:], "mofasgd": False}], rank=4)
+    sum((p * torch.randn_like(p)).sum() for p in params).backward()
+    optimizer.step()
+    ckpt = tmp_path / "checkpoint-7"
+    ckpt.mkdir()
+    torch.save(optimizer.state_dict(), ckpt / "optimizer.pt")
+    if with_scheduler:
+        torch.save(_resuming_trainer(optimizer).lr_scheduler.state_dict(), ckpt / "scheduler.pt")
+    data = (ckpt / "optimizer.pt").read_bytes()
+    (ckpt / "optimizer.pt").write_bytes(data[: int(len(data) * kept)])
+    with pytest.raises(ValueError, match="damaged") as error:
+        Trainer._load_optimizer_and_scheduler(_resuming_trainer(optimizer), str(ckpt))
+    message = str(error.value)
+    assert str(ckpt / "optimizer.pt") in message and "earlier checkpoint" in message
