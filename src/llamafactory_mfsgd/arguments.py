@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import difflib
 import json
+import math
 import os
 import re
 import types
@@ -400,6 +401,50 @@ def check_adamw_side_preset_keys(values: dict[str, Any]) -> None:
         )
 
 
+def _warn(message: str) -> None:
+    """A parse-time warning through LLaMA-Factory's logger (imported here: run.py reads configs without it)."""
+    from llamafactory.extras.logging import get_logger
+
+    get_logger("llamafactory.mfsgd").warning_rank0(message)
+
+
+def check_unused_keys(values: dict[str, Any]) -> None:
+    """Keys a MoFaSGD run would ignore: `optim:` (warned) and β warm-up bounds without a warm-up (refused).
+
+    Only the raw config tells a key written as its default from one left out, so these run before parsing.
+    `mfsgd_beta_start`/`_end` without `mfsgd_beta_warmup_steps` are refused: they do nothing, and the missing key is
+    the likely mistake. Written beside `mfsgd_beta_warmup_steps: 0` (the warm-up switched off on purpose) they get
+    a warning.
+    """
+    if not is_set(values.get("use_mfsgd")):
+        return
+    if "optim" in values:
+        _warn(
+            f"`optim: {values['optim']}` is ignored (optim: {values['optim']} -> MoFaSGD): `use_mfsgd: true` trains "
+            "with MoFaSGD, whose AdamW side (embeddings, LM head, norms) is torch's AdamW, set by "
+            "`learning_rate_adamw`, `adam_beta1`/`adam_beta2`, `adam_epsilon` and `mfsgd_adamw_state`. Remove "
+            "`optim:` from the config."
+        )
+    bounds = {key: values[key] for key in ("mfsgd_beta_start", "mfsgd_beta_end") if values.get(key) is not None}
+    if not bounds:
+        return
+    written = ", ".join(f"`{key}: {value}`" for key, value in bounds.items())
+    if "mfsgd_beta_warmup_steps" not in values:
+        raise ValueError(
+            f"{written} set a linear beta warm-up, but the config has no `mfsgd_beta_warmup_steps`, so beta would "
+            "stay `mfsgd_beta` throughout. Add `mfsgd_beta_warmup_steps: N` (the warm-up's length in optimizer "
+            "steps), or remove the warm-up keys."
+        )
+    if values["mfsgd_beta_warmup_steps"] == 0:
+        start = values.get("mfsgd_beta_start", OPTIMIZER_DEFAULTS["beta_start"])
+        end = values.get("mfsgd_beta_end", OPTIMIZER_DEFAULTS["beta_end"])
+        beta = values.get("mfsgd_beta", OPTIMIZER_DEFAULTS["beta"])
+        _warn(
+            f"`mfsgd_beta_warmup_steps: 0` switches the beta warm-up off: {written} are unused (warm-up {start} -> "
+            f"{end} not applied), and beta stays `mfsgd_beta` = {beta} throughout."
+        )
+
+
 def validate_engine_keys(values: dict[str, Any]) -> None:
     """Refuse engines MoFaSGD cannot factor under, before the training arguments are built (DeepSpeed inits there)."""
     if not is_set(values.get("use_mfsgd")):
@@ -460,11 +505,66 @@ def validate_with_training_args(finetuning_args: Any, training_args: Any) -> Non
             "with DDP instead. Remove `fsdp:`/`fsdp_config:` for CPU runs (MoFaSGD then averages its projections over "
             "DDP), or set MFSGD_CPU_FSDP2=1 to run FSDP2 on CPU processes (gloo) for testing."
         )
+    frozen = _why_every_matrix_is_frozen(finetuning_args, training_args.max_grad_norm)
+    if frozen:
+        reason, fix = frozen
+        raise ValueError(
+            f"{reason}, so every MoFaSGD matrix would stay frozen (only weight decay would touch it) while the run "
+            f"looks normal. {fix}. To train only the other parameters on purpose, use `finetuning_type: freeze`."
+        )
+    if finetuning_args.mfsgd_stochastic_rounding and not finetuning_args.pure_bf16:
+        _warn(
+            "`mfsgd_stochastic_rounding: true` has no effect here (true -> no rounding): without `pure_bf16: true` "
+            "LLaMA-Factory trains fp32 weights, and MoFaSGD adds their updates in fp32 without rounding. Set "
+            "`pure_bf16: true` to train bf16 weights (then rounding is on by default), or remove the key."
+        )
     if training_args.world_size > 1 and finetuning_args.mfsgd_init == "gradient":
         raise ValueError(
             "`mfsgd_init: gradient` would give each data-parallel rank its own factors; use `mfsgd_init: weight`."
         )
     check_checkpoint_engine(training_args.resume_from_checkpoint, bool(training_args.fsdp))
+
+
+def _why_every_matrix_is_frozen(args: Any, max_grad_norm: float) -> tuple[str, str] | None:
+    """Why the MoFaSGD step of every matrix is zero with these settings (the first key at fault) and the fix, or None.
+
+    With `mfsgd_eta2: 0` a matrix moves only along eta1 U diag(s_hat) V^T. Refused rather than warned: such a run
+    trains the AdamW side alone while its log looks like a MoFaSGD run, and no setting needs it (`finetuning_type:
+    freeze` freezes matrices on purpose). The eps bound: clipping keeps each step's tangent gradient below
+    `max_grad_norm` (Frobenius, so spectral too), and M <- SVD_r(beta M + G_hat) then keeps S_1 below
+    beta^t S_1(0) + max_grad_norm / (1 - beta); once the initial weight's share has decayed no S exceeds eps.
+    """
+    if args.mfsgd_eta2 > 0:  # the complement step moves the matrices whatever the low-rank step does
+        return None
+    if args.mfsgd_eta1 == 0:
+        return (
+            f"`mfsgd_eta1: {args.mfsgd_eta1}` (with `mfsgd_eta2: {args.mfsgd_eta2}`) scales every MoFaSGD step to "
+            "zero",
+            f"Set `mfsgd_eta1: {OPTIMIZER_DEFAULTS['eta1']}` (the default)",
+        )
+    if args.mfsgd_max_value == 0 and not args.mfsgd_use_ones_for_nonzero_s:
+        return (
+            f"`mfsgd_max_value: {args.mfsgd_max_value}` makes every step scale min(1/S, max_value) zero (the "
+            "reciprocal-S step, `mfsgd_use_ones_for_nonzero_s: false`)",
+            f"Set `mfsgd_max_value: {OPTIMIZER_DEFAULTS['max_value']:g}` (the default) or "
+            "`mfsgd_use_ones_for_nonzero_s: true`",
+        )
+    warmup = args.mfsgd_beta_warmup_steps > 0
+    beta = max(args.mfsgd_beta_start, args.mfsgd_beta_end) if warmup else args.mfsgd_beta
+    ceiling = max_grad_norm / (1 - beta) if max_grad_norm and max_grad_norm > 0 else math.inf
+    if args.mfsgd_eps >= ceiling:
+        bound = (
+            f"with `max_grad_norm: {max_grad_norm}` and beta <= {beta:g} the momentum's singular values stay below "
+            f"max_grad_norm / (1 - beta) = {ceiling:g} once the initial weight's share has decayed (by beta per step)"
+            if math.isfinite(ceiling)
+            else "eps is infinite"
+        )
+        return (
+            f"`mfsgd_eps: {args.mfsgd_eps}` drops every direction of the momentum: singular values <= eps take no "
+            f"step, and {bound}",
+            f"Use a small eps such as `mfsgd_eps: {OPTIMIZER_DEFAULTS['eps']:g}` (the default)",
+        )
+    return None
 
 
 # what accelerate writes for a sharded (DCP) FSDP checkpoint of the model

@@ -9,9 +9,10 @@ and DeepSpeed state of a process):
 never loads the model), a bf16-capable GPU is emulated for the ``bf16``/``pure_bf16`` device checks, and a
 ``deepspeed:`` config gets a one-process torchrun environment, as ``FORCE_TORCHRUN=1`` would give it. Then
 
-1. LLaMA-Factory's real argument parser (with this extension) parses it: every key, every parse-time check,
-   and the preparation of ``tulu3_mixture_*`` datasets (which needs internet, or a prepared dataset directory,
-   or ``MFSGD_TULU3_MIXTURE`` pointing at a local copy of the mixture);
+1. it is read as training reads it (:func:`config_values.load_config`: unquoted ``1e-5`` is a number, a repeated
+   key is refused), and LLaMA-Factory's real argument parser (with this extension) parses it: every key, every
+   parse-time check, and the preparation of ``tulu3_mixture_*`` datasets (which needs internet, or a prepared
+   dataset directory, or ``MFSGD_TULU3_MIXTURE`` pointing at a local copy of the mixture);
 2. its datasets resolve through ``dataset_info.json`` to files that exist (or to hub ids);
 3. its learning-rate scheduler is built as training builds it, on a dummy optimizer, for ``max_steps`` or 1000
    steps, and stepped to the end.
@@ -32,8 +33,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-import yaml
-
+from .config_values import load_config
 from .launcher import free_port
 
 RESULT_PREFIX = "@@check-configs "
@@ -87,8 +87,7 @@ def check_one(config_path: str, dataset_dir: str | None, model: str | None, outp
     _emulate_bf16_gpu()
     from llamafactory.hparams import get_train_args
 
-    with open(config_path) as f:
-        config = yaml.safe_load(f)
+    config = load_config(config_path)  # as training reads it: `1e-5` is a number, a repeated key is refused
     config["output_dir"] = output_dir
     if model:
         config["model_name_or_path"] = model
@@ -105,8 +104,11 @@ def check_one(config_path: str, dataset_dir: str | None, model: str | None, outp
 
 
 def _deepspeed_of(config_path: str) -> str | None:
-    with open(config_path) as f:
-        return (yaml.safe_load(f) or {}).get("deepspeed") or None
+    """The config's `deepspeed:` value; None when the file does not load (its child process then reports why)."""
+    try:
+        return load_config(config_path).get("deepspeed") or None
+    except (OSError, ValueError):
+        return None
 
 
 def _child_env(deepspeed: str | None) -> dict[str, str]:

@@ -6,9 +6,10 @@ from typing import Any
 
 from llamafactory.extras.logging import get_logger
 from llamafactory.model import find_all_linear_modules
+from llamafactory.train import trainer_utils
 from torch import nn
 
-from .optimizer_factory import decay_parameter_names
+from .compat import require
 
 logger = get_logger("llamafactory.mfsgd")
 
@@ -36,7 +37,10 @@ def create_fused_galore_optimizer(model: nn.Module, training_args: Any, finetuni
 
     galore = galore_matrices(model, finetuning_args)
     galore_ids = {id(p) for p in galore}
-    decay_names = decay_parameter_names(model)
+    # stock GaLore's decay rule (LLaMA-Factory's, which decays norm weights), so that the fused baseline's groups
+    # stay those of `use_galore` without `galore_fused`
+    require(trainer_utils, "_get_decay_parameter_names")
+    decay_names = set(trainer_utils._get_decay_parameter_names(model))
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if p.requires_grad and id(p) not in galore_ids:

@@ -7,7 +7,7 @@ LLaMA-Factory's ``train.trainer_utils`` loads (see :data:`llamafactory_mfsgd.act
   gradient in fused mode; an optimizer with ``grad_norm`` / ``clip_grad_norm_`` answers for its own matrices;
 - ``log``: adds MoFaSGD's update diagnostics (``mfsgd/…``, :mod:`llamafactory_mfsgd.diagnostics`);
 - resuming: a clear error when the checkpoint's optimizer is not this run's (``use_mfsgd`` switched, routing
-  changed), a warning when the checkpoint has no optimizer state.
+  changed) or its ``optimizer.pt`` is damaged (truncated), a warning when the checkpoint has no optimizer state.
 """
 
 from __future__ import annotations
@@ -141,15 +141,34 @@ def resume_mismatch(
 
 
 def _saved_param_groups(path: str) -> list[dict[str, Any]] | None:
-    """The param groups of a saved optimizer state, read without loading its tensors (memory-mapped)."""
+    """The param groups of a saved optimizer state, read without loading its tensors (memory-mapped).
+
+    Raises:
+        ValueError: naming the file, when it is damaged (truncated by a crash or a full disk while it was saved):
+            torch's own error says only `OSError: [Errno 22] Invalid argument` or "failed finding central directory".
+    """
     import pickle
 
     import torch
 
     try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)["param_groups"]
-    except (OSError, RuntimeError, KeyError, TypeError, pickle.UnpicklingError):
-        return None  # not a readable optimizer state: HF's own loading reports it
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except (OSError, RuntimeError, EOFError):  # or saved in torch's legacy format, which cannot be memory-mapped
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except (OSError, RuntimeError, EOFError) as error:
+        reason = (str(error).splitlines() or [""])[0][:200]
+        checkpoint = os.path.dirname(path)
+        raise ValueError(
+            f"The optimizer state {path} is damaged and cannot be read ({type(error).__name__}: {reason}): it was "
+            "probably cut short while being saved (a crash or a full disk). Resume from an earlier checkpoint "
+            f"(`resume_from_checkpoint`), or start a new run from this checkpoint's weights (`model_name_or_path: "
+            f"{checkpoint}` without `resume_from_checkpoint`); its optimizer state then starts fresh."
+        ) from error
+    except pickle.UnpicklingError:
+        return None  # not an optimizer state that loads with weights_only: HF's own loading reports it
+    groups = state.get("param_groups") if isinstance(state, dict) else None
+    return groups if isinstance(groups, list) else None
 
 
 def _warn_fresh_optimizer(trainer: Any, checkpoint: str) -> None:
@@ -228,9 +247,11 @@ def _patch_resume(trainer_class: type) -> None:
                 for name in os.listdir(checkpoint)
             )
         )
+        # read first, so that a damaged file is named even when the save it was cut short in left no scheduler.pt
+        saved = _saved_param_groups(optimizer_file) if os.path.isfile(optimizer_file) else None
         if not (has_optimizer and os.path.isfile(os.path.join(checkpoint, hf_trainer.SCHEDULER_NAME))):
             _warn_fresh_optimizer(self, checkpoint)  # HF then loads neither, silently
-        elif os.path.isfile(optimizer_file) and (saved := _saved_param_groups(optimizer_file)) is not None:
+        elif saved is not None:
             message = resume_mismatch(
                 saved,
                 self.optimizer.param_groups,

@@ -6,24 +6,53 @@ from typing import Any
 
 from llamafactory.extras.logging import get_logger
 from torch import nn
-from transformers.pytorch_utils import ALL_LAYERNORM_LAYERS
-from transformers.trainer_pt_utils import get_parameter_names
+from transformers import Trainer
 
 from mofasgd import MoFaSGD, split_for_mofasgd
 from mofasgd.data_parallel import ignore_managed_in_ddp
 
 from .arguments import optimizer_options
+from .compat import require
 
 logger = get_logger("llamafactory.mfsgd")  # under llamafactory.* so it shares its handler and verbosity
 
 
 def decay_parameter_names(model: nn.Module) -> set[str]:
-    """Names of parameters that take weight decay: everything but norms and biases (the HF/LLaMA-Factory rule)."""
-    return {n for n in get_parameter_names(model, ALL_LAYERNORM_LAYERS) if "bias" not in n}
+    """Names of parameters that take weight decay: the HF Trainer's own rule, as the AdamW baseline's.
+
+    No biases, no norm weights (`input_layernorm`, `model.norm`, Qwen3's `q_norm`/`k_norm`). The Trainer's method
+    reads nothing from the trainer, and this factory has none: it is called unbound.
+    """
+    require(Trainer, "get_decay_parameter_names")
+    return set(Trainer.get_decay_parameter_names(None, model))
 
 
 def _or_default(value: float | None, default: float) -> float:
     return default if value is None else value
+
+
+def _warn_rank_above_matrix_size(matrices: list[tuple[str, nn.Parameter]], rank: int) -> None:
+    """Warn, naming them by shape, about the matrices whose smaller side is below `mfsgd_rank` (they keep min(m, n)).
+
+    A warning, not an error: such a matrix trains correctly (its momentum is exact, full rank), one rank serves the
+    whole model, and small matrices (GQA k/v projections, routers) may sit below a rank that suits the others.
+    """
+    clamped: dict[tuple[int, int], list[str]] = {}
+    for name, p in matrices:
+        if rank > min(p.shape):
+            clamped.setdefault(tuple(p.shape), []).append(name)
+    if not clamped:
+        return
+    shapes = "; ".join(
+        f"{len(names)} of shape {m}x{n} (e.g. `{names[0]}`) keep rank {min(m, n)}" for (m, n), names in clamped.items()
+    )
+    count = sum(len(names) for names in clamped.values())
+    logger.warning_rank0(
+        f"`mfsgd_rank: {rank}` is above the size of {count} of the {len(matrices)} MoFaSGD matrices, which keep rank "
+        f"min(m, n) instead (rank {rank} -> min(m, n)): {shapes}. Their momentum is then exact but not compact: "
+        "(m + n + 1) * r factor numbers, more than the m * n of the matrix. Lower `mfsgd_rank`, or leave them out of "
+        "`mfsgd_target`."
+    )
 
 
 def create_mfsgd_optimizer(model: nn.Module, training_args: Any, finetuning_args: Any) -> MoFaSGD:
@@ -41,6 +70,7 @@ def create_mfsgd_optimizer(model: nn.Module, training_args: Any, finetuning_args
             f"`mfsgd_target: {finetuning_args.mfsgd_target}` matches no trainable 2-D weight of this model; "
             "use `all` or module names such as `q_proj,v_proj,mlp`."
         )
+    _warn_rank_above_matrix_size(routing.mofasgd, finetuning_args.mfsgd_rank)
     lr_mfsgd = _or_default(finetuning_args.learning_rate_mfsgd, training_args.learning_rate)
     lr_adamw = _or_default(finetuning_args.learning_rate_adamw, training_args.learning_rate)
     decay_names = decay_parameter_names(model)

@@ -29,6 +29,7 @@ from .arguments import (
     check_adamw_side_preset_keys,
     check_extension_types,
     check_key_spelling,
+    check_unused_keys,
     extension_field_names,
     fill_null_defaults,
     validate_engine_keys,
@@ -94,6 +95,7 @@ def patch_parser(module: ModuleType) -> None:
         check_key_spelling(list(values), known)
         values = check_extension_types(values, command_line=isinstance(raw, list))  # before the parser coerces
         check_adamw_side_preset_keys(values)
+        check_unused_keys(values)
         validate_engine_keys(values)
         parsed = original(raw)
         model_args, data_args, training_args, finetuning_args, generating_args = parsed
