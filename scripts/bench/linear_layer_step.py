@@ -61,9 +61,7 @@ def build(method: str, state: dict[str, torch.Tensor], dims: tuple[int, int, int
 
         model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=list(PROJECTIONS)))
         return model, torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-    optimizer = MoFaSGD(
-        list(model.parameters()), lr=1e-5, rank=rank, projected_backward=method == "mofasgd_projected"
-    )
+    optimizer = MoFaSGD(list(model.parameters()), lr=1e-5, rank=rank, projected_backward=method == "mofasgd_projected")
     optimizer.attach(model)
     return model, optimizer
 
