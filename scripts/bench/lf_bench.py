@@ -51,6 +51,8 @@ METHODS: dict[str, tuple[str, dict[str, Any]]] = {
     "galore": ("tiny_sft_galore.yaml", {"galore_fused": False}),
     "galore_fused": ("tiny_sft_galore.yaml", {"galore_fused": True}),
     "mofasgd": ("tiny_sft_mfsgd.yaml", {"mfsgd_fused": True}),
+    # every matrix through its gradient hook (the path before the projected Linear backward)
+    "mofasgd_hook": ("tiny_sft_mfsgd.yaml", {"mfsgd_fused": True, "mfsgd_projected_backward": False}),
     # the compact AdamW side: factored second moment, no first moment, updated in its gradient hooks
     "mofasgd_compact": (
         "tiny_sft_mfsgd.yaml",
@@ -62,6 +64,7 @@ RANK_KEYS = {
     "galore": "galore_rank",
     "galore_fused": "galore_rank",
     "mofasgd": "mfsgd_rank",
+    "mofasgd_hook": "mfsgd_rank",
     "mofasgd_compact": "mfsgd_rank",
 }
 

@@ -1,0 +1,75 @@
+"""Train-step time through LLaMA-Factory, methods in turns: rounds of one run per method, medians and ratios.
+
+Each run is ``lf_bench.run_training`` (a fresh interpreter on the real SFT path) of the method's tiny YAML on one
+model size; a round runs every method once, in order, so drift on a shared machine hits them alike. The table gives
+each method's median over rounds of its median step time (optimizer steps ``--skip``.. of the run) and the ratios
+to AdamW and to LoRA.
+
+    python scripts/bench/lf_step_ratio.py [--size small] [--rounds 3] [--steps 40]
+        [--methods adamw,lora,mofasgd_hook,mofasgd] [--json FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from lf_bench import (  # noqa: E402
+    MODEL_SIZES,
+    REPO,
+    ensure_model,
+    machine_description,
+    median_step_seconds,
+    method_config,
+    run_training,
+)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size", default="small", choices=sorted(MODEL_SIZES))
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--skip", type=int, default=2, help="first optimizer steps left out of the median")
+    parser.add_argument("--rank", type=int, default=8)
+    parser.add_argument("--methods", default="adamw,lora,mofasgd_hook,mofasgd")
+    parser.add_argument("--out", default=str(REPO / "outputs" / "lf_step_ratio"))
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args()
+    methods = args.methods.split(",")
+    model_dir = ensure_model(args.size)
+    medians: dict[str, list[float]] = {m: [] for m in methods}
+    for round_index in range(args.rounds):
+        for method in methods:
+            out = Path(args.out) / f"{method}_{round_index}"
+            config = method_config(
+                method, model_dir, out, args.rank, max_steps=args.steps, eval_strategy="no", logging_steps=10
+            )
+            config.pop("eval_dataset", None)
+            result = run_training(config)
+            medians[method].append(median_step_seconds(result.timing["steps"], args.skip) * 1e3)
+            print(f"round {round_index} {method}: {medians[method][-1]:.1f} ms", flush=True)
+    summary = {m: statistics.median(v) for m, v in medians.items()}
+    machine = machine_description()
+    print(f"\n{args.size} model, {args.steps} steps, rank {args.rank}, {args.rounds} rounds in turns; {machine}")
+    print("| method | median step (ms) | per round (ms) | x AdamW | x LoRA |")
+    print("|---|---:|---|---:|---:|")
+    for method, value in summary.items():
+        rounds = ", ".join(f"{v:.1f}" for v in medians[method])
+        vs_adamw = f"{value / summary['adamw']:.2f}" if "adamw" in summary else ""
+        vs_lora = f"{value / summary['lora']:.2f}" if "lora" in summary else ""
+        print(f"| {method} | {value:.1f} | {rounds} | {vs_adamw} | {vs_lora} |")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(
+                {"args": vars(args), "machine": machine, "per_round_ms": medians, "median_ms": summary}, f, indent=2
+            )
+
+
+if __name__ == "__main__":
+    main()
