@@ -375,7 +375,14 @@ class MoFaSGD(torch.optim.Optimizer):
             id(p): names.get(id(p), self._describe(p)) for g in self.param_groups if g["mofasgd"] for p in g["params"]
         }
         refusal = self._projection_refusal() or reason
-        self.attachment = projected_linear.attach(model, self.intake, managed, refusal)
+        notes = {
+            id(p): "first step forms dW once: init='gradient'"
+            for g in self.param_groups
+            if g["mofasgd"] and g["init"] == "gradient"
+            for p in g["params"]
+            if "U" not in self.state.get(p, {})
+        }
+        self.attachment = projected_linear.attach(model, self.intake, managed, refusal, notes)
         return self.attachment
 
     def _projection_refusal(self) -> str | None:
@@ -383,6 +390,8 @@ class MoFaSGD(torch.optim.Optimizer):
         if not self.projected_backward:
             return "projected_backward=False"
         if not self.fused:
+            if any(g["mofasgd"] and g["eta2"] > 0 for g in self.param_groups):
+                return "eta2 > 0 needs the dense gradient (fused=False)"
             return "fused=False keeps the dense gradient"
         if self._sharded:
             return "FSDP2 shards the weight"

@@ -136,7 +136,13 @@ def _why_not(module: nn.Module) -> str | None:
     return None
 
 
-def attach(model: nn.Module, intake: GradientIntake, names: dict[int, str], refusal: str | None) -> Attachment:
+def attach(
+    model: nn.Module,
+    intake: GradientIntake,
+    names: dict[int, str],
+    refusal: str | None,
+    notes: dict[int, str] | None = None,
+) -> Attachment:
     """Route the managed weights of `model`'s Linear modules through the projected backward.
 
     Args:
@@ -144,6 +150,7 @@ def attach(model: nn.Module, intake: GradientIntake, names: dict[int, str], refu
         intake: the optimizer's gradient intake, which receives the projections.
         names: id(parameter) -> name, for the managed matrices to report on.
         refusal: why no matrix can take the projected path (an optimizer setting), or None.
+        notes: id(parameter) -> a remark shown beside a projected matrix (e.g. its first step is dense).
     """
     attachment = Attachment()
     if refusal is None and not hasattr(torch._C, _ENGINE_QUERY):
@@ -168,5 +175,5 @@ def attach(model: nn.Module, intake: GradientIntake, names: dict[int, str], refu
             module.__dict__["_mofasgd_intake"] = ref
             module.forward = types.MethodType(_projected_forward, module)
             attachment.modules.append(weakref.ref(module))
-        attachment.paths[name] = (PROJECTED, "")
+        attachment.paths[name] = (PROJECTED, (notes or {}).get(pid, ""))
     return attachment
