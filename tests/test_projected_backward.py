@@ -424,3 +424,56 @@ def test_two_process_ddp_on_the_projected_path_equals_one_process(tmp_path):
     for key, value in model.state_dict().items():
         torch.testing.assert_close(result[key], value, atol=2e-5, rtol=2e-5)
     assert_every_matrix_moved(model, build(), model)
+
+
+def _llama_8b_proportions():
+    """A 2-layer LLaMA with LLaMA-3.1-8B's proportions (ffn 3.5 x hidden, 4 query heads per kv head) at hidden 128."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=256,
+        hidden_size=128,
+        intermediate_size=448,
+        num_hidden_layers=2,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+    )
+    return LlamaForCausalLM(config)
+
+
+def _allocation_sizes_in_backward(projected: bool) -> tuple[list[int], int]:
+    """(sizes of the allocations during the second step's backward, its transient peak) on the 8B-proportioned model."""
+    from memory_profiling import transient_peak_bytes
+    from mofasgd import split_for_mofasgd
+
+    model = _llama_8b_proportions()
+    routing = split_for_mofasgd(model)
+    groups = [{"params": [p for _, p in routing.mofasgd]}, {"params": [p for _, p in routing.adamw], "mofasgd": False}]
+    opt = MoFaSGD(groups, lr=1e-3, rank=8, projected_backward=projected)
+    opt.attach(model)
+    tokens = torch.randint(
+        0, 256, (4, 24), generator=torch.Generator().manual_seed(0)
+    )  # 96 tokens: no activation is m x n
+    model(tokens, labels=tokens).loss.backward()
+    opt.step()
+    opt.zero_grad()
+    loss = model(tokens, labels=tokens).loss
+    with torch.profiler.profile(profile_memory=True) as prof:
+        loss.backward(retain_graph=True)
+    sizes = [e.nbytes() for e in prof.profiler.kineto_results.events() if e.name() == "[memory]" and e.nbytes() > 0]
+    opt.zero_grad()
+    peak = transient_peak_bytes(lambda: loss.backward())
+    return sizes, peak
+
+
+def test_no_weight_sized_transient_in_the_backward_of_an_8b_proportioned_llama():
+    """On the hook path each managed matrix's m x n gradient is allocated in backward; on the projected path no
+    allocation is as large as any managed matrix, and the backward's transient peak is lower."""
+    matrix_bytes = {m * n * 4 for m, n in [(128, 128), (32, 128), (448, 128), (128, 448)]}
+    hook_sizes, hook_peak = _allocation_sizes_in_backward(False)
+    projected_sizes, projected_peak = _allocation_sizes_in_backward(True)
+    assert sum(size in matrix_bytes for size in hook_sizes) >= 14  # 7 matrices x 2 layers
+    assert not [size for size in projected_sizes if size in matrix_bytes]
+    assert projected_peak < hook_peak
