@@ -128,3 +128,32 @@ def test_gradient_init_of_low_rank_gradient_gives_its_exact_svd():
     opt.step()
     s = opt.state[weight]
     torch.testing.assert_close(s["U"] @ torch.diag(s["S"]) @ s["V"].T, grad)
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
+@pytest.mark.parametrize("name", ["reciprocal_s", "nesterov_ones_wd"])
+def test_projected_linear_backward_matches_dense_reference(name, shape):
+    """An nn.Linear weight on the projected path (no weight gradient): its 20-step trajectory, fed by two
+    micro-batches a step, equals the float64 reference given the dense gradient dY^T X of the same batches."""
+    rank = 5 if shape == (4, 10) else 3
+    m, n = shape
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(n, m, bias=False, dtype=torch.float64)
+    options = {"lr": 0.05, "rank": rank, **OPTIONS[name]}
+    opt = MoFaSGD([layer.weight], **options)
+    ref = DenseMoFaSGD(layer.weight, **options)
+    assert opt.attach(layer).projected() == ["weight"]
+    gen = torch.Generator().manual_seed(3)
+    for _ in range(20):
+        grad = torch.zeros(m, n, dtype=torch.float64)
+        for _ in range(2):
+            x = torch.randn(5, n, generator=gen, dtype=torch.float64)
+            target = torch.randn(5, m, generator=gen, dtype=torch.float64)
+            out = layer(x)
+            grad += (out - target).detach().T @ x  # d/dW of 0.5 ||x W^T - target||^2
+            (0.5 * (out - target).square().sum()).backward()
+        assert layer.weight.grad is None
+        opt.step()
+        opt.zero_grad()
+        ref.step(grad)
+    assert_matches(layer.weight, opt, ref, tol=1e-8)
