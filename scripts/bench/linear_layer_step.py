@@ -79,6 +79,23 @@ def timed(model, optimizer, x: torch.Tensor, target: torch.Tensor) -> tuple[floa
     return forward - begin, backward - forward, end - backward
 
 
+def counted_flops(model, optimizer, x: torch.Tensor, target: torch.Tensor) -> tuple[int, int]:
+    """(forward, backward) matrix-product FLOPs of one training step (torch.utils.flop_counter).
+
+    The step is left out: the counter does not see in-place products (``addmm_``), which is what the step runs.
+    """
+    from torch.utils.flop_counter import FlopCounterMode
+
+    forward, backward = FlopCounterMode(display=False), FlopCounterMode(display=False)
+    with forward:
+        loss = F.mse_loss(model(x).float(), target)
+    with backward:
+        loss.backward()
+    optimizer.step()
+    optimizer.zero_grad()
+    return forward.get_total_flops(), backward.get_total_flops()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokens", type=int, default=512)
@@ -99,6 +116,7 @@ def main() -> None:
     built = {method: build(method, state, dims, dtype, args.rank) for method in methods}
     for model, optimizer in built.values():  # warm-up: factor initialisation, optimizer state, allocator
         timed(model, optimizer, x, target)
+    flops = {method: counted_flops(*built[method], x, target) for method in methods}
     times = {method: [] for method in methods}
     for _ in range(args.repeats):
         for method in methods:
@@ -107,13 +125,17 @@ def main() -> None:
     for method in methods:
         fwd, bwd, step = (statistics.median(t[i] for t in times[method]) for i in range(3))
         rows[method] = {"forward_ms": fwd * 1e3, "backward_ms": bwd * 1e3, "step_ms": step * 1e3}
+        rows[method].update(zip(("forward_gflop", "backward_gflop"), (f / 1e9 for f in flops[method])))
     base = rows.get("adamw")
     print(
         f"One 8B-shaped layer / {args.scale} (widths {dims}), {args.tokens} tokens, {args.dtype}, rank {args.rank}, "
         f"torch {torch.__version__}, {torch.get_num_threads()} threads, medians of {args.repeats} interleaved repeats"
     )
-    print("| method | forward ms | backward ms | step ms | backward+step / AdamW | total / AdamW |")
-    print("|---|---:|---:|---:|---:|---:|")
+    print(
+        "| method | forward ms | backward ms | step ms | backward+step / AdamW | total / AdamW "
+        "| GFLOP forward / backward (matrix products) |"
+    )
+    print("|---|---:|---:|---:|---:|---:|---:|")
     for method, row in rows.items():
         bs, total = row["backward_ms"] + row["step_ms"], row["forward_ms"] + row["backward_ms"] + row["step_ms"]
         ratios = ("", "")
@@ -122,7 +144,8 @@ def main() -> None:
             ratios = (f"{bs / base_bs:.2f}", f"{total / (base_bs + base['forward_ms']):.2f}")
         print(
             f"| {method} | {row['forward_ms']:.0f} | {row['backward_ms']:.0f} | {row['step_ms']:.0f} | "
-            f"{ratios[0]} | {ratios[1]} |"
+            f"{ratios[0]} | {ratios[1]} | "
+            f"{row['forward_gflop']:.2f} / {row['backward_gflop']:.2f} |"
         )
     if args.json:
         with open(args.json, "w") as f:
