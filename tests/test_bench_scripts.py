@@ -206,3 +206,22 @@ def test_layer_step_counts_clipping_and_step_ops(capsys, monkeypatch):
     assert set(counts) == {"MoFaSGD", "AdamW"}
     for clip, step, total in counts.values():
         assert clip > 0 and step > 0 and total == clip + step
+
+
+def test_linear_layer_bench_counts_half_the_backward_flops_on_the_projected_path():
+    """The 8B-shaped layer benchmark at 1/64 width: every method builds and steps, and the projected backward's
+    matrix products are dX only (about half of AdamW's dX + dW), the hook path's are dX + dW."""
+    import linear_layer_step as bench
+
+    dims = (bench.HIDDEN // 64, bench.KV // 64, bench.FFN // 64)
+    torch.manual_seed(0)
+    state = bench.DecoderLayerLinears(*dims).state_dict()
+    x, target = torch.randn(16, dims[0]), torch.randn(16, dims[0])
+    flops = {}
+    for method in bench.METHODS:
+        model, optimizer = bench.build(method, state, dims, torch.float32, rank=4)
+        bench.timed(model, optimizer, x, target)
+        flops[method] = bench.counted_flops(model, optimizer, x, target)
+    assert flops["mofasgd_hook"][0] == flops["mofasgd_projected"][0] == flops["adamw"][0]
+    assert flops["mofasgd_hook"][1] >= flops["adamw"][1]  # dX + dW (+ the hook's projections)
+    assert 0.45 < flops["mofasgd_projected"][1] / flops["adamw"][1] < 0.6

@@ -444,7 +444,7 @@ def _llama_8b_proportions():
 
 
 def _allocation_sizes_in_backward(projected: bool) -> tuple[list[int], int]:
-    """(sizes of the allocations during the second step's backward, its transient peak) on the 8B-proportioned model."""
+    """(sizes of the allocations in the second backward, its transient peak) on the 8B-proportioned model."""
     from memory_profiling import transient_peak_bytes
     from mofasgd import split_for_mofasgd
 

@@ -163,9 +163,12 @@ def effective_rank(rank: int, shape: torch.Size) -> int:
 _TRANSPOSE_OUTSIDE = {"cpu"}
 
 
-def _transpose_times(grad: torch.Tensor, U: torch.Tensor) -> torch.Tensor:
-    """G^T U, in the form that is fast on grad's device (same numbers up to rounding)."""
-    return (U.T @ grad).T if grad.device.type in _TRANSPOSE_OUTSIDE else grad.T @ U
+def transpose_times(tall: torch.Tensor, thin: torch.Tensor) -> torch.Tensor:
+    """A^T B for A (k x m) and a thin B (k x r), in the form that is fast on A's device (same numbers up to rounding).
+
+    Used for G^T U (A = G) and for the projected Linear backward's dY^T (X V) and X^T (dY U) (A = dY or X).
+    """
+    return (thin.T @ tall).T if tall.device.type in _TRANSPOSE_OUTSIDE else tall.T @ thin
 
 
 def project_gradient(grad: torch.Tensor, U: torch.Tensor, V: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -175,9 +178,9 @@ def project_gradient(grad: torch.Tensor, U: torch.Tensor, V: torch.Tensor) -> tu
     hardware) so that no m x n upcast copy is ever made; only the m x r and n x r results are upcast.
     """
     if grad.dtype == U.dtype:
-        return grad @ V, _transpose_times(grad, U)
+        return grad @ V, transpose_times(grad, U)
     gv = (grad @ V.to(grad.dtype)).to(U.dtype)
-    return gv, _transpose_times(grad, U.to(grad.dtype)).to(U.dtype)
+    return gv, transpose_times(grad, U.to(grad.dtype)).to(U.dtype)
 
 
 def add_projections_(
@@ -190,7 +193,7 @@ def add_projections_(
     """
     if grad.dtype == gv.dtype:
         gv.addmm_(grad, V)
-        gtu.add_(_transpose_times(grad, U))
+        gtu.add_(transpose_times(grad, U))
         return
     more_gv, more_gtu = project_gradient(grad, U, V)
     gv.add_(more_gv)

@@ -34,9 +34,6 @@ PENDING_KEYS = ("GV", "GtU")
 # An AdamW-side FSDP2 gradient whose buffer is this many times its size shares it with others: copied out (cheap).
 # scripts/bench/llama_memory_accounting.py models the same rule.
 SHARED_BUFFER_RATIO = 4
-# Devices where a transposed-left product A^T B of a tall A by a thin B is formed as (B^T A)^T: CPU BLAS takes a
-# slow path for the first form (see factor_math._TRANSPOSE_OUTSIDE); CUDA's GEMM takes transposes as flags.
-_TRANSPOSE_OUTSIDE = fm._TRANSPOSE_OUTSIDE
 
 
 class Slot(NamedTuple):
@@ -230,22 +227,7 @@ class GradientIntake:
         x = inputs if inputs.dtype == V.dtype else inputs.to(V.dtype)
         dy = grad_outputs if grad_outputs.dtype == V.dtype else grad_outputs.to(V.dtype)
         xv, dyu = x @ V, dy @ U  # T x r each
-        slot_gv, slot_gtu, seen = self._open(p)
-        if p.device.type in _TRANSPOSE_OUTSIDE:
-            gv, gtu = (xv.T @ dy).T, (dyu.T @ x).T
-            if seen:
-                slot_gv.add_(gv)
-                slot_gtu.add_(gtu)
-            else:
-                slot_gv.copy_(gv)
-                slot_gtu.copy_(gtu)
-        elif seen:
-            slot_gv.addmm_(dy.T, xv)
-            slot_gtu.addmm_(x.T, dyu)
-        else:
-            torch.mm(dy.T, xv, out=slot_gv)
-            torch.mm(x.T, dyu, out=slot_gtu)
-        self._mark(p)
+        self.write(p, fm.transpose_times(dy, xv), fm.transpose_times(x, dyu))  # dY^T (X V), X^T (dY U)
         return True
 
     # ------------------------------------------------------------------ hooks
