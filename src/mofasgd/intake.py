@@ -351,6 +351,8 @@ class GradientIntake:
         for gi, bs in self.buckets.items():
             params_group = optimizer.param_groups[gi]
             for bucket in bs:
+                if not any(p.requires_grad for p in bucket.params):
+                    continue  # frozen on every rank alike: nothing to combine
                 for p in bucket.params:
                     if p.requires_grad:
                         optimizer._init_factors(p, params_group, None)
