@@ -131,6 +131,22 @@ def test_resume_from_a_checkpoint_without_optimizer_state_warns_that_mofasgd_sta
     assert any("MoFaSGD" in w for w in warnings)
 
 
+def test_fsdp2_resume_from_a_checkpoint_without_optimizer_0_warns_that_mofasgd_starts_from_scratch(tmp_path, lf_log):
+    """Issue 22 item 6: an FSDP2 checkpoint (sharded weights, scheduler.pt) whose optimizer_0/ is gone."""
+    optimizer = _mofasgd(_params(), 2)
+    ckpt = _checkpoint(tmp_path, optimizer)
+    (ckpt / "optimizer.pt").unlink()  # FSDP writes accelerate's optimizer_0/ (sharded) or optimizer.bin instead
+    (ckpt / "pytorch_model_fsdp_0").mkdir()
+    plugin = types.SimpleNamespace(fsdp_version=2)
+    trainer = _resuming_trainer(optimizer)
+    trainer.is_fsdp_enabled = True
+    trainer.accelerator = types.SimpleNamespace(state=types.SimpleNamespace(fsdp_plugin=plugin))
+    Trainer._load_optimizer_and_scheduler(trainer, str(ckpt))
+    warnings = [r.getMessage() for r in lf_log.records if r.levelno == logging.WARNING]
+    assert any("no optimizer state" in w and "no optimizer_0/" in w and "from scratch" in w for w in warnings)
+    assert any("MoFaSGD" in w for w in warnings)
+
+
 def test_resume_with_optimizer_state_does_not_warn(tmp_path, lf_log):
     params = _params()
     saved = _mofasgd(params, 2)

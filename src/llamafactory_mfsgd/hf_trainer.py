@@ -7,7 +7,8 @@ LLaMA-Factory's ``train.trainer_utils`` loads (see :data:`llamafactory_mfsgd.act
   gradient in fused mode; an optimizer with ``grad_norm`` / ``clip_grad_norm_`` answers for its own matrices;
 - ``log``: adds MoFaSGD's update diagnostics (``mfsgd/…``, :mod:`llamafactory_mfsgd.diagnostics`);
 - resuming: a clear error when the checkpoint's optimizer is not this run's (``use_mfsgd`` switched, routing
-  changed), a warning when the checkpoint has no optimizer state.
+  changed), a warning when the checkpoint has no optimizer state (FSDP included); MoFaSGD's sharded FSDP2 state
+  loaded by parameter name.
 """
 
 from __future__ import annotations
@@ -160,8 +161,12 @@ def _warn_fresh_optimizer(trainer: Any, checkpoint: str) -> None:
         state = "MoFaSGD's momentum factors (U, S, V) and the AdamW moments"
     else:
         state = f"the optimizer's state ({type(optimizer).__name__})"
+    if getattr(trainer, "is_fsdp_enabled", False):  # accelerate's names: sharded (DCP) folder or full file
+        files = f"no {_optimizer_name()}_0/ or {_optimizer_name()}.bin, or no scheduler.pt: deleted, or"
+    else:
+        files = "no optimizer.pt / scheduler.pt:"
     get_logger("llamafactory.mfsgd").warning_rank0(
-        f"Resuming from {checkpoint}, which holds no optimizer state (no optimizer.pt / scheduler.pt: saved with "
+        f"Resuming from {checkpoint}, which holds no optimizer state ({files} saved with "
         f"`save_only_model: true`?). The weights and the step count resume, but {state} start from scratch and "
         "the learning-rate schedule restarts at its first step (warm-up included)."
     )
@@ -213,13 +218,13 @@ def _patch_resume(trainer_class: type) -> None:
     original = trainer_class._load_optimizer_and_scheduler
 
     def _load_optimizer_and_scheduler(self, checkpoint):
-        engines = getattr(self, "is_deepspeed_enabled", False) or getattr(self, "is_fsdp_enabled", False)
         if checkpoint is not None and _sharded_fsdp2_checkpoint(self, checkpoint):
             original(self, checkpoint)  # the scheduler; its optimizer load finds no state to fill (see below)
             return _load_fsdp2_sharded_optimizer(self, checkpoint)
-        if checkpoint is None or engines:
-            return original(self, checkpoint)
+        if checkpoint is None or getattr(self, "is_deepspeed_enabled", False):
+            return original(self, checkpoint)  # DeepSpeed restores its optimizer with the engine, not here
         optimizer_file = os.path.join(checkpoint, hf_trainer.OPTIMIZER_NAME)
+        # HF's own test (FSDP's optimizer.bin / optimizer_0/ included): when it fails, HF loads neither, silently
         has_optimizer = (
             os.path.isfile(optimizer_file)
             or os.path.isfile(os.path.join(checkpoint, hf_trainer.OPTIMIZER_NAME_BIN))
@@ -229,7 +234,7 @@ def _patch_resume(trainer_class: type) -> None:
             )
         )
         if not (has_optimizer and os.path.isfile(os.path.join(checkpoint, hf_trainer.SCHEDULER_NAME))):
-            _warn_fresh_optimizer(self, checkpoint)  # HF then loads neither, silently
+            _warn_fresh_optimizer(self, checkpoint)
         elif os.path.isfile(optimizer_file) and (saved := _saved_param_groups(optimizer_file)) is not None:
             message = resume_mismatch(
                 saved,
