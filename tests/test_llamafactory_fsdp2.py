@@ -97,6 +97,7 @@ def test_pure_bf16_under_fsdp2_moves_every_matrix_as_one_process_does(tiny_model
 EXIT_DRAIN_PROBE = """
 import os
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState
 from accelerate.utils import FullyShardedDataParallelPlugin
 import llamafactory_mfsgd.patches as patches
 
@@ -108,13 +109,14 @@ patches.allow_cpu_fsdp2()
 for _ in range(2):  # a second state must not add a second wait
     state = Accelerator(fsdp_plugin=FullyShardedDataParallelPlugin(fsdp_version=2)).state
 say("PROBE " + state.distributed_type.name)
+say("LATER " + AcceleratorState().distributed_type.name)  # a later state copies PartialState's type over it
 """
 
 
 @pytest.mark.parametrize("flag, kind, drains", [("1", "FSDP", 1), ("0", "MULTI_CPU", 0)])
 def test_the_cpu_fsdp2_mode_waits_for_gloo_workers_at_exit(tmp_path, flag, kind, drains):
-    """MFSGD_CPU_FSDP2=1 turns accelerate's CPU processes into FSDP2 ones and runs one wait at exit (gloo's
-    worker threads freeing FSDP2's all-gathers after shutdown began abort about 1 run in 10 without it)."""
+    """MFSGD_CPU_FSDP2=1 turns accelerate's CPU processes into FSDP2 ones, for good, and runs one wait at exit
+    (gloo's worker threads freeing FSDP2's all-gathers after shutdown began abort about 1 run in 10 without it)."""
     script = tmp_path / "probe.py"
     script.write_text(EXIT_DRAIN_PROBE)
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port"]
@@ -129,4 +131,5 @@ def test_the_cpu_fsdp2_mode_waits_for_gloo_workers_at_exit(tmp_path, flag, kind,
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = proc.stdout.splitlines()
     assert lines.count(f"PROBE {kind}") == 2  # both ranks
+    assert lines.count(f"LATER {kind}") == 2  # FSDP stays FSDP (else accelerate's get_state_dict does not gather)
     assert lines.count("DRAINED") == 2 * drains  # once per rank, however many states were built
