@@ -147,6 +147,17 @@ def test_fsdp2_resume_from_a_checkpoint_without_optimizer_0_warns_that_mofasgd_s
     assert any("MoFaSGD" in w for w in warnings)
 
 
+def test_the_fsdp2_final_save_is_patched_and_pinned_to_the_transformers_code_it_completes():
+    """Issue 22 item 1 (the run itself: tests/test_llamafactory_fsdp2.py): a moved upstream branch fails loudly."""
+    from llamafactory_mfsgd import hf_trainer
+    from llamafactory_mfsgd.compat import require_source
+
+    assert getattr(Trainer.save_model, "__mfsgd_patched__", False)
+    require_source(Trainer._save, "save_pretrained")
+    with pytest.raises(RuntimeError, match=r"_is_final_save no longer contains \['FULL_STATE_DICT'\]"):
+        require_source(hf_trainer._is_final_save, "FULL_STATE_DICT")
+
+
 def test_resume_with_optimizer_state_does_not_warn(tmp_path, lf_log):
     params = _params()
     saved = _mofasgd(params, 2)
