@@ -26,7 +26,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch.distributed.checkpoint import DefaultLoadPlanner
 
 SHARDED_OPTIMIZER_DIR = "optimizer_0"  # accelerate's sharded (DCP) optimizer checkpoint under FSDP2
 _DCP_PREFIX = "optimizer."  # accelerate saves {"optimizer": get_optimizer_state_dict(model, optimizer)}
@@ -73,11 +72,18 @@ def optimizer_file(path: str | Path) -> Path:
     )
 
 
-class _WeightsOnlyPlanner(DefaultLoadPlanner):
-    """DCP's load planner, with the non-tensor entries (the param groups) read by torch.load(weights_only=True)."""
+def _weights_only_planner() -> Any:
+    """DCP's load planner, with the non-tensor entries (the param groups) read by torch.load(weights_only=True).
 
-    def load_bytes(self, read_item, value) -> None:
-        self.state_dict[read_item.dest_index.fqn] = torch.load(value, weights_only=True)
+    Unflattened, so that it writes them into the dict passed to ``dcp.load`` (flattening would write into a copy).
+    """
+    from torch.distributed.checkpoint import DefaultLoadPlanner
+
+    class WeightsOnlyPlanner(DefaultLoadPlanner):
+        def load_bytes(self, read_item, value) -> None:
+            self.state_dict[read_item.dest_index.fqn] = torch.load(value, weights_only=True)
+
+    return WeightsOnlyPlanner(flatten_state_dict=False, flatten_sharded_tensors=False)
 
 
 def read_sharded_optimizer(directory: Path) -> dict[str, Any]:
@@ -106,9 +112,7 @@ def read_sharded_optimizer(directory: Path) -> dict[str, Any]:
             wanted[key] = torch.empty(meta.size, dtype=meta.properties.dtype)
     with warnings.catch_warnings():  # reading in one process is the intent here
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        # unflattened, so that load_bytes writes into `wanted` itself (flattening would make the planner a copy)
-        planner = _WeightsOnlyPlanner(flatten_state_dict=False, flatten_sharded_tensors=False)
-        dcp.load(wanted, storage_reader=reader, planner=planner, no_dist=True)
+        dcp.load(wanted, storage_reader=reader, planner=_weights_only_planner(), no_dist=True)
     groups: dict[int, dict[str, Any]] = {}
     state: dict[str, dict[str, torch.Tensor]] = {}
     for key, meta in entries.items():
