@@ -276,6 +276,65 @@ def test_a_full_fsdp2_checkpoint_loads_into_one_process(runs):
             torch.testing.assert_close(state["exp_avg"], expected[name]["exp_avg"], atol=2e-6, rtol=2e-5)
 
 
+class Narrow(nn.Module):
+    """Matrices with fewer rows than 2 x rank (MoE routers, k/v projections at larger ranks): at rank 3, `wide`
+    (5 rows) keeps r = 3 < 5 < 2r, `router` (3 rows, split 2 + 1) keeps r = m = 3."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.wide = nn.Linear(6, 5, bias=False)
+        self.router = nn.Linear(5, 3, bias=False)
+
+    def forward(self, x):
+        return self.router(torch.tanh(self.wide(x)))
+
+
+def narrow_train(model, rank=0, world=1):
+    """Three steps of MoFaSGD at rank 3 (Nesterov: one more sum over the rows) on the global batch split by rank."""
+    opt = MoFaSGD([{"params": [model.wide.weight, model.router.weight]}], lr=0.05, rank=3, nesterov=True)
+    for step in range(3):
+        x, y = data(step, 0)
+        shard = slice(rank * BATCH // world, (rank + 1) * BATCH // world)
+        nn.functional.mse_loss(model(x[shard]), y[shard][:, :3]).backward()
+        opt.step()
+        opt.zero_grad()
+    return full_state(model, opt)
+
+
+def narrow_worker(rank, world, port, out_dir):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=60))
+    try:
+        from torch.distributed.fsdp import fully_shard
+
+        model = Narrow()
+        for module in (model.wide, model.router, model):
+            fully_shard(module)
+        weights, factors = narrow_train(model, rank, world)
+        torch.save({"weights": weights, "factors": factors}, os.path.join(out_dir, f"narrow{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+    exit_spawned_worker()
+
+
+def test_fsdp2_steps_matrices_with_fewer_rows_than_twice_the_rank_as_one_process(tmp_path):
+    """Their [U | G V] panel is wider than tall (singular Gram): gathered and factored as one process does."""
+    mp.spawn(narrow_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
+    weights, factors = narrow_train(Narrow())
+    start = Narrow().state_dict()
+    results = [torch.load(tmp_path / f"narrow{rank}.pt", weights_only=True) for rank in (0, 1)]
+    for name, value in weights.items():
+        assert not torch.allclose(value, start[name])
+        for result in results:
+            torch.testing.assert_close(result["weights"][name], value, atol=2e-5, rtol=2e-5, msg=name)
+    for name, parts in factors.items():
+        assert parts["S"].shape == (3,)
+        for key in ("M", "S", "V"):
+            torch.testing.assert_close(results[0]["factors"][name][key], parts[key], atol=2e-5, rtol=2e-5)
+            assert torch.equal(results[0]["factors"][name][key], results[1]["factors"][name][key]), (name, key)
+
+
 class _OneRank:
     """factor_math.RowReduction for a single process: the panel is whole."""
 

@@ -131,6 +131,33 @@ def test_resume_from_a_checkpoint_without_optimizer_state_warns_that_mofasgd_sta
     assert any("MoFaSGD" in w for w in warnings)
 
 
+def test_fsdp2_resume_from_a_checkpoint_without_optimizer_0_warns_that_mofasgd_starts_from_scratch(tmp_path, lf_log):
+    """Issue 22 item 6: an FSDP2 checkpoint (sharded weights, scheduler.pt) whose optimizer_0/ is gone."""
+    optimizer = _mofasgd(_params(), 2)
+    ckpt = _checkpoint(tmp_path, optimizer)
+    (ckpt / "optimizer.pt").unlink()  # FSDP writes accelerate's optimizer_0/ (sharded) or optimizer.bin instead
+    (ckpt / "pytorch_model_fsdp_0").mkdir()
+    plugin = types.SimpleNamespace(fsdp_version=2)
+    trainer = _resuming_trainer(optimizer)
+    trainer.is_fsdp_enabled = True
+    trainer.accelerator = types.SimpleNamespace(state=types.SimpleNamespace(fsdp_plugin=plugin))
+    Trainer._load_optimizer_and_scheduler(trainer, str(ckpt))
+    warnings = [r.getMessage() for r in lf_log.records if r.levelno == logging.WARNING]
+    assert any("no optimizer state" in w and "no optimizer_0/" in w and "from scratch" in w for w in warnings)
+    assert any("MoFaSGD" in w for w in warnings)
+
+
+def test_the_fsdp2_final_save_is_patched_and_pinned_to_the_transformers_code_it_completes():
+    """Issue 22 item 1 (the run itself: tests/test_llamafactory_fsdp2.py): a moved upstream branch fails loudly."""
+    from llamafactory_mfsgd import hf_trainer
+    from llamafactory_mfsgd.compat import require_source
+
+    assert getattr(Trainer.save_model, "__mfsgd_patched__", False)
+    require_source(Trainer._save, "save_pretrained")
+    with pytest.raises(RuntimeError, match=r"_is_final_save no longer contains \['FULL_STATE_DICT'\]"):
+        require_source(hf_trainer._is_final_save, "FULL_STATE_DICT")
+
+
 def test_resume_with_optimizer_state_does_not_warn(tmp_path, lf_log):
     params = _params()
     saved = _mofasgd(params, 2)

@@ -6,12 +6,14 @@ the real Trainer/accelerate path runs: fully_shard, the optimizer's parameters s
 """
 
 import os
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
-from lf_helpers import assert_ok, log_history, run_cli, tiny_config, weights
+from lf_helpers import assert_ok, env, log_history, run_cli, tiny_config, weights
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
 from llamafactory_mfsgd.launcher import free_port
@@ -94,9 +96,71 @@ def test_pure_bf16_under_fsdp2_moves_every_matrix_as_one_process_does(tiny_model
         assert expected > 0 and 0.9 < float(moved / expected) < 1.1, key
 
 
+@pytest.fixture(scope="module")
+def three_fsdp2_steps(tiny_model, tmp_path_factory):
+    """A 2-process FSDP2 MoFaSGD run of 3 steps, checkpointed (sharded) at its last step."""
+    workdir = tmp_path_factory.mktemp("fsdp2-output")
+    config = tiny_config("tiny_sft_mfsgd.yaml", tiny_model, workdir / "run", **FSDP2, max_steps=3, save_steps=3)
+    assert_ok(run_cli(config, workdir, extra_env=TWO_FSDP2_PROCESSES))
+    return config, workdir
+
+
+def test_fsdp2_run_leaves_a_loadable_hf_model_with_config_and_tokenizer(three_fsdp2_steps, tiny_model, tmp_path):
+    """Issue 22 item 1: output_dir holds the trained weights (gathered, equal to the last sharded checkpoint's),
+    config and tokenizer, as every other engine leaves them; checkpoints stay sharded (DCP) for resuming."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    config, _ = three_fsdp2_steps
+    out = Path(config["output_dir"])
+    for name in ("model.safetensors", "config.json", "tokenizer.json", "tokenizer_config.json"):
+        assert (out / name).is_file(), name
+    assert not (out / "checkpoint-3" / "model.safetensors").exists()
+    saved, start = weights(out), weights(tiny_model)
+    trained = sharded_weights(out / "checkpoint-3", tmp_path)
+    assert set(saved) == set(trained)
+    for key, value in trained.items():
+        assert torch.equal(saved[key], value), key
+    assert not torch.equal(
+        saved["model.layers.0.self_attn.q_proj.weight"], start["model.layers.0.self_attn.q_proj.weight"]
+    )
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert type(model).__name__ == "LlamaForCausalLM"
+    torch.testing.assert_close(model.state_dict()["lm_head.weight"], trained["lm_head.weight"], atol=0, rtol=0)
+    assert AutoTokenizer.from_pretrained(out)("hello")["input_ids"]
+
+
+def test_mfsgd_inspect_state_prints_the_factor_table_of_an_fsdp2_checkpoint(three_fsdp2_steps):
+    config, workdir = three_fsdp2_steps
+    proc = subprocess.run(
+        [str(Path(sys.executable).parent / "mfsgd-inspect-state"), config["output_dir"]],
+        env=env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "(step 3, 14 MoFaSGD matrices)" in proc.stdout
+    assert "model.layers.1.mlp.down_proj.weight" in proc.stdout and "64 x 256" in proc.stdout
+
+
+def test_fsdp2_resume_without_optimizer_0_warns_that_the_momentum_starts_from_scratch(three_fsdp2_steps):
+    """Issue 22 item 6, end to end: the weights resume from the sharded checkpoint, MoFaSGD's state cannot."""
+    config, workdir = three_fsdp2_steps
+    checkpoint = workdir / "no-optimizer" / "checkpoint-3"
+    shutil.copytree(Path(config["output_dir"]) / "checkpoint-3", checkpoint)
+    shutil.rmtree(checkpoint / "optimizer_0")
+    resumed = dict(config, output_dir=str(workdir / "resumed"), max_steps=4, resume_from_checkpoint=str(checkpoint))
+    proc = run_cli(resumed, workdir, extra_env=TWO_FSDP2_PROCESSES)
+    assert_ok(proc)
+    assert proc.stdout.count("holds no optimizer state (no optimizer_0/") == 1  # once, on rank 0
+    assert "MoFaSGD's momentum factors (U, S, V) and the AdamW moments start from scratch" in proc.stdout
+
+
 EXIT_DRAIN_PROBE = """
 import os
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState
 from accelerate.utils import FullyShardedDataParallelPlugin
 import llamafactory_mfsgd.patches as patches
 
@@ -108,13 +172,14 @@ patches.allow_cpu_fsdp2()
 for _ in range(2):  # a second state must not add a second wait
     state = Accelerator(fsdp_plugin=FullyShardedDataParallelPlugin(fsdp_version=2)).state
 say("PROBE " + state.distributed_type.name)
+say("LATER " + AcceleratorState().distributed_type.name)  # a later state copies PartialState's type over it
 """
 
 
 @pytest.mark.parametrize("flag, kind, drains", [("1", "FSDP", 1), ("0", "MULTI_CPU", 0)])
 def test_the_cpu_fsdp2_mode_waits_for_gloo_workers_at_exit(tmp_path, flag, kind, drains):
-    """MFSGD_CPU_FSDP2=1 turns accelerate's CPU processes into FSDP2 ones and runs one wait at exit (gloo's
-    worker threads freeing FSDP2's all-gathers after shutdown began abort about 1 run in 10 without it)."""
+    """MFSGD_CPU_FSDP2=1 turns accelerate's CPU processes into FSDP2 ones, for good, and runs one wait at exit
+    (gloo's worker threads freeing FSDP2's all-gathers after shutdown began abort about 1 run in 10 without it)."""
     script = tmp_path / "probe.py"
     script.write_text(EXIT_DRAIN_PROBE)
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port"]
@@ -129,4 +194,5 @@ def test_the_cpu_fsdp2_mode_waits_for_gloo_workers_at_exit(tmp_path, flag, kind,
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = proc.stdout.splitlines()
     assert lines.count(f"PROBE {kind}") == 2  # both ranks
+    assert lines.count(f"LATER {kind}") == 2  # FSDP stays FSDP (else accelerate's get_state_dict does not gather)
     assert lines.count("DRAINED") == 2 * drains  # once per rank, however many states were built

@@ -46,6 +46,34 @@ def test_states_match_the_optimizer_and_the_dense_momentum(tmp_path):
         assert 1.0 <= s.effective_rank <= 3.0
 
 
+def test_a_sharded_fsdp2_checkpoint_reads_as_its_optimizer_pt_does(tmp_path, capsys):
+    """accelerate's FSDP2 checkpoint layout, `optimizer_0/` (DCP) keyed by parameter names, written here by one
+    process: the same table as the full state in an optimizer.pt, names included."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(7, 12), torch.nn.Linear(12, 5, bias=False))
+    matrices = [model[0].weight, model[1].weight]
+    optimizer = MoFaSGD([{"params": matrices}, {"params": [model[0].bias], "mofasgd": False}], rank=3, lr=1e-2)
+    for _ in range(2):
+        model(torch.randn(4, 7)).square().sum().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    by_name = get_optimizer_state_dict(model, optimizer)
+    checkpoint = tmp_path / "checkpoint-2"
+    checkpoint.mkdir()
+    dcp.save({"optimizer": by_name}, checkpoint_id=str(checkpoint / "optimizer_0"), no_dist=True)
+    torch.save(by_name, tmp_path / "optimizer.pt")
+
+    states = read_states(checkpoint)
+    assert states == read_states(tmp_path / "optimizer.pt")
+    assert [s.name for s in states] == ["0.weight", "1.weight"] and [s.shape for s in states] == [(12, 7), (5, 12)]
+    assert states[1].spectrum == pytest.approx(optimizer.state[matrices[1]]["S"].tolist()) and states[1].step == 2
+    assert main([str(checkpoint / "optimizer_0")]) == 0
+    assert "1.weight" in capsys.readouterr().out
+
+
 def test_a_checkpoint_without_mofasgd_state_is_refused(tmp_path):
     weight = torch.nn.Parameter(torch.randn(4, 4))
     optimizer = torch.optim.AdamW([weight])

@@ -1,7 +1,7 @@
 """Compatibility with the upstream versions we run on: checks of the internals we patch, and workarounds.
 
-Checks: :func:`check_llamafactory_version` and :func:`require` fail loudly when LLaMA-Factory (or transformers)
-moved an internal the extension patches.
+Checks: :func:`check_llamafactory_version`, :func:`require` and :func:`require_source` fail loudly when
+LLaMA-Factory (or transformers) moved an internal the extension patches.
 
 Workarounds for upstream behaviour unrelated to MoFaSGD, applied by :func:`apply_workarounds` when
 LLaMA-Factory's ``train.trainer_utils`` loads (see :data:`llamafactory_mfsgd.activation.TARGETS`); drop each
@@ -40,6 +40,19 @@ def require(module: ModuleType | type, *names: str) -> None:
         raise RuntimeError(
             f"{owner} has no {missing}: this llamafactory/transformers version changed the internals that "
             f"llama-factory-mfsgd extends (supported llamafactory: {', '.join(SUPPORTED_LLAMAFACTORY)})."
+        )
+
+
+def require_source(function: Any, *snippets: str) -> None:
+    """Raise a clear error if `function`'s source lacks any snippet: the upstream behaviour a patch completes moved."""
+    import inspect
+
+    source = inspect.getsource(function)
+    missing = [snippet for snippet in snippets if snippet not in source]
+    if missing:
+        raise RuntimeError(
+            f"{function.__qualname__} no longer contains {missing}: this transformers version changed the behaviour "
+            f"that llama-factory-mfsgd completes (supported llamafactory: {', '.join(SUPPORTED_LLAMAFACTORY)})."
         )
 
 

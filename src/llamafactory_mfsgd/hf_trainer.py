@@ -7,7 +7,10 @@ LLaMA-Factory's ``train.trainer_utils`` loads (see :data:`llamafactory_mfsgd.act
   gradient in fused mode; an optimizer with ``grad_norm`` / ``clip_grad_norm_`` answers for its own matrices;
 - ``log``: adds MoFaSGD's update diagnostics (``mfsgd/…``, :mod:`llamafactory_mfsgd.diagnostics`);
 - resuming: a clear error when the checkpoint's optimizer is not this run's (``use_mfsgd`` switched, routing
-  changed) or its ``optimizer.pt`` is damaged (truncated), a warning when the checkpoint has no optimizer state.
+  changed) or its ``optimizer.pt`` is damaged (truncated), a warning when the checkpoint has no optimizer state
+  (FSDP included); MoFaSGD's sharded FSDP2 state loaded by parameter name;
+- ``save_model``: under FSDP2 with sharded checkpoints (accelerate's default) the final model is gathered and
+  written as a Hugging Face model (weights, config, tokenizer), which transformers leaves out.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ import os
 from types import ModuleType
 from typing import Any
 
-from .compat import require
+from .compat import require, require_source
 from .diagnostics import add_diagnostics, unwrap_optimizer
 
 
@@ -26,6 +29,7 @@ def patch_trainer(trainer_utils: ModuleType) -> None:
     _patch_grad_norm(trainer_utils.Trainer)
     _patch_log(trainer_utils.Trainer)
     _patch_resume(trainer_utils.Trainer)
+    _patch_save_model(trainer_utils.Trainer)
 
 
 def _unwrapped_optimizer(trainer: Any) -> Any:
@@ -179,8 +183,12 @@ def _warn_fresh_optimizer(trainer: Any, checkpoint: str) -> None:
         state = "MoFaSGD's momentum factors (U, S, V) and the AdamW moments"
     else:
         state = f"the optimizer's state ({type(optimizer).__name__})"
+    if getattr(trainer, "is_fsdp_enabled", False):  # accelerate's names: sharded (DCP) folder or full file
+        files = f"no {_optimizer_name()}_0/ or {_optimizer_name()}.bin, or no scheduler.pt: deleted, or"
+    else:
+        files = "no optimizer.pt / scheduler.pt:"
     get_logger("llamafactory.mfsgd").warning_rank0(
-        f"Resuming from {checkpoint}, which holds no optimizer state (no optimizer.pt / scheduler.pt: saved with "
+        f"Resuming from {checkpoint}, which holds no optimizer state ({files} saved with "
         f"`save_only_model: true`?). The weights and the step count resume, but {state} start from scratch and "
         "the learning-rate schedule restarts at its first step (warm-up included)."
     )
@@ -232,13 +240,13 @@ def _patch_resume(trainer_class: type) -> None:
     original = trainer_class._load_optimizer_and_scheduler
 
     def _load_optimizer_and_scheduler(self, checkpoint):
-        engines = getattr(self, "is_deepspeed_enabled", False) or getattr(self, "is_fsdp_enabled", False)
         if checkpoint is not None and _sharded_fsdp2_checkpoint(self, checkpoint):
             original(self, checkpoint)  # the scheduler; its optimizer load finds no state to fill (see below)
             return _load_fsdp2_sharded_optimizer(self, checkpoint)
-        if checkpoint is None or engines:
-            return original(self, checkpoint)
+        if checkpoint is None or getattr(self, "is_deepspeed_enabled", False):
+            return original(self, checkpoint)  # DeepSpeed restores its optimizer with the engine, not here
         optimizer_file = os.path.join(checkpoint, hf_trainer.OPTIMIZER_NAME)
+        # HF's own test (FSDP's optimizer.bin / optimizer_0/ included): when it fails, HF loads neither, silently
         has_optimizer = (
             os.path.isfile(optimizer_file)
             or os.path.isfile(os.path.join(checkpoint, hf_trainer.OPTIMIZER_NAME_BIN))
@@ -266,3 +274,51 @@ def _patch_resume(trainer_class: type) -> None:
     _load_optimizer_and_scheduler.__doc__ = original.__doc__
     trainer_class._load_optimizer_and_scheduler = _load_optimizer_and_scheduler
     trainer_class.__mfsgd_resume_patched__ = True
+
+
+def _fsdp2_saves_no_model(trainer: Any) -> bool:
+    """Whether transformers' save_model writes no weights here: FSDP2 with a sharded (not full) state dict."""
+    plugin = getattr(getattr(getattr(trainer, "accelerator", None), "state", None), "fsdp_plugin", None)
+    return (
+        getattr(trainer, "is_fsdp_enabled", False)
+        and getattr(plugin, "fsdp_version", 1) == 2
+        and "FULL_STATE_DICT" not in str(plugin.state_dict_type)
+    )
+
+
+def _is_final_save(trainer: Any, output_dir: str | None, internal_call: bool) -> bool:
+    """A save of the trained model (the run's output_dir, or asked for by the caller), not of a checkpoint-N."""
+    if output_dir is None or not internal_call:
+        return True
+    return os.path.abspath(output_dir) == os.path.abspath(trainer.args.output_dir)
+
+
+def _patch_save_model(trainer_class: type) -> None:
+    """Under FSDP2 with sharded checkpoints, `save_model` of the trained model writes a loadable HF model.
+
+    transformers 5.6 writes weights under FSDP only for ``FULL_STATE_DICT``; with accelerate's FSDP2 default
+    (``SHARDED_STATE_DICT``) the run ends with the DCP shards of its checkpoints and no model in output_dir.
+    Here every rank joins accelerate's gather of the full state dict (to the CPU of rank 0, one tensor at a
+    time) and rank 0 writes it with HF's own ``_save``: weights, config and tokenizer, as the other engines do.
+    Checkpoints (``checkpoint-N``, saved for resuming) stay sharded.
+    """
+    from accelerate import Accelerator
+
+    require(trainer_class, "save_model", "_save")
+    require(Accelerator, "get_state_dict")
+    if getattr(trainer_class.save_model, "__mfsgd_patched__", False):
+        return
+    # the FSDP branch this completes: transformers saves weights under FSDP only for full state dicts
+    require_source(trainer_class.save_model, '"FULL_STATE_DICT" in str(self.accelerator.state.fsdp_plugin')
+    original = trainer_class.save_model
+
+    def save_model(self, output_dir=None, _internal_call=False):
+        if _fsdp2_saves_no_model(self) and _is_final_save(self, output_dir, _internal_call):
+            state_dict = self.accelerator.get_state_dict(self.model)  # a collective: every rank calls it
+            if self.args.should_save:
+                self._save(output_dir if output_dir is not None else self.args.output_dir, state_dict=state_dict)
+        return original(self, output_dir, _internal_call)  # writes nothing more here (and pushes, if asked)
+
+    save_model.__doc__ = original.__doc__
+    save_model.__mfsgd_patched__ = True
+    trainer_class.save_model = save_model

@@ -4,11 +4,14 @@
     mfsgd-inspect-state saves/RUN --plot spectrum.png             # every checkpoint-* of a run: S over the steps
     python -m llamafactory_mfsgd.optimizer_state CKPT/optimizer.pt --json state.json
 
-Reads ``optimizer.pt`` with ``torch.load(weights_only=True)`` (MoFaSGD's state is tensors only). For each matrix
+Reads ``optimizer.pt`` with ``torch.load(weights_only=True)`` (MoFaSGD's state is tensors only), or an FSDP2
+checkpoint's sharded ``optimizer_0/`` (torch.distributed.checkpoint, in this one process: only S, the step and the
+param groups are read; U and V only by shape). For each matrix
 of a ``"mofasgd": True`` param group the state holds U (m×r), S (r), V (n×r) and the step count; the momentum is
 M = U diag(S) Vᵀ, so with orthonormal U, V its Frobenius norm is ‖S‖₂. The effective rank is exp of the entropy
 of S/ΣS (Roy & Vetterli, 2007): r when all r directions carry equal weight, 1 when one dominates. Matrix names
-come from the ``param_names`` HF Trainer stores in each group; without them a matrix is named by its index.
+come from the ``param_names`` HF Trainer stores in each group; without them a matrix is named by its parameter
+name where the state is keyed by names, else by its index.
 """
 
 from __future__ import annotations
@@ -17,10 +20,15 @@ import argparse
 import json
 import math
 import re
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
+
+SHARDED_OPTIMIZER_DIR = "optimizer_0"  # accelerate's sharded (DCP) optimizer checkpoint under FSDP2
+_DCP_PREFIX = "optimizer."  # accelerate saves {"optimizer": get_optimizer_state_dict(model, optimizer)}
 
 
 @dataclass
@@ -46,13 +54,79 @@ def effective_rank(spectrum: torch.Tensor) -> float:
     return math.exp(float(-(p * p.log()).sum()))
 
 
+def _is_sharded(path: Path) -> bool:
+    return (path / ".metadata").is_file()
+
+
 def optimizer_file(path: str | Path) -> Path:
-    """``optimizer.pt`` itself, or the one inside a checkpoint directory."""
+    """``optimizer.pt`` itself or inside a checkpoint directory, or a checkpoint's sharded ``optimizer_0/`` (FSDP2)."""
     path = Path(path)
-    file = path / "optimizer.pt" if path.is_dir() else path
-    if not file.is_file():
-        raise FileNotFoundError(f"No optimizer.pt at {path}: pass a checkpoint directory or its optimizer.pt.")
-    return file
+    if path.is_file() or _is_sharded(path):
+        return path
+    for candidate in (path / "optimizer.pt", path / SHARDED_OPTIMIZER_DIR):
+        if candidate.is_file() or _is_sharded(candidate):
+            return candidate
+    raise FileNotFoundError(
+        f"No optimizer.pt or sharded {SHARDED_OPTIMIZER_DIR}/ (FSDP2) at {path}: pass a checkpoint directory, "
+        f"its optimizer.pt or its {SHARDED_OPTIMIZER_DIR}/."
+    )
+
+
+def _weights_only_planner() -> Any:
+    """DCP's load planner, with the non-tensor entries (the param groups) read by torch.load(weights_only=True).
+
+    Unflattened, so that it writes them into the dict passed to ``dcp.load`` (flattening would write into a copy).
+    """
+    from torch.distributed.checkpoint import DefaultLoadPlanner
+
+    class WeightsOnlyPlanner(DefaultLoadPlanner):
+        def load_bytes(self, read_item, value) -> None:
+            self.state_dict[read_item.dest_index.fqn] = torch.load(value, weights_only=True)
+
+    return WeightsOnlyPlanner(flatten_state_dict=False, flatten_sharded_tensors=False)
+
+
+def read_sharded_optimizer(directory: Path) -> dict[str, Any]:
+    """What the table needs of a sharded (DCP) optimizer checkpoint, as ``optimizer.pt`` would hold it.
+
+    Read in this process, without torch.distributed: the param groups' ``mofasgd``, ``params`` (parameter names)
+    and ``param_names``, and each MoFaSGD matrix's S and step; U and V become meta tensors of their global shape,
+    so no factor or AdamW moment is read.
+
+    Raises:
+        ValueError: if `directory` is not accelerate's optimizer checkpoint (no ``optimizer.`` entries).
+    """
+    import torch.distributed.checkpoint as dcp
+
+    reader = dcp.FileSystemReader(str(directory))
+    entries = reader.read_metadata().state_dict_metadata
+    if not any(key.startswith(_DCP_PREFIX) for key in entries):
+        raise ValueError(f"{directory} is a DCP checkpoint without optimizer state (no `{_DCP_PREFIX}` entries).")
+    wanted: dict[str, Any] = {}
+    for key, meta in entries.items():
+        section, _, rest = key.removeprefix(_DCP_PREFIX).partition(".")
+        field = rest.rsplit(".", 1)[-1]
+        if section == "param_groups" and field in ("mofasgd", "params", "param_names"):
+            wanted[key] = None
+        elif section == "state" and field in ("S", "step"):
+            wanted[key] = torch.empty(meta.size, dtype=meta.properties.dtype)
+    with warnings.catch_warnings():  # reading in one process is the intent here
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.load(wanted, storage_reader=reader, planner=_weights_only_planner(), no_dist=True)
+    groups: dict[int, dict[str, Any]] = {}
+    state: dict[str, dict[str, torch.Tensor]] = {}
+    for key, meta in entries.items():
+        section, _, rest = key.removeprefix(_DCP_PREFIX).partition(".")
+        if section == "param_groups" and key in wanted:
+            index, _, field = rest.partition(".")
+            groups.setdefault(int(index), {})[field] = wanted[key]
+        elif section == "state":
+            name, _, field = rest.rpartition(".")
+            if key in wanted:
+                state.setdefault(name, {})[field] = wanted[key]
+            elif field in ("U", "V"):
+                state.setdefault(name, {})[field] = torch.empty(meta.size, device="meta")
+    return {"state": state, "param_groups": [groups[i] for i in sorted(groups)]}
 
 
 def read_states(path: str | Path) -> list[MatrixState]:
@@ -61,13 +135,18 @@ def read_states(path: str | Path) -> list[MatrixState]:
     Raises:
         ValueError: if the optimizer state has no MoFaSGD group (e.g. an AdamW or GaLore checkpoint).
     """
-    saved = torch.load(optimizer_file(path), map_location="cpu", weights_only=True)
+    file = optimizer_file(path)
+    if file.is_dir():
+        saved = read_sharded_optimizer(file)
+    else:
+        saved = torch.load(file, map_location="cpu", weights_only=True)
     groups = [g for g in saved["param_groups"] if g.get("mofasgd")]
     if not groups:
         raise ValueError(f"{optimizer_file(path)} holds no MoFaSGD param group (was this run trained with MoFaSGD?).")
     states = []
     for group in groups:
-        names = group.get("param_names") or [f"matrix {index}" for index in group["params"]]
+        # keyed by parameter names (torch.distributed.checkpoint's state dicts) or by index (torch.optim's)
+        names = group.get("param_names") or [i if isinstance(i, str) else f"matrix {i}" for i in group["params"]]
         for index, name in zip(group["params"], names):
             state = saved["state"].get(index)
             if not state or "S" not in state:
@@ -152,7 +231,9 @@ def plot_evolution(history: list[tuple[int, list[MatrixState]]], out: str | Path
 def main(argv: list[str] | None = None) -> int:
     """Command line: print the table of every checkpoint given; optionally plot S over them and write JSON."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("paths", nargs="+", help="checkpoint directories, optimizer.pt files or run directories")
+    parser.add_argument(
+        "paths", nargs="+", help="checkpoint directories, optimizer.pt files, FSDP2 optimizer_0/ or run directories"
+    )
     parser.add_argument("--plot", help="PNG of S (and effective rank) over the checkpoints")
     parser.add_argument("--max-matrices", type=int, default=12, help="matrices in the plot (default 12)")
     parser.add_argument("--top", type=int, default=4, help="singular values shown per matrix in the table")

@@ -256,7 +256,7 @@ def allow_cpu_fsdp2() -> None:
         return
     import accelerate.state as state
 
-    require(state, "AcceleratorState", "DistributedType")
+    require(state, "AcceleratorState", "DistributedType", "PartialState")
     original = state.AcceleratorState.__init__
     if getattr(original, "__mfsgd_cpu_fsdp2__", False):
         return
@@ -266,6 +266,9 @@ def allow_cpu_fsdp2() -> None:
         plugin = kwargs.get("fsdp_plugin")
         if plugin is not None and self.distributed_type == state.DistributedType.MULTI_CPU:
             self.distributed_type = state.DistributedType.FSDP
+            # as accelerate records its own choice: every later AcceleratorState() copies PartialState's type over
+            # the shared state, which would turn the run back into MULTI_CPU (then get_state_dict does not gather)
+            state.PartialState._shared_state["distributed_type"] = self.distributed_type
             self.fsdp_plugin = plugin
             if self._mixed_precision != "no":
                 plugin.set_mixed_precision(self._mixed_precision)

@@ -44,6 +44,9 @@ class RowReduction(Protocol):
     def mine(self, full: torch.Tensor) -> torch.Tensor:
         """This rank's rows of a whole panel."""
 
+    def total(self, piece: torch.Tensor) -> int:
+        """How many rows the whole panel has, of which `piece` holds this rank's."""
+
 
 class LocalRows:
     """The RowReduction of a panel whose rows all live in this process: there is nothing to reduce."""
@@ -60,12 +63,16 @@ class LocalRows:
         """All rows are this process's."""
         return full
 
+    def total(self, piece: torch.Tensor) -> int:
+        """The piece's own row count."""
+        return piece.shape[-2]
+
 
 LOCAL_ROWS = LocalRows()
 
 # Device types whose unsharded panels go through CholeskyQR2 (batched GEMMs and a batched 2r x 2r Cholesky)
 # instead of a batched Householder QR, which CUDA runs one matrix at a time. Chosen per device by measurement:
-# scripts/bench/layer_step.py --qr (results/layer_step_cuda.md). Sharded panels always use CholeskyQR2.
+# scripts/bench/layer_step.py --qr (results/layer_step_cuda.md). Sharded panels use CholeskyQR2 unless wide.
 CHOLESKY_QR_DEVICES: set[str] = {"cuda"}
 
 # CholeskyQR2 is accurate to O(eps) when cond(A) < ~eps^-1/2 (Yamamoto et al. 2015): ~4e3 in fp32. Panels whose
@@ -262,10 +269,13 @@ def panel_factors(
 
     With `rows` (FSDP2), U, GV and Q_U hold this rank's rows only: [U | GV] goes through CholeskyQR2, whose Gram
     also gives U^T G V; V and G^T U are replicated. On the devices in CHOLESKY_QR_DEVICES both tall panels go
-    through CholeskyQR2. Panels CholeskyQR2 factored may still need its fallback: see ``unsettled``.
+    through CholeskyQR2. Panels CholeskyQR2 factored may still need its fallback: see ``unsettled``. A sharded
+    [U | GV] with fewer rows than columns is gathered instead (:func:`_wide_sharded_panel_factors`).
     """
     r = U.shape[-1]
     panel_u, panel_v = torch.cat([U, gv], dim=-1), torch.cat([V, gtu], dim=-1)
+    if rows is not None and rows.total(U) < 2 * r:
+        return _wide_sharded_panel_factors(panel_u, panel_v, r, rows)
     cholesky_u = rows is not None or _cholesky_qr_suits(U)  # sharded rows: only CholeskyQR2 reduces them
     if cholesky_u and _cholesky_qr_suits(V):  # both panels' Cholesky passes batched together
         # V, G^T U are replicated on every rank: their panel needs no reduction
@@ -281,6 +291,21 @@ def panel_factors(
     utgv = U.mT @ gv if gram is None else gram[..., :r, r:]
     unsettled = None if bad is None else UnsettledPanels(panels, reductions, results, bad)
     return PanelFactors(q_u, r_u, utgv, q_v, r_v, unsettled)
+
+
+def _wide_sharded_panel_factors(
+    panel_u: torch.Tensor, panel_v: torch.Tensor, r: int, rows: RowReduction
+) -> PanelFactors:
+    """:func:`panel_factors` of a row-sharded [U | GV] with fewer rows m than its 2r columns (a router, a small head).
+
+    Such a panel's Gram is singular, so CholeskyQR2 cannot factor it: it is all-gathered (m 2r numbers, m < 2r) and
+    factored by Householder QR, as one process does: Q_U is m x m (this rank keeps its rows of it), R_U m x 2r.
+    Every rank factors the same gathered panel, so the replicated results are the same bits on every rank.
+    """
+    whole = rows.gather(panel_u)
+    q_u, r_u = torch.linalg.qr(whole)
+    q_v, r_v = torch.linalg.qr(panel_v)
+    return PanelFactors(rows.mine(q_u), r_u, whole[..., :r].mT @ whole[..., r:], q_v, r_v)
 
 
 def settle_panel_factors(factors: PanelFactors) -> PanelFactors:

@@ -115,6 +115,10 @@ class RowGroup:
         """This rank's rows of a whole panel."""
         return full[..., self.rows, :]
 
+    def total(self, piece: torch.Tensor) -> int:
+        """The matrix's global row count (every rank's rows)."""
+        return sum(self.counts)
+
 
 def rows_per_rank(p: torch.Tensor) -> list[int]:
     """How many rows of `p` each rank of its mesh holds (FSDP2 splits like torch.chunk; trailing ranks may hold 0)."""
