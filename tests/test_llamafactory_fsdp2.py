@@ -49,6 +49,8 @@ def test_fsdp2_two_processes_equal_one_process_and_resume_exactly(tiny_model, tm
     assert_ok(proc)
     assert "world size: 2" in proc.stdout and "data_parallel=False" in proc.stdout
     assert (tmp_path / "fsdp2" / "checkpoint-3" / "optimizer_0").is_dir()  # MoFaSGD's state went through DCP
+    # the single process ran the projected backward; FSDP2 keeps the hook path and says so
+    assert "Projected backward: 0 of 14" in proc.stdout and "hook (FSDP2 shards the weight" in proc.stdout
 
     one = logged(tmp_path / "single")
     assert len(one) == 6 and max(row[1] for row in one) > COMMON["max_grad_norm"]
