@@ -61,7 +61,15 @@ def build(method: str, state: dict[str, torch.Tensor], dims: tuple[int, int, int
 
         model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=list(PROJECTIONS)))
         return model, torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-    optimizer = MoFaSGD(list(model.parameters()), lr=1e-5, rank=rank, projected_backward=method == "mofasgd_projected")
+    # the randomized init: the exact top-r SVD of a 14336 x 4096 matrix takes minutes on a CPU (a one-off cost that
+    # both MoFaSGD paths share and the step does not see)
+    optimizer = MoFaSGD(
+        list(model.parameters()),
+        lr=1e-5,
+        rank=rank,
+        init="weight_randomized",
+        projected_backward=method == "mofasgd_projected",
+    )
     optimizer.attach(model)
     return model, optimizer
 
