@@ -211,39 +211,28 @@ def test_a_weight_also_used_outside_its_linear_counts_both_uses():
     assert (projected[0].up.weight - without_reuse[0].up.weight).abs().max() > 1e-3
 
 
-def test_create_graph_gradient_penalty_matches_the_hook_path():
-    """A gradient penalty through torch.autograd.grad(create_graph=True): the projected path adds nothing during
-    autograd.grad (it accumulates into no leaf) and the second-order terms reach W, as on the hook path."""
+def _penalised_backward(model: TinyNet, opt: MoFaSGD, tokens: torch.Tensor) -> None:
+    """loss + ||dloss/dh||^2 through torch.autograd.grad(create_graph=True): the projected path adds nothing during
+    autograd.grad (it accumulates into no leaf), and the second-order terms reach W as on the hook path."""
+    h = model.embed(tokens)
+    loss = F.cross_entropy(model.head(model.norm(model.block(h))).reshape(-1, VOCAB), tokens.reshape(-1))
+    (grad_h,) = torch.autograd.grad(loss, h, create_graph=True)
+    assert all("GV" not in opt.state[p] for p in managed(model))
+    (loss + grad_h.square().sum()).backward()
 
-    def run(projected: bool):
-        model = build()
-        opt = make_optimizer(model, projected)
-        for micro_batches in batches(5, 1):
-            tokens = micro_batches[0]
-            h = model.embed(tokens)
-            logits = model.head(model.norm(model.block(h)))
-            loss = F.cross_entropy(logits.reshape(-1, VOCAB), tokens.reshape(-1))
-            (grad_h,) = torch.autograd.grad(loss, h, create_graph=True)
-            assert all("GV" not in opt.state[p] for p in managed(model))  # autograd.grad left the sums alone
-            (loss + grad_h.square().sum()).backward()
-            opt.step()
-            opt.zero_grad()
-        return model
 
-    hooked, projected = run(False), run(True)
-    for p, q in zip(projected.parameters(), hooked.parameters()):
-        torch.testing.assert_close(p, q, atol=2e-5, rtol=2e-5)
+def _create_graph_backward(model: TinyNet, opt: MoFaSGD, tokens: torch.Tensor) -> None:
+    F.cross_entropy(model(tokens).reshape(-1, VOCAB), tokens.reshape(-1)).backward(create_graph=True)
 
 
 @pytest.mark.filterwarnings("ignore:Using backward\\(\\) with create_graph=True")
-def test_create_graph_backward_matches_the_hook_path():
-    def run(projected: bool):
+@pytest.mark.parametrize("backward", [_penalised_backward, _create_graph_backward], ids=["penalty", "create_graph"])
+def test_create_graph_matches_the_hook_path(backward):
+    def run(projected: bool) -> TinyNet:
         model = build()
         opt = make_optimizer(model, projected)
-        for micro_batches in batches(4, 1):
-            tokens = micro_batches[0]
-            loss = F.cross_entropy(model(tokens).reshape(-1, VOCAB), tokens.reshape(-1))
-            loss.backward(create_graph=True)
+        for micro_batches in batches(5, 1):
+            backward(model, opt, micro_batches[0])
             opt.step()
             opt.zero_grad()
         return model
@@ -251,6 +240,7 @@ def test_create_graph_backward_matches_the_hook_path():
     hooked, projected = run(False), run(True)
     for p, q in zip(projected.parameters(), hooked.parameters()):
         torch.testing.assert_close(p, q, atol=2e-5, rtol=2e-5)
+    assert_every_matrix_moved(projected, build(), hooked)
 
 
 def test_one_backward_under_autocast_is_closer_to_the_exact_projections_than_the_hook():
@@ -426,54 +416,20 @@ def test_two_process_ddp_on_the_projected_path_equals_one_process(tmp_path):
     assert_every_matrix_moved(model, build(), model)
 
 
-def _llama_8b_proportions():
-    """A 2-layer LLaMA with LLaMA-3.1-8B's proportions (ffn 3.5 x hidden, 4 query heads per kv head) at hidden 128."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=256,
-        hidden_size=128,
-        intermediate_size=448,
-        num_hidden_layers=2,
-        num_attention_heads=8,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-    )
-    return LlamaForCausalLM(config)
-
-
-def _allocation_sizes_in_backward(projected: bool) -> tuple[list[int], int]:
-    """(sizes of the allocations in the second backward, its transient peak) on the 8B-proportioned model."""
-    from memory_profiling import transient_peak_bytes
-    from mofasgd import split_for_mofasgd
-
-    model = _llama_8b_proportions()
-    routing = split_for_mofasgd(model)
-    groups = [{"params": [p for _, p in routing.mofasgd]}, {"params": [p for _, p in routing.adamw], "mofasgd": False}]
-    opt = MoFaSGD(groups, lr=1e-3, rank=8, projected_backward=projected)
-    opt.attach(model)
-    tokens = torch.randint(
-        0, 256, (4, 24), generator=torch.Generator().manual_seed(0)
-    )  # 96 tokens: no activation is m x n
-    model(tokens, labels=tokens).loss.backward()
-    opt.step()
-    opt.zero_grad()
-    loss = model(tokens, labels=tokens).loss
-    with torch.profiler.profile(profile_memory=True) as prof:
-        loss.backward(retain_graph=True)
-    sizes = [e.nbytes() for e in prof.profiler.kineto_results.events() if e.name() == "[memory]" and e.nbytes() > 0]
-    opt.zero_grad()
-    peak = transient_peak_bytes(lambda: loss.backward())
-    return sizes, peak
-
-
 def test_no_weight_sized_transient_in_the_backward_of_an_8b_proportioned_llama():
     """On the hook path each managed matrix's m x n gradient is allocated in backward; on the projected path no
-    allocation is as large as any managed matrix, and the backward's transient peak is lower."""
+    allocation is as large as any managed matrix, and the backward's transient peak is lower
+    (scripts/bench/projected_memory.py measures the same at other sizes)."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts" / "bench"))
+    import projected_memory
+
+    # 96 tokens: no activation has a managed matrix's size
+    hook = projected_memory.backward_allocations(False, hidden=128, tokens=96, rank=8)
+    projected = projected_memory.backward_allocations(True, hidden=128, tokens=96, rank=8)
     matrix_bytes = {m * n * 4 for m, n in [(128, 128), (32, 128), (448, 128), (128, 448)]}
-    hook_sizes, hook_peak = _allocation_sizes_in_backward(False)
-    projected_sizes, projected_peak = _allocation_sizes_in_backward(True)
-    assert sum(size in matrix_bytes for size in hook_sizes) >= 14  # 7 matrices x 2 layers
-    assert not [size for size in projected_sizes if size in matrix_bytes]
-    assert projected_peak < hook_peak
+    assert sum(size in matrix_bytes for size in hook.sizes) >= 14  # 7 matrices x 2 layers
+    assert not [size for size in projected.sizes if size in matrix_bytes]
+    assert projected.peak < hook.peak
