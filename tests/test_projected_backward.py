@@ -433,3 +433,18 @@ def test_no_weight_sized_transient_in_the_backward_of_an_8b_proportioned_llama()
     assert sum(size in matrix_bytes for size in hook.sizes) >= 14  # 7 matrices x 2 layers
     assert not [size for size in projected.sizes if size in matrix_bytes]
     assert projected.peak < hook.peak
+
+
+def test_a_newer_optimizer_takes_the_linears_over_and_the_old_ones_removal_leaves_them_projected():
+    """As with the gradient hooks, the newest optimizer owns the matrices (HF's auto_find_batch_size re-creates
+    it): the projections reach it, and removing the old optimizer's hooks does not undo its attachment."""
+    model = build()
+    old = make_optimizer(model, True)
+    with pytest.warns(UserWarning, match="takes it over"):
+        new = make_optimizer(model, True)
+    old.remove_hooks()
+    assert "forward" in model.up.__dict__
+    tokens = batches(1, 1)[0][0]
+    F.cross_entropy(model(tokens).reshape(-1, VOCAB), tokens.reshape(-1)).backward()
+    assert model.up.weight.grad is None
+    assert "GV" in new.state[model.up.weight] and "GV" not in old.state.get(model.up.weight, {})

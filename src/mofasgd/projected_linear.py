@@ -91,6 +91,7 @@ class Attachment:
 
     paths: dict[str, tuple[str, str]] = field(default_factory=dict)  # name -> (PROJECTED | HOOK, reason)
     modules: list[weakref.ref] = field(default_factory=list)
+    intake_ref: weakref.ref | None = None
 
     def projected(self) -> list[str]:
         """Names of the matrices on the projected path."""
@@ -112,10 +113,10 @@ class Attachment:
         return "\n".join(lines)
 
     def detach(self) -> None:
-        """Give every patched module its own forward back."""
+        """Give every patched module its own forward back (unless a newer optimizer has attached it since)."""
         for ref in self.modules:
             module = ref()
-            if module is not None:
+            if module is not None and module.__dict__.get("_mofasgd_intake") is self.intake_ref:
                 module.__dict__.pop("forward", None)
                 module.__dict__.pop("_mofasgd_intake", None)
         self.modules.clear()
@@ -129,7 +130,8 @@ def _why_not(module: nn.Module) -> str | None:
     """Why a Linear module holding a managed weight cannot take the projected forward, or None when it can."""
     if type(module).forward is not nn.Linear.forward:
         return f"{type(module).__name__} has its own forward"
-    if "forward" in module.__dict__:
+    wrapped = module.__dict__.get("forward")
+    if wrapped is not None and getattr(wrapped, "__func__", None) is not _projected_forward:  # ours: taken over
         return "its forward is already wrapped"
     if module._forward_hooks or module._forward_pre_hooks:
         return "it has forward hooks"
@@ -152,7 +154,8 @@ def attach(
         refusal: why no matrix can take the projected path (an optimizer setting), or None.
         notes: id(parameter) -> a remark shown beside a projected matrix (e.g. its first step is dense).
     """
-    attachment = Attachment()
+    ref = weakref.ref(intake)
+    attachment = Attachment(intake_ref=ref)
     if refusal is None and not hasattr(torch._C, _ENGINE_QUERY):
         refusal = f"this torch has no torch._C.{_ENGINE_QUERY}"
     linear_of: dict[int, list[nn.Module]] = {}
@@ -160,7 +163,6 @@ def attach(
         weight = getattr(module, "weight", None)
         if isinstance(module, nn.Linear) and isinstance(weight, torch.Tensor) and id(weight) in names:
             linear_of.setdefault(id(weight), []).append(module)
-    ref = weakref.ref(intake)
     for pid, name in names.items():
         modules = linear_of.get(pid, [])
         reason = refusal
