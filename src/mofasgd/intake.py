@@ -336,8 +336,7 @@ class GradientIntake:
                         if state is not None:
                             for key in PENDING_KEYS:
                                 state.pop(key, None)
-        if group_index is None:
-            self.synced = True
+        self.synced = self.synced or not any(b.any_seen() for bs in self.buckets.values() for b in bs)
 
     # ------------------------------------------------------------------ data parallelism
     def synchronize(self, sharded: bool, group: Any = None) -> None:
