@@ -10,7 +10,7 @@ import llamafactory.train.trainer_utils  # noqa: F401  (applies the trainer patc
 import pytest
 import torch
 from accelerate import Accelerator
-from lf_helpers import REPO, run_cli, tiny_config
+from lf_helpers import REPO, log_history, run_cli, tiny_config
 from llamafactory.hparams import get_train_args
 from omegaconf import OmegaConf
 from transformers import Trainer
@@ -370,3 +370,35 @@ def test_cli_resume_after_save_only_model_warns_that_momentum_starts_from_scratc
     proc = run_cli(resumed, tmp_path)
     assert proc.returncode == 0, proc.stdout[-4000:]
     assert "no optimizer state" in proc.stdout and "from scratch" in proc.stdout
+
+
+@pytest.mark.slow
+def test_cli_resume_with_edited_hyperparameters_uses_and_logs_the_new_values(tiny_model, tmp_path):
+    """Issue 22, item 5: the YAML's values win over the checkpoint's, the scheduler's base lr included."""
+    first = tiny_config("tiny_sft_mfsgd.yaml", tiny_model, tmp_path / "first", learning_rate_mfsgd=0.01)
+    proc = run_cli(first, tmp_path)
+    assert proc.returncode == 0, proc.stdout[-4000:]
+    ckpt = tmp_path / "first" / "checkpoint-3"
+    edited = dict(
+        first,
+        output_dir=str(tmp_path / "edited"),
+        resume_from_checkpoint=str(ckpt),
+        learning_rate_mfsgd=0.02,
+        mfsgd_beta=0.8,
+        mfsgd_nesterov=True,
+    )
+    proc = run_cli(edited, tmp_path)
+    assert proc.returncode == 0, proc.stdout[-4000:]
+    for text in (
+        "beta: 0.9 -> 0.8",
+        "nesterov: False -> True",
+        "lr (base, initial_lr) (MoFaSGD matrices): 0.01 -> 0.02",
+    ):
+        assert text in proc.stdout, text
+    groups = torch.load(tmp_path / "edited" / "checkpoint-6" / "optimizer.pt", weights_only=True)["param_groups"]
+    mfsgd = next(g for g in groups if g["mofasgd"])
+    assert (mfsgd["beta"], mfsgd["nesterov"], mfsgd["initial_lr"]) == (0.8, True, 0.02)
+    # the MoFaSGD group's lr (logged as learning_rate) follows the same schedule from twice the base
+    before = [e["learning_rate"] for e in log_history(tmp_path / "first")][3:]
+    after = [e["learning_rate"] for e in log_history(tmp_path / "edited")][-3:]
+    assert after == pytest.approx([2 * lr for lr in before], rel=1e-6)

@@ -149,7 +149,8 @@ def test_changed_hyperparameters_on_resume_are_logged(caplog):
     opt = MoFaSGD([fresh()], lr=0.1, rank=3, beta=0.5)
     with caplog.at_level(logging.WARNING, logger="mofasgd"):
         opt.load_state_dict(saved)
-    assert "beta: 0.5 -> 0.9" in caplog.text
+    assert "beta: 0.9 -> 0.5" in caplog.text  # checkpoint -> this optimizer's, which wins (issue 22, item 5)
+    assert opt.param_groups[0]["beta"] == 0.5
 
 
 # 6. corrupted-but-finite factors are refused with the parameter's name

@@ -56,6 +56,19 @@ def _check_flag(name: str, value: Any, allow_none: bool = False) -> None:
         raise ValueError(f"Invalid {name}: {value!r}; expected {expected}")
 
 
+def _same_value(a: Any, b: Any) -> bool:
+    """Equal hyper-parameter values, a tuple and the list a checkpoint may hold for it included."""
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return tuple(a) == tuple(b)
+    return a == b
+
+
+def _show(value: Any) -> str:
+    if isinstance(value, (list, tuple)):
+        return f"({', '.join(map(_show, value))})"
+    return f"{value:g}" if isinstance(value, float) else repr(value)
+
+
 def _squared_norm(grad: torch.Tensor) -> torch.Tensor:
     """||grad||^2 through the norm's own upcast: one copy at most fp32, not an fp64 copy squared into another."""
     return torch.linalg.vector_norm(grad, dtype=torch.promote_types(grad.dtype, torch.float32)).square()
@@ -397,6 +410,7 @@ class MoFaSGD(torch.optim.Optimizer):
         factored AdamW moments stay fp32 too.
         """
         self._check_checkpoint_layout(state_dict["param_groups"])
+        running = [dict(group) for group in self.param_groups]  # this optimizer's (the config's) hyper-parameters
         saved_state = state_dict["state"]
         factors = {pid: {k: v for k, v in st.items() if k in _FP32_KEYS} for pid, st in saved_state.items()}
         stripped = dict(state_dict)
@@ -431,6 +445,7 @@ class MoFaSGD(torch.optim.Optimizer):
             self._side_clip_coef = float(saved)
         for group in self.param_groups:  # torch's load copies every saved group key: not a hyper-parameter
             group.pop(_SIDE_CLIP_KEY, None)
+        self._keep_running_hyperparameters(running, state_dict["param_groups"])
         self._pending_synced = not any("GV" in st for st in self.state.values())
         self._buckets_now.clear()
 
@@ -458,7 +473,6 @@ class MoFaSGD(torch.optim.Optimizer):
                 f"{describe(self.param_groups)}: the set of MoFaSGD matrices changed (`mfsgd_target`, frozen or "
                 "added parameters, a different model). Resume with the routing that saved it, or start fresh."
             )
-        changed = []
         for index, (saved, current) in enumerate(zip(saved_groups, self.param_groups)):
             saved_state, state = saved.get("adamw_state", "full"), current["adamw_state"]
             if not saved["mofasgd"] and saved_state != state:
@@ -473,17 +487,41 @@ class MoFaSGD(torch.optim.Optimizer):
                     f"optimizer was built with rank {current['rank']} (`mfsgd_rank`). Resume with "
                     f"`mfsgd_rank: {saved['rank']}`, or start a new run to change the rank."
                 )
-            ignored = {"params", "param_names", "lr", "initial_lr", *_SHAPE_KEYS}
-            changed += [
-                f"{key}: {current.get(key)!r} -> {saved[key]!r}"
-                for key in sorted(set(saved) - ignored)
-                if key in current and saved[key] != current[key]
-            ]
+
+    def _keep_running_hyperparameters(self, running: list[dict[str, Any]], saved_groups: list[dict[str, Any]]) -> None:
+        """Give the loaded groups this optimizer's hyper-parameters back, and log each one the checkpoint had else.
+
+        torch's load_state_dict restores the saved groups, so an edited config (lr, beta, nesterov, step form,
+        weight decay...) would be printed at start-up and then ignored. Here the running values win; the shape keys
+        (rank, mofasgd, adamw_state) were checked to be equal. Under a scheduler (``initial_lr`` on both sides) the
+        base lr is this run's and the current lr keeps the checkpoint's position in the schedule:
+        lr = saved lr * new initial_lr / old initial_lr.
+        """
+        changed = []
+        for group, mine, saved in zip(self.param_groups, running, saved_groups):
+            side = "MoFaSGD matrices" if mine["mofasgd"] else "AdamW side"
+            for key, value in mine.items():
+                if key in ("params", "param_names", "lr", "initial_lr", *_SHAPE_KEYS):
+                    continue
+                if key in saved and not _same_value(saved[key], value):
+                    label = f"{key} ({side})" if key == "weight_decay" else key
+                    changed.append(f"{label}: {_show(saved[key])} -> {_show(value)}")
+                group[key] = value
+            scheduled = "initial_lr" in mine and "initial_lr" in saved
+            old, new = (saved["initial_lr"], mine["initial_lr"]) if scheduled else (saved["lr"], mine["lr"])
+            if scheduled:
+                group["lr"] = saved["lr"] * new / old if old and new != old else saved["lr"]
+            else:  # no schedule, or only one side has one: this optimizer's lr as it stands
+                group["lr"] = mine["lr"]
+            group.pop("initial_lr", None)
+            if "initial_lr" in mine:
+                group["initial_lr"] = mine["initial_lr"]
+            if not _same_value(old, new):
+                changed.append(f"lr{' (base, initial_lr)' if scheduled else ''} ({side}): {old:g} -> {new:g}")
         if changed:
             logger.warning(
-                "MoFaSGD resumes with the checkpoint's hyper-parameters (torch's load_state_dict semantics), "
-                "which differ from this optimizer's: %s",
-                "; ".join(sorted(set(changed))),
+                "MoFaSGD resumes with this optimizer's hyper-parameters, not the checkpoint's (checkpoint -> now): %s",
+                "; ".join(dict.fromkeys(changed)),
             )
 
     def _check_loaded_factors(self, p: torch.Tensor) -> None:

@@ -1,0 +1,118 @@
+"""Regression tests for the optimizer's silent-wrong cases of issue 22 (Hardening 3): each failed before its fix."""
+
+import copy
+import io
+import logging
+
+import pytest
+import torch
+from torch import nn
+
+from mofasgd import MoFaSGD
+
+
+def fresh(shape=(12, 7), seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return nn.Parameter(torch.randn(*shape, generator=gen))
+
+
+def _params(seed=0):
+    return [fresh(seed=seed), fresh((7,), seed=seed + 1)]
+
+
+def _optimizer(params, **options):
+    groups = [{"params": params[:1]}, {"params": params[1:], "mofasgd": False, "weight_decay": options.pop("wd", 0.0)}]
+    return MoFaSGD(groups, **{"lr": 0.02, "rank": 3, **options})
+
+
+def _steps(params, opt, steps, start=0, scheduler=None):
+    for step in range(start, start + steps):
+        gen = torch.Generator().manual_seed(step)
+        sum((p * torch.randn(p.shape, generator=gen)).sum() for p in params).backward()
+        opt.step()
+        opt.zero_grad()
+        if scheduler is not None:
+            scheduler.step()
+
+
+def _checkpoint(options=None, scheduled=False):
+    params = _params()
+    opt = _optimizer(params, **(options or {}))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 0.5**step) if scheduled else None
+    _steps(params, opt, 2, scheduler=scheduler)
+    buffer = io.BytesIO()
+    torch.save({"weights": [p.detach() for p in params], "optim": opt.state_dict()}, buffer)
+    buffer.seek(0)
+    return torch.load(buffer, weights_only=True)
+
+
+def _restored(checkpoint):
+    return [nn.Parameter(w.clone()) for w in checkpoint["weights"]]
+
+
+# item 5: a resumed run uses the hyper-parameters it was started with, and says which ones changed
+_EDITS = {"lr": 0.05, "beta": 0.5, "nesterov": True, "use_ones_for_nonzero_s": True, "weight_decay": 0.1}
+
+
+def test_resume_applies_edited_hyperparameters_and_logs_old_to_new(caplog):
+    checkpoint = _checkpoint({"wd": 0.01})
+    edited = _restored(checkpoint)
+    opt = _optimizer(edited, wd=0.2, **_EDITS)
+    with caplog.at_level(logging.WARNING, logger="mofasgd"):
+        opt.load_state_dict(copy.deepcopy(checkpoint["optim"]))
+    for key, value in _EDITS.items():
+        assert opt.param_groups[0][key] == value, key
+    assert opt.param_groups[1]["weight_decay"] == 0.2
+    for text in (
+        "beta: 0.9 -> 0.5",
+        "nesterov: False -> True",
+        "use_ones_for_nonzero_s: False -> True",
+        "weight_decay (MoFaSGD matrices): 0 -> 0.1",
+        "weight_decay (AdamW side): 0.01 -> 0.2",
+        "lr (MoFaSGD matrices): 0.02 -> 0.05",
+    ):
+        assert text in caplog.text, text
+    _steps(edited, opt, 2, start=2)
+
+    # the same as loading torch-style and then editing the groups by hand; not what the unedited run gives
+    reference, unedited = _restored(checkpoint), _restored(checkpoint)
+    ref_opt, unedited_opt = _optimizer(reference, wd=0.01), _optimizer(unedited, wd=0.01)
+    ref_opt.load_state_dict(copy.deepcopy(checkpoint["optim"]))  # torch's load shares the state's tensors
+    unedited_opt.load_state_dict(copy.deepcopy(checkpoint["optim"]))
+    for group, weight_decay in zip(ref_opt.param_groups, (0.1, 0.2)):
+        group.update(_EDITS, weight_decay=weight_decay)
+    _steps(reference, ref_opt, 2, start=2)
+    _steps(unedited, unedited_opt, 2, start=2)
+    for a, b, c in zip(edited, reference, unedited):
+        assert torch.equal(a, b)
+        assert not torch.equal(a, c)
+
+
+def test_resume_without_edits_keeps_the_checkpoint_values_and_says_nothing(caplog):
+    checkpoint = _checkpoint({"beta": 0.7}, scheduled=True)
+    params = _restored(checkpoint)
+    opt = _optimizer(params, beta=0.7)
+    torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 0.5**step)
+    with caplog.at_level(logging.WARNING, logger="mofasgd"):
+        opt.load_state_dict(checkpoint["optim"])
+    assert "resumes with" not in caplog.text
+    assert [g["lr"] for g in opt.param_groups] == [g["lr"] for g in checkpoint["optim"]["param_groups"]]
+
+
+def test_resume_under_a_scheduler_takes_the_new_base_lr_at_the_saved_schedule_position(caplog):
+    checkpoint = _checkpoint(scheduled=True)  # lr 0.02, two steps of the 0.5**step schedule: lr 0.005
+    params = _restored(checkpoint)
+    opt = _optimizer(params, lr=0.04)
+    torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 0.5**step)  # HF builds the scheduler before loading
+    with caplog.at_level(logging.WARNING, logger="mofasgd"):
+        opt.load_state_dict(checkpoint["optim"])
+    group = opt.param_groups[0]
+    assert group["initial_lr"] == 0.04
+    assert group["lr"] == pytest.approx(0.01)
+    assert "lr (base, initial_lr) (MoFaSGD matrices): 0.02 -> 0.04" in caplog.text
+
+
+def test_resume_still_refuses_a_rank_change():
+    checkpoint = _checkpoint()
+    with pytest.raises(ValueError, match="mfsgd_rank: 3"):
+        _optimizer(_restored(checkpoint), rank=4).load_state_dict(checkpoint["optim"])
