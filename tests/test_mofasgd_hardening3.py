@@ -116,3 +116,77 @@ def test_resume_still_refuses_a_rank_change():
     checkpoint = _checkpoint()
     with pytest.raises(ValueError, match="mfsgd_rank: 3"):
         _optimizer(_restored(checkpoint), rank=4).load_state_dict(checkpoint["optim"])
+
+
+# item 7: a non-finite gradient anywhere skips the whole step, both sides, and says which tensors
+def _named_optimizer(fused=True, **options):
+    matrices = [fresh(seed=1), fresh(seed=2)]
+    vector, embedding = fresh((7,), seed=3), fresh((5, 7), seed=4)
+    groups = [
+        {"params": [("layers.0.q_proj.weight", matrices[0]), ("layers.0.k_proj.weight", matrices[1])]},
+        {"params": [("norm.weight", vector), ("embed_tokens.weight", embedding)], "mofasgd": False, "lr": 0.01},
+    ]
+    return [*matrices, vector, embedding], MoFaSGD(groups, lr=0.02, rank=2, fused=fused, weight_decay=0.1, **options)
+
+
+def _backward(params, seed, poison=None):
+    gen = torch.Generator().manual_seed(seed)
+    grads = [torch.randn(p.shape, generator=gen) for p in params]
+    if poison is not None:
+        grads[poison].view(-1)[3] = float("nan")
+    sum((p * g).sum() for p, g in zip(params, grads)).backward()
+
+
+def _snapshot(params, opt):
+    state = [{k: v.clone() for k, v in opt.state[p].items() if torch.is_tensor(v)} for p in params]
+    return [p.detach().clone() for p in params], state
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "unfused"])
+@pytest.mark.parametrize("poison", [0, 2, 3], ids=["managed", "norm", "embedding"])
+@pytest.mark.parametrize("clip", [False, True], ids=["step", "clip_then_step"])
+def test_non_finite_gradient_anywhere_skips_the_whole_step(caplog, fused, poison, clip):
+    params, opt = _named_optimizer(fused)
+    _backward(params, 0)
+    opt.step()
+    opt.zero_grad()
+    weights, states = _snapshot(params, opt)
+    _backward(params, 1, poison=poison)
+    with caplog.at_level(logging.WARNING, logger="mofasgd"):
+        if clip:
+            opt.clip_grad_norm_(1.0)
+        opt.step()
+    name = ("layers.0.q_proj.weight", None, "norm.weight", "embed_tokens.weight")[poison]
+    assert "skipped this optimizer step" in caplog.text and f"`{name}`" in caplog.text
+    assert "1 of 4 tensors" in caplog.text
+    for p, before, state in zip(params, weights, states):
+        assert torch.equal(p, before)
+        for key, value in state.items():
+            assert torch.equal(opt.state[p][key], value), key  # factors, AdamW moments, step counters
+    opt.zero_grad()
+    _backward(params, 2)  # the next finite step trains every tensor again
+    opt.step()
+    assert all(torch.isfinite(p).all() and not torch.equal(p, before) for p, before in zip(params, weights))
+
+
+def test_a_skipped_step_keeps_the_last_clip_coefficient_for_the_fused_adamw_side():
+    params, opt = _named_optimizer(fused_adamw_side=True)
+    coefficients = []
+    for step, poison in enumerate((None, 0)):
+        _backward(params, step, poison=poison)  # the embedding is updated in its hook, with the last coefficient
+        opt.clip_grad_norm_(1e-3)
+        opt.step()
+        opt.zero_grad()
+        coefficients.append(opt._side_clip_coef)
+    assert 0 < coefficients[0] < 1.0
+    assert coefficients[1] == coefficients[0]  # not the NaN norm's coefficient, which would leave it unclipped
+
+
+@pytest.mark.parametrize("init", ["weight", "weight_randomized"])
+def test_non_finite_initial_weight_is_refused_naming_the_parameter(init):
+    params, opt = _named_optimizer(init=init)
+    with torch.no_grad():
+        params[1][2, 3] = float("nan")
+    with pytest.raises(ValueError, match=r"`layers.0.k_proj.weight` of shape \(12, 7\) holds non-finite values"):
+        _backward(params, 0)  # fused: the factors are initialised in the gradient hook
+        opt.step()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable, Iterable
 from typing import Any, NamedTuple
 
@@ -242,6 +243,7 @@ class MoFaSGD(torch.optim.Optimizer):
         self._diagnostics: dict[str, list[torch.Tensor]] | None = None
         self._nonfinite: torch.Tensor | None = None
         self._nonfinite_total = 0
+        self._finite_norm = False  # clip_grad_norm_ read a finite norm of what the next step consumes
         self._buckets_now: dict[int, list[_Bucket]] = {}  # fused mode: this step's buckets per group, by id
         self._sharded = False  # any managed matrix is an FSDP2 DTensor
         self._validate_group(defaults, where="argument")
@@ -366,6 +368,7 @@ class MoFaSGD(torch.optim.Optimizer):
         self.__dict__.setdefault("_diagnostics", None)
         self.__dict__.setdefault("_nonfinite", None)
         self.__dict__.setdefault("_nonfinite_total", 0)
+        self.__dict__.setdefault("_finite_norm", False)
         self.__dict__["_buckets_now"] = {}
         self.__dict__.setdefault("_sharded", False)
         self._group_index = {p: i for i, g in enumerate(self.param_groups) for p in g["params"]}
@@ -569,6 +572,12 @@ class MoFaSGD(torch.optim.Optimizer):
         rank = fm.effective_rank(group["rank"], p.shape)
         seed = p.shape[0] * 7919 + p.shape[1]  # the same on every data-parallel rank
         weight = sharding.full_tensor(p.detach())  # FSDP2: every rank factors the whole W (one all-gather)
+        if group["init"] != "gradient" and not bool(torch.isfinite(weight).all()):  # one read per matrix, once
+            raise ValueError(
+                f"{self._describe(p)} holds non-finite values (NaN or inf) before its first MoFaSGD step, so its "
+                f"initial factors (init={group['init']!r}, the top singular vectors of the weight) cannot be "
+                "computed. Check the model's weights (the checkpoint, or what ran before the optimizer)."
+            )
         if group["init"] == "weight":
             U, S, V = fm.top_singular_triplets(weight.to(dtype), rank)
         elif group["init"] == "weight_randomized":
@@ -779,6 +788,7 @@ class MoFaSGD(torch.optim.Optimizer):
                 state.pop(key, None)
         self._pending_synced = True
         self._side_norm_sq = []
+        self._finite_norm = False
         self._buckets_now.clear()
 
     # ------------------------------------------------------------------ norms and clipping
@@ -842,8 +852,10 @@ class MoFaSGD(torch.optim.Optimizer):
         else:  # also read the last step's skip count, in the same sync
             value, skipped = torch.stack([norm, self._nonfinite.to(norm)]).tolist()
             self._report_nonfinite(skipped)
+        self._finite_norm = math.isfinite(value)  # every gradient finite: step() needs no check of its own
         coef = float(max_norm) / (value + eps)
-        self._side_clip_coef = min(coef, 1.0)  # fused_adamw_side: what the next step's hooked updates use
+        if self._finite_norm:  # a non-finite norm skips the step; it must not scale the next hooked updates
+            self._side_clip_coef = min(coef, 1.0)  # fused_adamw_side: what the next step's hooked updates use
         if coef < 1.0:
             consumed = [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
             # pending sums exist in fused mode only, where grad_norm() has just stacked every bucket: the sums are
@@ -866,6 +878,10 @@ class MoFaSGD(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         self._synchronize_pending()
+        finite_norm, self._finite_norm = self._finite_norm, False
+        if not finite_norm and self._skip_nonfinite_step():
+            self._side_norm_sq = []
+            return loss
         finite = []
         for group in self.param_groups:
             if group["mofasgd"]:
@@ -875,6 +891,52 @@ class MoFaSGD(torch.optim.Optimizer):
         self._count_nonfinite(finite)
         self._side_norm_sq = []
         return loss
+
+    def _skip_nonfinite_step(self) -> bool:
+        """Skip the whole step when any gradient it would consume is not finite, as AMP's grad scaler does.
+
+        Decided once per step, for both sides together: one sum per AdamW-side gradient and per stack of pending
+        projections (their sums are finite when every entry is), the shares of FSDP2 shards summed over ranks
+        (DDP ranks hold the same averaged values), then one host read. A skipped step changes no weight, factor,
+        AdamW moment or step counter; its pending projections are dropped like a step's. ``clip_grad_norm_``
+        spares the check when it has just read a finite norm (a non-finite gradient makes the norm non-finite).
+        Returns whether the step was skipped.
+        """
+        tensors, sums = [], []
+        for group in self.param_groups:
+            if group["mofasgd"] and self.fused:
+                for bucket in self._buckets(group):
+                    tensors += bucket.params
+                    sums.append(bucket.gv.sum((-2, -1)) + bucket.gtu.sum((-2, -1)))
+                continue
+            for p in group["params"]:
+                if p.grad is not None:
+                    tensors.append(p)
+                    sums.append(sharding.local(p.grad).sum().reshape(1))
+        if not sums:
+            return False
+        device = sums[0].device
+        bad = (~torch.isfinite(torch.cat([t.to(device, torch.float32) for t in sums]))).to(torch.float32)
+        if self._sharded:  # a shard's non-finite rows skip the step on every rank
+            sharding.sum_over(self._process_group(), bad)
+        if not float(bad.sum()):
+            return False
+        named = [self._describe(p) for p, flag in zip(tensors, bad.tolist()) if flag]
+        shown = ", ".join(named[:5]) + (f" and {len(named) - 5} more" if len(named) > 5 else "")
+        logger.warning(
+            "MoFaSGD skipped this optimizer step: the gradient of %d of %d tensors is not finite (%s). No weight, "
+            "factor, AdamW moment or step counter changed (like AMP's scaler skipping a step); check the loss scale, "
+            "learning rate or data.",
+            len(named),
+            len(tensors),
+            shown,
+        )
+        for group in self.param_groups:
+            self._buckets_now.pop(id(group), None)
+        for state in self.state.values():
+            for key in _PENDING:
+                state.pop(key, None)
+        return True
 
     @staticmethod
     def current_beta(group: dict[str, Any], step: int) -> float:
