@@ -215,12 +215,16 @@ def test_startup_log_prints_the_effective_values(base, tiny_model, lf_log):
     from llamafactory_mfsgd.optimizer_factory import create_mfsgd_optimizer
 
     change = {"mfsgd_fused": False, "mfsgd_rank": 3, "mfsgd_beta": 0.8, "mfsgd_init": "gradient"}
+    change["mfsgd_min_gradient_support"] = 0.01  # issue 22, item 8: the guard's key reaches the optimizer
     _, _, training_args, finetuning_args, _ = get_train_args({**base, **change, "mfsgd_target": "q_proj,v_proj"})
     model = AutoModelForCausalLM.from_pretrained(tiny_model)
     optimizer = create_mfsgd_optimizer(model, training_args, finetuning_args)
     optimizer.remove_hooks()
     (line,) = [r.getMessage() for r in lf_log.records if "Using MoFaSGD" in r.getMessage()]
     for text in ("rank=3", "beta=0.8", "fused=False", "init=gradient", "target=q_proj,v_proj", "lr=0.01"):
+        assert text in line, (text, line)
+    assert optimizer.param_groups[0]["min_gradient_support"] == 0.01
+    for text in ("min_gradient_support=0.01",):
         assert text in line, (text, line)
 
 

@@ -190,3 +190,61 @@ def test_non_finite_initial_weight_is_refused_naming_the_parameter(init):
     with pytest.raises(ValueError, match=r"`layers.0.k_proj.weight` of shape \(12, 7\) holds non-finite values"):
         _backward(params, 0)  # fused: the factors are initialised in the gradient hook
         opt.step()
+
+
+# item 8: a vanishing gradient inflates the 1/S step; diagnostics warn once, and an opt-in guard bounds it
+def _zero_gradient_run(steps=80, diagnostics=False, **options):
+    torch.manual_seed(0)
+    w = nn.Parameter(0.02 * torch.randn(64, 64))
+    opt = MoFaSGD([w], lr=1e-2, **options)
+    for _ in range(steps):
+        w.grad = torch.zeros_like(w)
+        if diagnostics:
+            opt.request_diagnostics()
+        opt.step()
+        opt.zero_grad()
+        if diagnostics:
+            opt.pop_diagnostics()
+    return float(w.detach().norm())
+
+
+def _normal_run(steps=30, diagnostics=False, **options):
+    torch.manual_seed(0)
+    w, target = nn.Parameter(0.02 * torch.randn(16, 12)), torch.randn(16, 12)
+    opt = MoFaSGD([w], lr=1e-2, rank=3, **options)
+    logs = []
+    for _ in range(steps):
+        (w - target).square().sum().backward()
+        if diagnostics:
+            opt.request_diagnostics()
+        opt.step()
+        opt.zero_grad()
+        if diagnostics:
+            logs.append(opt.pop_diagnostics())
+    return w.detach(), logs
+
+
+def test_zero_gradient_inflates_the_1_over_s_step_unless_the_guard_is_on():
+    assert _zero_gradient_run() > 500 * 1.3  # the authors' step (the default): 1.27 -> 1357
+    torch.manual_seed(0)
+    start = float((0.02 * torch.randn(64, 64)).norm())
+    assert _zero_gradient_run(min_gradient_support=0.01) == pytest.approx(start, rel=1e-6)
+
+
+def test_the_guard_leaves_a_normal_run_unchanged():
+    plain, _ = _normal_run()
+    guarded, _ = _normal_run(min_gradient_support=0.01)
+    assert torch.equal(plain, guarded)
+
+
+def test_diagnostics_warn_once_when_the_gradient_vanishes(caplog):
+    with caplog.at_level(logging.WARNING, logger="mofasgd"):
+        _zero_gradient_run(diagnostics=True)
+    assert caplog.text.count("has all but vanished") == 1
+    assert "mfsgd_min_gradient_support" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="mofasgd"):
+        _, logs = _normal_run(diagnostics=True)
+        _zero_gradient_run(diagnostics=True, min_gradient_support=0.01)  # guarded: nothing to warn about
+    assert "vanished" not in caplog.text
+    assert min(log["gradient_support"] for log in logs) > 0.01

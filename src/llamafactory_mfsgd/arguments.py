@@ -72,6 +72,12 @@ class MfsgdArguments:
     )
     mfsgd_eps: float = _option("eps", "Singular values <= eps take no step.")
     mfsgd_max_value: float = _option("max_value", "Clamp of 1/S in the reciprocal-S step.")
+    mfsgd_min_gradient_support: float = _option(
+        "min_gradient_support",
+        "Opt-in guard of the 1/S step (0: off, the authors' step): scale a direction's step down where the gradient "
+        "sustains less than this share of its momentum (||G_hat|| < share (1 - beta) S), so a vanishing gradient "
+        "does not make the step grow as S decays. 0.01 measured harmless on normal runs (docs/algorithm.md).",
+    )
     mfsgd_use_ones_for_nonzero_s: bool = _option(
         "use_ones_for_nonzero_s", "Spectrally normalised step U V^T (the paper's) instead of U diag(1/S) V^T."
     )

@@ -365,6 +365,22 @@ def step_scaling(S: torch.Tensor, eps: float, max_value: float, use_ones: bool) 
     return torch.where(alive, S.reciprocal().clamp_max_(max_value), 0.0)  # 1/0 = inf is clamped, then dropped
 
 
+def gradient_support(S: torch.Tensor, tangent_sq: torch.Tensor, beta: float | torch.Tensor) -> torch.Tensor:
+    """Per direction, ||G_hat|| / ((1 - beta) S_i): how much of the momentum this step's gradient sustains.
+
+    1 for the strongest direction in the steady state of a constant gradient (S = ||G|| / (1 - beta)), far above
+    1 for noisy gradients, and 0 when the gradient has vanished and S only decays by beta per step. `S` is B x r,
+    `tangent_sq` (||G_hat||^2) B, `beta` a float or B values.
+    """
+    one_minus = 1.0 - (beta.unsqueeze(-1) if torch.is_tensor(beta) else beta)
+    return tangent_sq.clamp_min(0).sqrt().unsqueeze(-1) / (one_minus * S).clamp_min(torch.finfo(S.dtype).tiny)
+
+
+def support_throttle(support: torch.Tensor, floor: float) -> torch.Tensor:
+    """The guard's factor on the 1/S scale: 1 where the support is at least `floor`, support / floor below it."""
+    return (support / floor).clamp_max_(1.0)
+
+
 def top_singular_triplets(matrix: torch.Tensor, rank: int) -> LowRank:
     """Exact top-`rank` SVD of a matrix through the economy SVD (never the m x m / n x n full one)."""
     u, s, vh = torch.linalg.svd(matrix, full_matrices=False)

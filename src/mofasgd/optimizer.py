@@ -38,6 +38,10 @@ _SIDE_CLIP_KEY = "mofasgd_side_clip_coef"  # fused_adamw_side: the coefficient t
 # An AdamW-side FSDP2 gradient whose buffer is this many times its size shares it with others: copied out (cheap).
 # scripts/bench/llama_memory_accounting.py models the same rule.
 _SHARED_BUFFER_RATIO = 4
+# Diagnostics warn (once) when a matrix's gradient sustains less than this share of its momentum: ||G_hat|| <
+# _VANISHING_SUPPORT (1 - beta) S_max. The weight init's decay stays above it (gradients of 1e-3 of the weight's top
+# singular value give 1e-2); a zero gradient (every label masked) gives 0.
+_VANISHING_SUPPORT = 1e-3
 # Largest |U^T U - I| entry accepted for loaded fp32 factors (fresh QR factors are ~1e-6 off).
 _ORTHONORMAL_TOL = {torch.float32: 1e-3, torch.float64: 1e-8}
 
@@ -129,6 +133,11 @@ class MoFaSGD(torch.optim.Optimizer):
     P_U, P_V use the previous factors, or the new ones with ``use_current_projection``. beta_t warms up
     linearly from ``beta_start`` to ``beta_end`` over ``beta_warmup_steps`` steps when those are set.
 
+    A vanishing gradient lets S decay by beta per step, so the 1/S step grows without bound. The opt-in guard
+    ``min_gradient_support`` = tau > 0 multiplies s_hat_i by min(1, support_i / tau), support_i = ||G_hat|| /
+    ((1 - beta_t) S_D,i): 1 in the steady state of a constant gradient, 0 for a zero gradient (docs/algorithm.md
+    section 2). The default 0 keeps the authors' step.
+
     Param groups carry ``mofasgd`` (default True). Managed groups must hold 2-D tensors only: give
     embeddings, the LM head, norms, biases and scalars a group with ``"mofasgd": False``; those are
     updated with torch's AdamW (``adam_betas``, ``adam_eps``, ``weight_decay``) inside this optimizer::
@@ -176,6 +185,7 @@ class MoFaSGD(torch.optim.Optimizer):
         use_current_projection: bool = False,
         nesterov: bool = False,
         weight_decay: float = 0.0,
+        min_gradient_support: float = 0.0,
         beta_start: float | None = None,
         beta_end: float | None = None,
         beta_warmup_steps: int = 0,
@@ -201,6 +211,7 @@ class MoFaSGD(torch.optim.Optimizer):
             use_current_projection=use_current_projection,
             nesterov=nesterov,
             weight_decay=weight_decay,
+            min_gradient_support=min_gradient_support,
             beta_start=beta_start,
             beta_end=beta_end,
             beta_warmup_steps=beta_warmup_steps,
@@ -244,6 +255,7 @@ class MoFaSGD(torch.optim.Optimizer):
         self._nonfinite: torch.Tensor | None = None
         self._nonfinite_total = 0
         self._finite_norm = False  # clip_grad_norm_ read a finite norm of what the next step consumes
+        self._warned_vanishing = False  # the vanishing-gradient warning of pop_diagnostics is given once
         self._buckets_now: dict[int, list[_Bucket]] = {}  # fused mode: this step's buckets per group, by id
         self._sharded = False  # any managed matrix is an FSDP2 DTensor
         self._validate_group(defaults, where="argument")
@@ -303,6 +315,8 @@ class MoFaSGD(torch.optim.Optimizer):
             if self.data_parallel
             else "init='gradient' (ranks would draw different subspaces; use init='weight' or 'weight_randomized')"
             if group["init"] == "gradient"
+            else "min_gradient_support > 0 (not implemented on row shards; set it to 0)"
+            if group["min_gradient_support"] > 0
             else None
         )
         if reason:
@@ -319,6 +333,7 @@ class MoFaSGD(torch.optim.Optimizer):
         _check_range(f"eps ({where})", group["eps"], 0.0)
         _check_range(f"max_value ({where})", group["max_value"], 0.0)
         _check_range(f"weight_decay ({where})", group["weight_decay"], 0.0)
+        _check_range(f"min_gradient_support ({where})", group["min_gradient_support"], 0.0)
         _check_range(f"adam_eps ({where})", group["adam_eps"], 0.0)
         for i, b in enumerate(group["adam_betas"]):
             _check_range(f"adam_betas[{i}] ({where})", b, 0.0, 1.0, high_open=True)
@@ -369,6 +384,7 @@ class MoFaSGD(torch.optim.Optimizer):
         self.__dict__.setdefault("_nonfinite", None)
         self.__dict__.setdefault("_nonfinite_total", 0)
         self.__dict__.setdefault("_finite_norm", False)
+        self.__dict__.setdefault("_warned_vanishing", False)
         self.__dict__["_buckets_now"] = {}
         self.__dict__.setdefault("_sharded", False)
         self._group_index = {p: i for i, g in enumerate(self.param_groups) for p in g["params"]}
@@ -1035,6 +1051,13 @@ class MoFaSGD(torch.optim.Optimizer):
         lr = group["lr"]
         scale = fm.step_scaling(direction.S, group["eps"], group["max_value"], group["use_ones_for_nonzero_s"])
         scale = scale * finite[:, None]
+        floor = group["min_gradient_support"]
+        if rows is None and (floor > 0 or self._diagnostics is not None) and not group["use_ones_for_nonzero_s"]:
+            support = fm.gradient_support(direction.S, fm.tangent_norm_sq(U, gv, gtu), beta)
+            if floor > 0:  # the opt-in guard: a 1/S step no larger than the gradient sustains
+                scale = scale * fm.support_throttle(support, floor)
+            if self._diagnostics is not None:  # the strongest direction's support (S sorted descending)
+                self._diagnostics["support" if floor > 0 else "unguarded_support"].append(support[:, 0])
         left = direction.U * scale.unsqueeze(-2)
         # per-matrix views taken once per bucket (one op each, instead of an indexing op per matrix and tensor)
         generator = self._rounding_generator(params[0], group)  # a bucket shares one device and dtype
@@ -1221,7 +1244,7 @@ class MoFaSGD(torch.optim.Optimizer):
 
         Costs one O(m n r) pass per matrix, so it is meant for logging steps only.
         """
-        keys = ("update_sq", "weight_sq", "applied", "intended", "along", "S", "alive")
+        keys = ("update_sq", "weight_sq", "applied", "intended", "along", "S", "alive", "support", "unguarded_support")
         self._diagnostics = {key: [] for key in keys}
 
     def _diagnostics_before(
@@ -1257,7 +1280,10 @@ class MoFaSGD(torch.optim.Optimizer):
         ``update_rms_ratio``: ||lr eta1 U diag(s_hat) V^T|| / ||W|| over all managed matrices; ``s_median``,
         ``s_max``: of the step's singular values; ``alive_fraction``: share of directions with S > eps;
         ``applied_fraction``: the weight change along the intended step over the intended change (1 in fp32;
-        for bf16 weights it shows how much rounding kept).
+        for bf16 weights it shows how much rounding kept); ``gradient_support`` (1/S form, not on FSDP2 shards):
+        the smallest ||G_hat|| / ((1 - beta) S_max) over the matrices, about 1 or more while the gradient sustains
+        the momentum, near 0 when it has vanished (then the 1/S step grows; warned once per run, see
+        ``min_gradient_support``).
         """
         diag, self._diagnostics = self._diagnostics, None
         if not diag or not diag["S"]:
@@ -1269,17 +1295,35 @@ class MoFaSGD(torch.optim.Optimizer):
             sharding.sum_over(self._process_group(), shares)
         weight_sq, applied, along = shares
         intended = torch.stack(diag["intended"]).sum() + along
-        values = torch.stack(
-            [
-                (torch.stack(diag["update_sq"]).sum() / weight_sq.clamp_min(1e-30)).sqrt(),
-                s.median(),
-                s.max(),
-                torch.cat(diag["alive"]).mean(),
-                applied / intended,
-            ]
-        ).tolist()
-        names = ("update_rms_ratio", "s_median", "s_max", "alive_fraction", "applied_fraction")
-        return dict(zip(names, values))
+        stats = [
+            (torch.stack(diag["update_sq"]).sum() / weight_sq.clamp_min(1e-30)).sqrt(),
+            s.median(),
+            s.max(),
+            torch.cat(diag["alive"]).mean(),
+            applied / intended,
+        ]
+        names = ["update_rms_ratio", "s_median", "s_max", "alive_fraction", "applied_fraction"]
+        support = [t.to(s.device) for t in diag["support"] + diag["unguarded_support"]]
+        if support:  # the 1/S form's gradient support, and how many unguarded matrices it shows starved
+            unguarded = [t.to(s.device) for t in diag["unguarded_support"]]
+            starved = (torch.cat(unguarded) < _VANISHING_SUPPORT).sum() if unguarded else s.new_zeros(())
+            stats += [torch.cat(support).min(), starved.to(s.dtype)]
+            names += ["gradient_support", "starved"]
+        out = dict(zip(names, torch.stack(stats).tolist()))
+        starved = int(out.pop("starved", 0))
+        if starved and not self._warned_vanishing:
+            self._warned_vanishing = True
+            logger.warning(
+                "MoFaSGD: the gradient of %d managed matrices has all but vanished (||G_hat|| < %g (1 - beta) S: "
+                "their momentum only decays), and the 1/S step grows as S shrinks (update_rms_ratio %.3g). Check "
+                "the data and labels (a batch with almost every label masked gives a zero gradient). To bound the "
+                "step, set min_gradient_support (`mfsgd_min_gradient_support`, e.g. 0.01) or use the spectral step "
+                "(`mfsgd_use_ones_for_nonzero_s: true`); docs/algorithm.md section 2. Warned once per run.",
+                starved,
+                _VANISHING_SUPPORT,
+                out["update_rms_ratio"],
+            )
+        return out
 
     # ------------------------------------------------------------------ introspection
     def state_bytes(self) -> int:
