@@ -406,3 +406,25 @@ def test_cli_resume_with_edited_hyperparameters_uses_and_logs_the_new_values(tin
     before = [e["learning_rate"] for e in log_history(tmp_path / "first")][3:]
     after = [e["learning_rate"] for e in log_history(tmp_path / "edited")][-3:]
     assert after == pytest.approx([2 * lr for lr in before], rel=1e-6)
+
+
+# ---------------------------------------------------------------- issue 22, item 10: gradient init on several ranks
+
+
+def _init_check(init, fsdp, monkeypatch):
+    from llamafactory_mfsgd.arguments import validate_with_training_args
+
+    monkeypatch.setenv("MFSGD_CPU_FSDP2", "1")
+    finetuning = types.SimpleNamespace(galore_fused=False, use_mfsgd=True, mfsgd_fused=True, mfsgd_init=init)
+    training = types.SimpleNamespace(fp16=False, fsdp=fsdp, world_size=2, resume_from_checkpoint=None)
+    validate_with_training_args(finetuning, training)
+
+
+def test_gradient_init_is_accepted_under_ddp(monkeypatch):
+    _init_check("gradient", [], monkeypatch)  # the ranks average the first gradient's sketches
+
+
+def test_gradient_init_under_fsdp2_is_refused_at_parse_time_naming_the_key(monkeypatch):
+    with pytest.raises(ValueError, match=r"`mfsgd_init: gradient` does not run under FSDP2.*`mfsgd_init: weight`"):
+        _init_check("gradient", ["full_shard", "auto_wrap"], monkeypatch)
+    _init_check("weight", ["full_shard", "auto_wrap"], monkeypatch)

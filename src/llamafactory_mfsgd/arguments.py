@@ -460,9 +460,10 @@ def validate_with_training_args(finetuning_args: Any, training_args: Any) -> Non
             "with DDP instead. Remove `fsdp:`/`fsdp_config:` for CPU runs (MoFaSGD then averages its projections over "
             "DDP), or set MFSGD_CPU_FSDP2=1 to run FSDP2 on CPU processes (gloo) for testing."
         )
-    if training_args.world_size > 1 and finetuning_args.mfsgd_init == "gradient":
+    if training_args.fsdp and finetuning_args.mfsgd_init == "gradient":  # DDP averages the first gradient's sketch
         raise ValueError(
-            "`mfsgd_init: gradient` would give each data-parallel rank its own factors; use `mfsgd_init: weight`."
+            "`mfsgd_init: gradient` does not run under FSDP2 (each rank holds rows of the first gradient, not the "
+            "whole of it); use `mfsgd_init: weight` or `weight_randomized`, or train on DDP, where it works."
         )
     check_checkpoint_engine(training_args.resume_from_checkpoint, bool(training_args.fsdp))
 

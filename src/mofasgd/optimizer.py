@@ -354,11 +354,6 @@ class MoFaSGD(torch.optim.Optimizer):
             )
         if group["init"] not in _INITS:
             raise ValueError(f"Invalid init ({where}): {group['init']!r}; expected one of {_INITS}")
-        if self.data_parallel and group["mofasgd"] and group["init"] == "gradient":
-            raise ValueError(
-                f"init='gradient' ({where}) would give each rank its own factors under data_parallel=True; "
-                "use init='weight'"
-            )
         if self.fused and group["mofasgd"] and group["eta2"] > 0:
             raise ValueError(
                 f"eta2={group['eta2']} ({where}) needs the whole gradient, which fused=True frees during "
@@ -600,7 +595,15 @@ class MoFaSGD(torch.optim.Optimizer):
             U, S, V = fm.randomized_top_singular_triplets(weight, rank, dtype, seed=seed)
         else:
             source = grad if grad is not None else p.grad
-            U, _, V = fm.randomized_top_singular_triplets(source.detach(), rank, dtype, seed=seed)
+            if source is None:  # data_parallel: a matrix this rank saw no gradient for at the first step
+                raise ValueError(
+                    f"init='gradient' initialises {self._describe(p)} from its first gradient, but this rank received "
+                    "none (under data_parallel every rank must see one at the first step); use init='weight'."
+                )
+            # data_parallel: the first gradient is this rank's (left out of DDP); the factors are those of the
+            # ranks' mean gradient, from averaged thin sketches (hooks run in the same order on every rank)
+            average = dp.average_in_place if self.data_parallel and dp.world_size() > 1 else None
+            U, _, V = fm.randomized_top_singular_triplets(source.detach(), rank, dtype, seed=seed, average=average)
             S = torch.zeros(rank, dtype=dtype, device=p.device)
         del weight
         state["U"], state["S"], state["V"] = sharding.shard_rows_like(U, p), S, V
