@@ -248,3 +248,16 @@ def test_diagnostics_warn_once_when_the_gradient_vanishes(caplog):
         _zero_gradient_run(diagnostics=True, min_gradient_support=0.01)  # guarded: nothing to warn about
     assert "vanished" not in caplog.text
     assert min(log["gradient_support"] for log in logs) > 0.01
+
+
+def test_a_matrix_that_takes_no_step_is_not_reported_as_vanishing(caplog):
+    w = fresh((16, 12))
+    opt = MoFaSGD([w], lr=1e-2, rank=3, init="gradient")  # S = 0 until a gradient arrives: no step, no growth
+    with caplog.at_level(logging.WARNING, logger="mofasgd"):
+        for _ in range(3):
+            w.grad = torch.zeros_like(w)
+            opt.request_diagnostics()
+            opt.step()
+            opt.zero_grad()
+            opt.pop_diagnostics()
+    assert "vanished" not in caplog.text

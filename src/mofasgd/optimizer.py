@@ -1059,8 +1059,10 @@ class MoFaSGD(torch.optim.Optimizer):
             support = fm.gradient_support(direction.S, fm.tangent_norm_sq(U, gv, gtu), beta)
             if floor > 0:  # the opt-in guard: a 1/S step no larger than the gradient sustains
                 scale = scale * fm.support_throttle(support, floor)
-            if self._diagnostics is not None:  # the strongest direction's support (S sorted descending)
-                self._diagnostics["support" if floor > 0 else "unguarded_support"].append(support[:, 0])
+            if self._diagnostics is not None:  # the strongest direction's support (S sorted descending), if it steps
+                stepping = direction.S[:, 0] > group["eps"]
+                strongest = torch.where(stepping, support[:, 0], torch.inf)
+                self._diagnostics["support" if floor > 0 else "unguarded_support"].append(strongest)
         left = direction.U * scale.unsqueeze(-2)
         # per-matrix views taken once per bucket (one op each, instead of an indexing op per matrix and tensor)
         generator = self._rounding_generator(params[0], group)  # a bucket shares one device and dtype
