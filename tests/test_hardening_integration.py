@@ -10,7 +10,7 @@ import llamafactory.train.trainer_utils  # noqa: F401  (applies the trainer patc
 import pytest
 import torch
 from accelerate import Accelerator
-from lf_helpers import REPO, log_history, run_cli, tiny_config
+from lf_helpers import REPO, log_history, run_cli, tiny_config, weights
 from llamafactory.hparams import get_train_args
 from omegaconf import OmegaConf
 from transformers import Trainer
@@ -428,3 +428,24 @@ def test_gradient_init_under_fsdp2_is_refused_at_parse_time_naming_the_key(monke
     with pytest.raises(ValueError, match=r"`mfsgd_init: gradient` does not run under FSDP2.*`mfsgd_init: weight`"):
         _init_check("gradient", ["full_shard", "auto_wrap"], monkeypatch)
     _init_check("weight", ["full_shard", "auto_wrap"], monkeypatch)
+
+
+@pytest.mark.slow
+def test_cli_divergence_skips_the_non_finite_steps_and_saves_a_finite_model(tiny_model, tmp_path):
+    """Issue 22, item 7: an AdamW-side lr of 1e30 makes every loss after step 1 NaN (HF logs it as 0)."""
+    config = tiny_config(
+        "tiny_sft_mfsgd.yaml",
+        tiny_model,
+        tmp_path / "out",
+        max_steps=3,
+        save_steps=10,
+        learning_rate_adamw=1e30,
+        warmup_ratio=0.0,
+        max_grad_norm=0.0,  # no clipping: step() decides on its own
+    )
+    proc = run_cli(config, tmp_path)
+    assert proc.returncode == 0, proc.stdout[-4000:]
+    assert proc.stdout.count("MoFaSGD skipped this optimizer step") == 2, proc.stdout[-4000:]
+    assert "`model.embed_tokens.weight` of shape" in proc.stdout or "and 16 more" in proc.stdout
+    saved = weights(tmp_path / "out")
+    assert [name for name, value in saved.items() if not torch.isfinite(value).all()] == []
