@@ -239,6 +239,7 @@ class MoFaSGD(torch.optim.Optimizer):
         self.accumulation_boundary: Callable[[], bool] | None = None
         # (||g||^2, is an FSDP2 shard's share) of the AdamW-side grads consumed in hooks this step
         self._side_norm_sq: list[tuple[torch.Tensor, bool]] = []
+        self._side_nonfinite: list[torch.Tensor] = []  # hooked AdamW-side params whose gradient was not finite
         self._side_clip_coef = 1.0  # the last clip_grad_norm_'s coefficient, applied to the next hooked updates
         self._pending_synced = True
         if self.data_parallel and not self.fused:
@@ -372,6 +373,7 @@ class MoFaSGD(torch.optim.Optimizer):
         self.__dict__.setdefault("accumulating", False)
         self.__dict__.setdefault("accumulation_boundary", None)
         self.__dict__.setdefault("_side_norm_sq", [])
+        self.__dict__.setdefault("_side_nonfinite", [])
         self.__dict__.setdefault("_side_clip_coef", 1.0)
         self.__dict__.setdefault("_pending_synced", True)
         self.__dict__.setdefault("_rng", GeneratorBank(0))
@@ -807,6 +809,7 @@ class MoFaSGD(torch.optim.Optimizer):
                 state.pop(key, None)
         self._pending_synced = True
         self._side_norm_sq = []
+        self._side_nonfinite = []
         self._finite_norm = False
         self._buckets_now.clear()
 
@@ -899,7 +902,7 @@ class MoFaSGD(torch.optim.Optimizer):
         self._synchronize_pending()
         finite_norm, self._finite_norm = self._finite_norm, False
         if not finite_norm and self._skip_nonfinite_step():
-            self._side_norm_sq = []
+            self._side_norm_sq, self._side_nonfinite = [], []
             return loss
         finite = []
         for group in self.param_groups:
@@ -908,7 +911,7 @@ class MoFaSGD(torch.optim.Optimizer):
             else:
                 self._adamw_step(group)
         self._count_nonfinite(finite)
-        self._side_norm_sq = []
+        self._side_norm_sq, self._side_nonfinite = [], []
         return loss
 
     def _skip_nonfinite_step(self) -> bool:
@@ -932,23 +935,37 @@ class MoFaSGD(torch.optim.Optimizer):
                 if p.grad is not None:
                     tensors.append(p)
                     sums.append(sharding.local(p.grad).sum().reshape(1))
-        if not sums:
+        if not sums and not self.fused_adamw_side:
             return False
-        device = sums[0].device
+        device = sums[0].device if sums else torch.device("cpu")
+        if self.fused_adamw_side:  # one entry (the same length on every rank): a hooked gradient was not finite
+            tensors.append(None)
+            sums.append(torch.full((1,), torch.nan if self._side_nonfinite else 0.0, device=device))
         bad = (~torch.isfinite(torch.cat([t.to(device, torch.float32) for t in sums]))).to(torch.float32)
         if self._sharded:  # a shard's non-finite rows skip the step on every rank
             sharding.sum_over(self._process_group(), bad)
         if not float(bad.sum()):
             return False
-        named = [self._describe(p) for p, flag in zip(tensors, bad.tolist()) if flag]
+        flags = bad.tolist()
+        named = [self._describe(p) for p, flag in zip(tensors, flags) if flag and p is not None]
+        if self.fused_adamw_side and flags[-1]:  # the hooked ones, named where this rank saw them
+            here = [self._describe(p) for p in self._side_nonfinite]
+            named += here or ["an AdamW-side matrix updated in its gradient hook on another rank"]
         shown = ", ".join(named[:5]) + (f" and {len(named) - 5} more" if len(named) > 5 else "")
+        hooked = (
+            " The AdamW-side matrices updated in their gradient hooks (fused_adamw_side) kept the updates of their "
+            "finite gradients; the non-finite ones were not applied."
+            if self.fused_adamw_side
+            else ""
+        )
         logger.warning(
-            "MoFaSGD skipped this optimizer step: the gradient of %d of %d tensors is not finite (%s). No weight, "
-            "factor, AdamW moment or step counter changed (like AMP's scaler skipping a step); check the loss scale, "
-            "learning rate or data.",
+            "MoFaSGD skipped this optimizer step: non-finite gradient in %d %s (%s). No weight, factor, AdamW moment "
+            "or step counter changed (like AMP's scaler skipping a step).%s Check the loss scale, learning rate or "
+            "data.",
             len(named),
-            len(tensors),
+            "tensor" if len(named) == 1 else "tensors",
             shown,
+            hooked,
         )
         for group in self.param_groups:
             self._buckets_now.pop(id(group), None)
@@ -1178,7 +1195,7 @@ class MoFaSGD(torch.optim.Optimizer):
         params, grads, exp_avgs, exp_avg_sqs, steps = [], [], [], [], []
         beta1, beta2 = group["adam_betas"]
         for p in group["params"] if only is None else only:
-            if p.grad is None:
+            if p.grad is None or (only is not None and not self._hooked_gradient_finite(p)):
                 continue
             state = self.state[p]
             generator = self._rounding_generator(p, group)
@@ -1227,6 +1244,18 @@ class MoFaSGD(torch.optim.Optimizer):
             maximize=False,
             foreach=True,  # torch's default on CUDA; on the CPU too it gives the same bits with fewer op dispatches
         )
+
+    def _hooked_gradient_finite(self, p: torch.Tensor) -> bool:
+        """fused_adamw_side: whether a gradient updated in its hook is finite; a non-finite one is not applied.
+
+        The hooked update happens during backward, before step() can decide for the whole step, so it is checked
+        alone (one host read, as its update reads the step count anyway) and step() then skips the rest of the step.
+        Under FSDP2 this is a shard's own verdict: finite rows of other ranks are still applied.
+        """
+        if bool(torch.isfinite(sharding.local(p.grad).sum())):
+            return True
+        self._side_nonfinite.append(p)
+        return False
 
     @staticmethod
     def _factored_step(
