@@ -1249,7 +1249,8 @@ class MoFaSGD(torch.optim.Optimizer):
         """fused_adamw_side: whether a gradient updated in its hook is finite; a non-finite one is not applied.
 
         The hooked update happens during backward, before step() can decide for the whole step, so it is checked
-        alone (one host read, as its update reads the step count anyway) and step() then skips the rest of the step.
+        alone (one host read per hooked matrix and step; the factored and stochastically rounded updates read their
+        step count anyway) and step() then skips the rest of the step.
         Under FSDP2 this is a shard's own verdict: finite rows of other ranks are still applied.
         """
         if bool(torch.isfinite(sharding.local(p.grad).sum())):
