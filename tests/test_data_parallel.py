@@ -22,13 +22,13 @@ def build():
     return nn.Sequential(nn.Linear(6, 12), nn.Tanh(), nn.Linear(12, 5))
 
 
-def make_optimizer(model, data_parallel):
+def make_optimizer(model, data_parallel, init="weight"):
     routing = split_for_mofasgd(model)
     groups = [
         {"params": [p for _, p in routing.mofasgd]},
         {"params": [p for _, p in routing.adamw], "mofasgd": False, "lr": 1e-2},
     ]
-    return MoFaSGD(groups, lr=0.05, rank=2, nesterov=True, data_parallel=data_parallel), routing
+    return MoFaSGD(groups, lr=0.05, rank=2, nesterov=True, data_parallel=data_parallel, init=init), routing
 
 
 def data(step, micro):
@@ -52,12 +52,12 @@ def train(model, opt, rank=0, world=1, ddp=None):
         opt.zero_grad()
 
 
-def worker(rank, world, port, out_path):
+def worker(rank, world, port, out_path, init="weight"):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
         model = build()
-        opt, routing = make_optimizer(model, data_parallel=True)
+        opt, routing = make_optimizer(model, data_parallel=True, init=init)
         ignore_managed_in_ddp(model, [p for _, p in routing.mofasgd])
         ddp = DistributedDataParallel(model)
         train(model, opt, rank, world, ddp)
@@ -68,11 +68,13 @@ def worker(rank, world, port, out_path):
     exit_spawned_worker()
 
 
-def test_two_process_ddp_equals_single_process(tmp_path):
+# init="gradient" (issue 22, item 10): the ranks factor their mean first gradient from averaged thin sketches
+@pytest.mark.parametrize("init", ["weight", "gradient"])
+def test_two_process_ddp_equals_single_process(tmp_path, init):
     out = tmp_path / "rank0.pt"
-    mp.spawn(worker, args=(2, free_port(), str(out)), nprocs=2, join=True)
+    mp.spawn(worker, args=(2, free_port(), str(out), init), nprocs=2, join=True)
     model = build()
-    opt, _ = make_optimizer(model, data_parallel=False)
+    opt, _ = make_optimizer(model, data_parallel=False, init=init)
     train(model, opt)
     result = torch.load(out, weights_only=True)
     for key, value in model.state_dict().items():
@@ -97,9 +99,7 @@ def test_without_averaging_each_rank_would_diverge(tmp_path):
     assert not torch.allclose(model_a[0].weight, model_b[0].weight, atol=1e-4)
 
 
-def test_data_parallel_refuses_gradient_init_and_nonfused():
+def test_data_parallel_refuses_nonfused():
     w = nn.Parameter(torch.randn(4, 4))
-    with pytest.raises(ValueError, match="init='gradient'"):
-        MoFaSGD([w], init="gradient", data_parallel=True)
     with pytest.raises(ValueError, match="fused=False"):
         MoFaSGD([w], fused=False, data_parallel=True)

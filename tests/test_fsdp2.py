@@ -379,3 +379,41 @@ def test_sharded_step_refuses_what_it_cannot_do():
     from mofasgd.sharding import check_row_sharded
 
     check_row_sharded(torch.zeros(3, 3), "a plain tensor")  # plain tensors pass through
+
+
+def nonfinite_worker(rank, world, port, out_dir):
+    """One step, then a step whose pending G V is NaN in rank 1's rows only, then one more step."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=60))
+    try:
+        model = shard(Net())
+        opt = make_optimizer(model)
+        snapshots = []
+        for step in range(3):
+            for micro in range(ACCUM):
+                x, y = data(step, micro)
+                shard_rows = slice(rank * BATCH // world, (rank + 1) * BATCH // world)
+                (nn.functional.mse_loss(model(x[shard_rows]), y[shard_rows]) / ACCUM).backward()
+            if step == 1 and rank == 1:
+                opt._synchronize_pending()
+                opt.state[model.mid.weight]["GV"][0, 0] = float("nan")
+            opt.step()  # no clipping: step() decides on its own
+            opt.zero_grad()
+            snapshots.append(full_state(model, opt)[0])
+        torch.save(snapshots, os.path.join(out_dir, f"nonfinite{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+    exit_spawned_worker()
+
+
+def test_a_non_finite_shard_skips_the_step_on_every_rank(tmp_path):
+    """Issue 22, item 7: the verdict is summed over ranks, so both ranks skip (a split verdict would hang them)."""
+    mp.spawn(nonfinite_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
+    ranks = [torch.load(tmp_path / f"nonfinite{rank}.pt", weights_only=True) for rank in (0, 1)]
+    for snapshots in ranks:
+        for name, value in snapshots[0].items():
+            assert torch.equal(snapshots[1][name], value), name  # step 1 skipped, on both sides
+        assert not torch.equal(snapshots[2]["mid.weight"], snapshots[1]["mid.weight"])
+        assert all(torch.isfinite(v).all() for v in snapshots[2].values())
+    for name, value in ranks[0][2].items():
+        torch.testing.assert_close(ranks[1][2][name], value, atol=0, rtol=0)

@@ -10,7 +10,7 @@ import llamafactory.train.trainer_utils  # noqa: F401  (applies the trainer patc
 import pytest
 import torch
 from accelerate import Accelerator
-from lf_helpers import REPO, run_cli, tiny_config
+from lf_helpers import REPO, log_history, run_cli, tiny_config, weights
 from llamafactory.hparams import get_train_args
 from omegaconf import OmegaConf
 from transformers import Trainer
@@ -242,12 +242,16 @@ def test_startup_log_prints_the_effective_values(base, tiny_model, lf_log):
     from llamafactory_mfsgd.optimizer_factory import create_mfsgd_optimizer
 
     change = {"mfsgd_fused": False, "mfsgd_rank": 3, "mfsgd_beta": 0.8, "mfsgd_init": "gradient"}
+    change["mfsgd_min_gradient_support"] = 0.01  # issue 22, item 8: the guard's key reaches the optimizer
     _, _, training_args, finetuning_args, _ = get_train_args({**base, **change, "mfsgd_target": "q_proj,v_proj"})
     model = AutoModelForCausalLM.from_pretrained(tiny_model)
     optimizer = create_mfsgd_optimizer(model, training_args, finetuning_args)
     optimizer.remove_hooks()
     (line,) = [r.getMessage() for r in lf_log.records if "Using MoFaSGD" in r.getMessage()]
     for text in ("rank=3", "beta=0.8", "fused=False", "init=gradient", "target=q_proj,v_proj", "lr=0.01"):
+        assert text in line, (text, line)
+    assert optimizer.param_groups[0]["min_gradient_support"] == 0.01
+    for text in ("min_gradient_support=0.01",):
         assert text in line, (text, line)
 
 
@@ -397,3 +401,78 @@ def test_cli_resume_after_save_only_model_warns_that_momentum_starts_from_scratc
     proc = run_cli(resumed, tmp_path)
     assert proc.returncode == 0, proc.stdout[-4000:]
     assert "no optimizer state" in proc.stdout and "from scratch" in proc.stdout
+
+
+@pytest.mark.slow
+def test_cli_resume_with_edited_hyperparameters_uses_and_logs_the_new_values(tiny_model, tmp_path):
+    """Issue 22, item 5: the YAML's values win over the checkpoint's, the scheduler's base lr included."""
+    first = tiny_config("tiny_sft_mfsgd.yaml", tiny_model, tmp_path / "first", learning_rate_mfsgd=0.01)
+    proc = run_cli(first, tmp_path)
+    assert proc.returncode == 0, proc.stdout[-4000:]
+    ckpt = tmp_path / "first" / "checkpoint-3"
+    edited = dict(
+        first,
+        output_dir=str(tmp_path / "edited"),
+        resume_from_checkpoint=str(ckpt),
+        learning_rate_mfsgd=0.02,
+        mfsgd_beta=0.8,
+        mfsgd_nesterov=True,
+    )
+    proc = run_cli(edited, tmp_path)
+    assert proc.returncode == 0, proc.stdout[-4000:]
+    for text in (
+        "beta: 0.9 -> 0.8",
+        "nesterov: False -> True",
+        "lr (base, initial_lr) (MoFaSGD matrices): 0.01 -> 0.02",
+    ):
+        assert text in proc.stdout, text
+    groups = torch.load(tmp_path / "edited" / "checkpoint-6" / "optimizer.pt", weights_only=True)["param_groups"]
+    mfsgd = next(g for g in groups if g["mofasgd"])
+    assert (mfsgd["beta"], mfsgd["nesterov"], mfsgd["initial_lr"]) == (0.8, True, 0.02)
+    # the MoFaSGD group's lr (logged as learning_rate) follows the same schedule from twice the base
+    before = [e["learning_rate"] for e in log_history(tmp_path / "first")][3:]
+    after = [e["learning_rate"] for e in log_history(tmp_path / "edited")][-3:]
+    assert after == pytest.approx([2 * lr for lr in before], rel=1e-6)
+
+
+# ---------------------------------------------------------------- issue 22, item 10: gradient init on several ranks
+
+
+def _init_check(init, fsdp, monkeypatch):
+    from llamafactory_mfsgd.arguments import validate_with_training_args
+
+    monkeypatch.setenv("MFSGD_CPU_FSDP2", "1")
+    finetuning = types.SimpleNamespace(galore_fused=False, use_mfsgd=True, mfsgd_fused=True, mfsgd_init=init)
+    training = types.SimpleNamespace(fp16=False, fsdp=fsdp, world_size=2, resume_from_checkpoint=None)
+    validate_with_training_args(finetuning, training)
+
+
+def test_gradient_init_is_accepted_under_ddp(monkeypatch):
+    _init_check("gradient", [], monkeypatch)  # the ranks average the first gradient's sketches
+
+
+def test_gradient_init_under_fsdp2_is_refused_at_parse_time_naming_the_key(monkeypatch):
+    with pytest.raises(ValueError, match=r"`mfsgd_init: gradient` does not run under FSDP2.*`mfsgd_init: weight`"):
+        _init_check("gradient", ["full_shard", "auto_wrap"], monkeypatch)
+    _init_check("weight", ["full_shard", "auto_wrap"], monkeypatch)
+
+
+@pytest.mark.slow
+def test_cli_divergence_skips_the_non_finite_steps_and_saves_a_finite_model(tiny_model, tmp_path):
+    """Issue 22, item 7: an AdamW-side lr of 1e30 makes every loss after step 1 NaN (HF logs it as 0)."""
+    config = tiny_config(
+        "tiny_sft_mfsgd.yaml",
+        tiny_model,
+        tmp_path / "out",
+        max_steps=3,
+        save_steps=10,
+        learning_rate_adamw=1e30,
+        warmup_ratio=0.0,
+        max_grad_norm=0.0,  # no clipping: step() decides on its own
+    )
+    proc = run_cli(config, tmp_path)
+    assert proc.returncode == 0, proc.stdout[-4000:]
+    assert proc.stdout.count("MoFaSGD skipped this optimizer step") == 2, proc.stdout[-4000:]
+    assert "`model.embed_tokens.weight` of shape" in proc.stdout or "and 16 more" in proc.stdout
+    saved = weights(tmp_path / "out")
+    assert [name for name, value in saved.items() if not torch.isfinite(value).all()] == []

@@ -73,6 +73,12 @@ class MfsgdArguments:
     )
     mfsgd_eps: float = _option("eps", "Singular values <= eps take no step.")
     mfsgd_max_value: float = _option("max_value", "Clamp of 1/S in the reciprocal-S step.")
+    mfsgd_min_gradient_support: float = _option(
+        "min_gradient_support",
+        "Opt-in guard of the 1/S step (0: off, the authors' step): scale a direction's step down where the gradient "
+        "sustains less than this share of its momentum (||G_hat|| < share (1 - beta) S), so a vanishing gradient "
+        "does not make the step grow as S decays. 0.01 measured harmless on normal runs (docs/algorithm.md).",
+    )
     mfsgd_use_ones_for_nonzero_s: bool = _option(
         "use_ones_for_nonzero_s", "Spectrally normalised step U V^T (the paper's) instead of U diag(1/S) V^T."
     )
@@ -518,9 +524,10 @@ def validate_with_training_args(finetuning_args: Any, training_args: Any) -> Non
             "LLaMA-Factory trains fp32 weights, and MoFaSGD adds their updates in fp32 without rounding. Set "
             "`pure_bf16: true` to train bf16 weights (then rounding is on by default), or remove the key."
         )
-    if training_args.world_size > 1 and finetuning_args.mfsgd_init == "gradient":
+    if training_args.fsdp and finetuning_args.mfsgd_init == "gradient":  # DDP averages the first gradient's sketch
         raise ValueError(
-            "`mfsgd_init: gradient` would give each data-parallel rank its own factors; use `mfsgd_init: weight`."
+            "`mfsgd_init: gradient` does not run under FSDP2 (each rank holds rows of the first gradient, not the "
+            "whole of it); use `mfsgd_init: weight` or `weight_randomized`, or train on DDP, where it works."
         )
     check_checkpoint_engine(training_args.resume_from_checkpoint, bool(training_args.fsdp))
 

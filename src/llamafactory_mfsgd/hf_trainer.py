@@ -8,7 +8,8 @@ LLaMA-Factory's ``train.trainer_utils`` loads (see :data:`llamafactory_mfsgd.act
 - ``log``: adds MoFaSGD's update diagnostics (``mfsgd/…``, :mod:`llamafactory_mfsgd.diagnostics`);
 - resuming: a clear error when the checkpoint's optimizer is not this run's (``use_mfsgd`` switched, routing
   changed) or its ``optimizer.pt`` is damaged (truncated), a warning when the checkpoint has no optimizer state
-  (FSDP included); MoFaSGD's sharded FSDP2 state loaded by parameter name;
+  (FSDP included), MoFaSGD's sharded FSDP2 state loaded by parameter name, and the scheduler follows this run's
+  base learning rates (an edited ``learning_rate_mfsgd`` / ``learning_rate_adamw`` wins, as MoFaSGD's load logs);
 - ``save_model``: under FSDP2 with sharded checkpoints (accelerate's default) the final model is gathered and
   written as a Hugging Face model (weights, config, tokenizer), which transformers leaves out.
 """
@@ -229,6 +230,24 @@ def _load_fsdp2_sharded_optimizer(trainer: Any, checkpoint: str) -> None:
     set_optimizer_state_dict(trainer.model, optimizer, state["optimizer"])
 
 
+def _follow_running_base_lrs(trainer: Any) -> None:
+    """After a resume, give the scheduler this run's base learning rates (the config's, kept by MoFaSGD's load).
+
+    HF loads the scheduler after the optimizer, and the scheduler's state holds the checkpoint's ``base_lrs``: its
+    next step would bring the old learning rates back. MoFaSGD keeps this run's in each group's ``initial_lr`` and
+    has logged the change (``lr (base, initial_lr): old -> new``); its ``lr`` keeps the saved schedule position.
+    """
+    optimizer = _unwrapped_optimizer(trainer)
+    scheduler = getattr(trainer, "lr_scheduler", None)
+    scheduler = getattr(scheduler, "scheduler", scheduler)  # accelerate's AcceleratedScheduler
+    groups = getattr(optimizer, "param_groups", [])
+    if not any("mofasgd" in g for g in groups) or not hasattr(scheduler, "base_lrs"):
+        return
+    if len(scheduler.base_lrs) == len(groups) and all("initial_lr" in g for g in groups):
+        scheduler.base_lrs = [g["initial_lr"] for g in groups]
+        scheduler._last_lr = [g["lr"] for g in groups]  # what the Trainer logs as `learning_rate`
+
+
 def _patch_resume(trainer_class: type) -> None:
     """Resume checks: a clear error when the checkpoint's optimizer is not this run's, a warning when it has none."""
     import transformers.trainer as hf_trainer
@@ -242,9 +261,13 @@ def _patch_resume(trainer_class: type) -> None:
     def _load_optimizer_and_scheduler(self, checkpoint):
         if checkpoint is not None and _sharded_fsdp2_checkpoint(self, checkpoint):
             original(self, checkpoint)  # the scheduler; its optimizer load finds no state to fill (see below)
-            return _load_fsdp2_sharded_optimizer(self, checkpoint)
-        if checkpoint is None or getattr(self, "is_deepspeed_enabled", False):
-            return original(self, checkpoint)  # DeepSpeed restores its optimizer with the engine, not here
+            _load_fsdp2_sharded_optimizer(self, checkpoint)
+            return _follow_running_base_lrs(self)
+        if checkpoint is None:
+            return original(self, checkpoint)
+        if getattr(self, "is_deepspeed_enabled", False):  # DeepSpeed restores its optimizer with the engine
+            original(self, checkpoint)
+            return _follow_running_base_lrs(self)
         optimizer_file = os.path.join(checkpoint, hf_trainer.OPTIMIZER_NAME)
         # HF's own test (FSDP's optimizer.bin / optimizer_0/ included): when it fails, HF loads neither, silently
         has_optimizer = (
@@ -269,7 +292,8 @@ def _patch_resume(trainer_class: type) -> None:
             )
             if message:
                 raise ValueError(message)
-        return original(self, checkpoint)
+        original(self, checkpoint)
+        _follow_running_base_lrs(self)
 
     _load_optimizer_and_scheduler.__doc__ = original.__doc__
     trainer_class._load_optimizer_and_scheduler = _load_optimizer_and_scheduler

@@ -138,7 +138,7 @@ def effective_settings(optimizer: MoFaSGD, target: str) -> str:
         return f"{name or key}={text}"
 
     keys = ["rank", "beta", "eta1", "eta2", "eps", "max_value", "use_ones_for_nonzero_s", "nesterov"]
-    keys += ["use_current_projection", "init", "weight_decay", "lr", "stochastic_rounding"]
+    keys += ["use_current_projection", "init", "weight_decay", "lr", "stochastic_rounding", "min_gradient_support"]
     parts = [show(mofasgd, k) for k in keys if k in mofasgd]
     if mofasgd.get("beta_warmup_steps"):
         warmup = f"{mofasgd['beta_start']:g}->{mofasgd['beta_end']:g} over {mofasgd['beta_warmup_steps']} steps"

@@ -10,6 +10,7 @@ be stepped together with one batched QR and one batched SVD per group.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import NamedTuple, Protocol
 
 import torch
@@ -393,6 +394,22 @@ def step_scaling(S: torch.Tensor, eps: float, max_value: float, use_ones: bool) 
     return torch.where(alive, S.reciprocal().clamp_max_(max_value), 0.0)  # 1/0 = inf is clamped, then dropped
 
 
+def gradient_support(S: torch.Tensor, tangent_sq: torch.Tensor, beta: float | torch.Tensor) -> torch.Tensor:
+    """Per direction, ||G_hat|| / ((1 - beta) S_i): how much of the momentum this step's gradient sustains.
+
+    1 for the strongest direction in the steady state of a constant gradient (S = ||G|| / (1 - beta)), far above
+    1 for noisy gradients, and 0 when the gradient has vanished and S only decays by beta per step. `S` is B x r,
+    `tangent_sq` (||G_hat||^2) B, `beta` a float or B values.
+    """
+    one_minus = 1.0 - (beta.unsqueeze(-1) if torch.is_tensor(beta) else beta)
+    return tangent_sq.clamp_min(0).sqrt().unsqueeze(-1) / (one_minus * S).clamp_min(torch.finfo(S.dtype).tiny)
+
+
+def support_throttle(support: torch.Tensor, floor: float) -> torch.Tensor:
+    """The guard's factor on the 1/S scale: 1 where the support is at least `floor`, support / floor below it."""
+    return (support / floor).clamp_max_(1.0)
+
+
 def top_singular_triplets(matrix: torch.Tensor, rank: int) -> LowRank:
     """Exact top-`rank` SVD of a matrix through the economy SVD (never the m x m / n x n full one)."""
     u, s, vh = torch.linalg.svd(matrix, full_matrices=False)
@@ -400,22 +417,40 @@ def top_singular_triplets(matrix: torch.Tensor, rank: int) -> LowRank:
 
 
 def randomized_top_singular_triplets(
-    matrix: torch.Tensor, rank: int, dtype: torch.dtype, oversample: int = 8, power_iters: int = 2, seed: int = 0
+    matrix: torch.Tensor,
+    rank: int,
+    dtype: torch.dtype,
+    oversample: int = 8,
+    power_iters: int = 2,
+    seed: int = 0,
+    average: Callable[[list[torch.Tensor]], None] | None = None,
 ) -> LowRank:
     """Approximate top-`rank` SVD of `matrix` in `dtype`: orthonormal U (m x rank), V (n x rank) and S.
 
     Randomized range finder with power iterations (Halko, Martinsson & Tropp 2011); costs a few products with
     `matrix` and temporaries of O((m + n)(rank + oversample)), instead of the economy SVD's O(m n min(m, n)).
     Its own generator keeps the global RNG stream untouched; the same matrix and seed give the same result.
+
+    `average` (data parallelism: average a list of tensors over ranks in place) is applied to every product with
+    `matrix`. Each product is linear in `matrix` and the bases it meets are equal on every rank (same seed, same
+    averaged inputs), so the ranks compute the factors of their mean matrix, exchanging thin sketches only.
     """
     m, n = matrix.shape
     width = min(rank + oversample, m, n)
     generator = torch.Generator(device=matrix.device).manual_seed(seed)
     probe = torch.randn(n, width, generator=generator, device=matrix.device, dtype=dtype).to(matrix.dtype)
-    basis = torch.linalg.qr((matrix @ probe).to(dtype))[0]
+
+    def times(left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
+        product = (left @ right.to(matrix.dtype)).to(dtype)
+        if average is not None:
+            product = product.contiguous()
+            average([product])
+        return product
+
+    basis = torch.linalg.qr(times(matrix, probe))[0]
     for _ in range(power_iters):
-        co_basis = torch.linalg.qr((matrix.T @ basis.to(matrix.dtype)).to(dtype))[0]
-        basis = torch.linalg.qr((matrix @ co_basis.to(matrix.dtype)).to(dtype))[0]
-    small = (matrix.T @ basis.to(matrix.dtype)).to(dtype).T
+        co_basis = torch.linalg.qr(times(matrix.T, basis))[0]
+        basis = torch.linalg.qr(times(matrix, co_basis))[0]
+    small = times(matrix.T, basis).T
     u_small, s, vh = torch.linalg.svd(small, full_matrices=False)
     return LowRank((basis @ u_small[:, :rank]).contiguous(), s[:rank].clone(), vh[:rank].T.contiguous())

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable, Iterable
 from typing import Any, NamedTuple
 
@@ -34,6 +35,10 @@ _FP32_KEYS = (*_FACTOR_KEYS, *_FACTORED_MOMENT_KEYS)
 _SHAPE_KEYS = ("rank", "mofasgd", "adamw_state")
 _RNG_KEY = "mofasgd_rng"
 _SIDE_CLIP_KEY = "mofasgd_side_clip_coef"  # fused_adamw_side: the coefficient the next hooked updates use
+# Diagnostics warn (once) when a matrix's gradient sustains less than this share of its momentum: ||G_hat|| <
+# _VANISHING_SUPPORT (1 - beta) S_max. The weight init's decay stays above it (gradients of 1e-3 of the weight's top
+# singular value give 1e-2); a zero gradient (every label masked) gives 0.
+_VANISHING_SUPPORT = 1e-3
 # Largest |U^T U - I| entry accepted for loaded fp32 factors (fresh QR factors are ~1e-6 off).
 _ORTHONORMAL_TOL = {torch.float32: 1e-3, torch.float64: 1e-8}
 
@@ -51,6 +56,19 @@ def _check_flag(name: str, value: Any, allow_none: bool = False) -> None:
     if not (isinstance(value, bool) or (allow_none and value is None)):
         expected = "True, False or None" if allow_none else "True or False"
         raise ValueError(f"Invalid {name}: {value!r}; expected {expected}")
+
+
+def _same_value(a: Any, b: Any) -> bool:
+    """Equal hyper-parameter values, a tuple and the list a checkpoint may hold for it included."""
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return tuple(a) == tuple(b)
+    return a == b
+
+
+def _show(value: Any) -> str:
+    if isinstance(value, (list, tuple)):
+        return f"({', '.join(map(_show, value))})"
+    return f"{value:g}" if isinstance(value, float) else repr(value)
 
 
 def _squared_norm(grad: torch.Tensor) -> torch.Tensor:
@@ -112,6 +130,11 @@ class MoFaSGD(torch.optim.Optimizer):
     P_U, P_V use the previous factors, or the new ones with ``use_current_projection``. beta_t warms up
     linearly from ``beta_start`` to ``beta_end`` over ``beta_warmup_steps`` steps when those are set.
 
+    A vanishing gradient lets S decay by beta per step, so the 1/S step grows without bound. The opt-in guard
+    ``min_gradient_support`` = tau > 0 multiplies s_hat_i by min(1, support_i / tau), support_i = ||G_hat|| /
+    ((1 - beta_t) S_D,i): 1 in the steady state of a constant gradient, 0 for a zero gradient (docs/algorithm.md
+    section 2). The default 0 keeps the authors' step.
+
     Param groups carry ``mofasgd`` (default True). Managed groups must hold 2-D tensors only: give
     embeddings, the LM head, norms, biases and scalars a group with ``"mofasgd": False``; those are
     updated with torch's AdamW (``adam_betas``, ``adam_eps``, ``weight_decay``) inside this optimizer::
@@ -162,6 +185,7 @@ class MoFaSGD(torch.optim.Optimizer):
         use_current_projection: bool = False,
         nesterov: bool = False,
         weight_decay: float = 0.0,
+        min_gradient_support: float = 0.0,
         beta_start: float | None = None,
         beta_end: float | None = None,
         beta_warmup_steps: int = 0,
@@ -188,6 +212,7 @@ class MoFaSGD(torch.optim.Optimizer):
             use_current_projection=use_current_projection,
             nesterov=nesterov,
             weight_decay=weight_decay,
+            min_gradient_support=min_gradient_support,
             beta_start=beta_start,
             beta_end=beta_end,
             beta_warmup_steps=beta_warmup_steps,
@@ -218,6 +243,7 @@ class MoFaSGD(torch.optim.Optimizer):
         self.accumulation_boundary: Callable[[], bool] | None = None
         # (||g||^2, is an FSDP2 shard's share) of the AdamW-side grads consumed in hooks this step
         self._side_norm_sq: list[tuple[torch.Tensor, bool]] = []
+        self._side_nonfinite: list[torch.Tensor] = []  # hooked AdamW-side params whose gradient was not finite
         self._side_clip_coef = 1.0  # the last clip_grad_norm_'s coefficient, applied to the next hooked updates
         if self.data_parallel and not self.fused:
             raise ValueError(
@@ -230,6 +256,8 @@ class MoFaSGD(torch.optim.Optimizer):
         self._diagnostics: dict[str, list[torch.Tensor]] | None = None
         self._nonfinite: torch.Tensor | None = None
         self._nonfinite_total = 0
+        self._finite_norm = False  # clip_grad_norm_ read a finite norm of what the next step consumes
+        self._warned_vanishing = False  # the vanishing-gradient warning of pop_diagnostics is given once
         self._sharded = False  # any managed matrix is an FSDP2 DTensor
         self._validate_group(defaults, where="argument")
         super().__init__(params, defaults)
@@ -288,6 +316,8 @@ class MoFaSGD(torch.optim.Optimizer):
             if self.data_parallel
             else "init='gradient' (ranks would draw different subspaces; use init='weight' or 'weight_randomized')"
             if group["init"] == "gradient"
+            else "min_gradient_support > 0 (not implemented on row shards; set it to 0)"
+            if group["min_gradient_support"] > 0
             else None
         )
         if reason:
@@ -304,6 +334,7 @@ class MoFaSGD(torch.optim.Optimizer):
         _check_range(f"eps ({where})", group["eps"], 0.0)
         _check_range(f"max_value ({where})", group["max_value"], 0.0)
         _check_range(f"weight_decay ({where})", group["weight_decay"], 0.0)
+        _check_range(f"min_gradient_support ({where})", group["min_gradient_support"], 0.0)
         _check_range(f"adam_eps ({where})", group["adam_eps"], 0.0)
         for i, b in enumerate(group["adam_betas"]):
             _check_range(f"adam_betas[{i}] ({where})", b, 0.0, 1.0, high_open=True)
@@ -324,11 +355,6 @@ class MoFaSGD(torch.optim.Optimizer):
             )
         if group["init"] not in _INITS:
             raise ValueError(f"Invalid init ({where}): {group['init']!r}; expected one of {_INITS}")
-        if self.data_parallel and group["mofasgd"] and group["init"] == "gradient":
-            raise ValueError(
-                f"init='gradient' ({where}) would give each rank its own factors under data_parallel=True; "
-                "use init='weight'"
-            )
         if self.fused and group["mofasgd"] and group["eta2"] > 0:
             raise ValueError(
                 f"eta2={group['eta2']} ({where}) needs the whole gradient, which fused=True frees during "
@@ -343,11 +369,14 @@ class MoFaSGD(torch.optim.Optimizer):
         self.__dict__.setdefault("accumulating", False)
         self.__dict__.setdefault("accumulation_boundary", None)
         self.__dict__.setdefault("_side_norm_sq", [])
+        self.__dict__.setdefault("_side_nonfinite", [])
         self.__dict__.setdefault("_side_clip_coef", 1.0)
         self.__dict__.setdefault("_rng", GeneratorBank(0))
         self.__dict__.setdefault("_diagnostics", None)
         self.__dict__.setdefault("_nonfinite", None)
         self.__dict__.setdefault("_nonfinite_total", 0)
+        self.__dict__.setdefault("_finite_norm", False)
+        self.__dict__.setdefault("_warned_vanishing", False)
         self.__dict__.setdefault("_sharded", False)
         self._group_index = {p: i for i, g in enumerate(self.param_groups) for p in g["params"]}
         if "intake" not in self.__dict__:
@@ -431,6 +460,7 @@ class MoFaSGD(torch.optim.Optimizer):
         factored AdamW moments stay fp32 too.
         """
         self._check_checkpoint_layout(state_dict["param_groups"])
+        running = [dict(group) for group in self.param_groups]  # this optimizer's (the config's) hyper-parameters
         saved_state = state_dict["state"]
         factors = {pid: {k: v for k, v in st.items() if k in _FP32_KEYS} for pid, st in saved_state.items()}
         stripped = dict(state_dict)
@@ -465,6 +495,7 @@ class MoFaSGD(torch.optim.Optimizer):
             self._side_clip_coef = float(saved)
         for group in self.param_groups:  # torch's load copies every saved group key: not a hyper-parameter
             group.pop(_SIDE_CLIP_KEY, None)
+        self._keep_running_hyperparameters(running, state_dict["param_groups"])
         self.intake.adopt_state_sums()
 
     def _check_checkpoint_layout(self, saved_groups: list[dict[str, Any]]) -> None:
@@ -491,7 +522,6 @@ class MoFaSGD(torch.optim.Optimizer):
                 f"{describe(self.param_groups)}: the set of MoFaSGD matrices changed (`mfsgd_target`, frozen or "
                 "added parameters, a different model). Resume with the routing that saved it, or start fresh."
             )
-        changed = []
         for index, (saved, current) in enumerate(zip(saved_groups, self.param_groups)):
             saved_state, state = saved.get("adamw_state", "full"), current["adamw_state"]
             if not saved["mofasgd"] and saved_state != state:
@@ -506,17 +536,41 @@ class MoFaSGD(torch.optim.Optimizer):
                     f"optimizer was built with rank {current['rank']} (`mfsgd_rank`). Resume with "
                     f"`mfsgd_rank: {saved['rank']}`, or start a new run to change the rank."
                 )
-            ignored = {"params", "param_names", "lr", "initial_lr", *_SHAPE_KEYS}
-            changed += [
-                f"{key}: {current.get(key)!r} -> {saved[key]!r}"
-                for key in sorted(set(saved) - ignored)
-                if key in current and saved[key] != current[key]
-            ]
+
+    def _keep_running_hyperparameters(self, running: list[dict[str, Any]], saved_groups: list[dict[str, Any]]) -> None:
+        """Give the loaded groups this optimizer's hyper-parameters back, and log each one the checkpoint had else.
+
+        torch's load_state_dict restores the saved groups, so an edited config (lr, beta, nesterov, step form,
+        weight decay...) would be printed at start-up and then ignored. Here the running values win; the shape keys
+        (rank, mofasgd, adamw_state) were checked to be equal. Under a scheduler (``initial_lr`` on both sides) the
+        base lr is this run's and the current lr keeps the checkpoint's position in the schedule:
+        lr = saved lr * new initial_lr / old initial_lr.
+        """
+        changed = []
+        for group, mine, saved in zip(self.param_groups, running, saved_groups):
+            side = "MoFaSGD matrices" if mine["mofasgd"] else "AdamW side"
+            for key, value in mine.items():
+                if key in ("params", "param_names", "lr", "initial_lr", *_SHAPE_KEYS):
+                    continue
+                if key in saved and not _same_value(saved[key], value):
+                    label = f"{key} ({side})" if key == "weight_decay" else key
+                    changed.append(f"{label}: {_show(saved[key])} -> {_show(value)}")
+                group[key] = value
+            scheduled = "initial_lr" in mine and "initial_lr" in saved
+            old, new = (saved["initial_lr"], mine["initial_lr"]) if scheduled else (saved["lr"], mine["lr"])
+            if scheduled:
+                group["lr"] = saved["lr"] * new / old if old and new != old else saved["lr"]
+            else:  # no schedule, or only one side has one: this optimizer's lr as it stands
+                group["lr"] = mine["lr"]
+            group.pop("initial_lr", None)
+            if "initial_lr" in mine:
+                group["initial_lr"] = mine["initial_lr"]
+            if not _same_value(old, new):
+                changed.append(f"lr{' (base, initial_lr)' if scheduled else ''} ({side}): {old:g} -> {new:g}")
         if changed:
             logger.warning(
-                "MoFaSGD resumes with the checkpoint's hyper-parameters (torch's load_state_dict semantics), "
-                "which differ from this optimizer's: %s",
-                "; ".join(sorted(set(changed))),
+                "MoFaSGD resumes with this optimizer's hyper-parameters, not the checkpoint's (checkpoint -> now): %s",
+                "; ".join(dict.fromkeys(changed)),
             )
 
     def _check_loaded_factors(self, p: torch.Tensor) -> None:
@@ -564,13 +618,27 @@ class MoFaSGD(torch.optim.Optimizer):
         rank = fm.effective_rank(group["rank"], p.shape)
         seed = p.shape[0] * 7919 + p.shape[1]  # the same on every data-parallel rank
         weight = sharding.full_tensor(p.detach())  # FSDP2: every rank factors the whole W (one all-gather)
+        if group["init"] != "gradient" and not bool(torch.isfinite(weight).all()):  # one read per matrix, once
+            raise ValueError(
+                f"{self._describe(p)} holds non-finite values (NaN or inf) before its first MoFaSGD step, so its "
+                f"initial factors (init={group['init']!r}, the top singular vectors of the weight) cannot be "
+                "computed. Check the model's weights (the checkpoint, or what ran before the optimizer)."
+            )
         if group["init"] == "weight":
             U, S, V = fm.top_singular_triplets(weight.to(dtype), rank)
         elif group["init"] == "weight_randomized":
             U, S, V = fm.randomized_top_singular_triplets(weight, rank, dtype, seed=seed)
         else:
             source = grad if grad is not None else p.grad
-            U, _, V = fm.randomized_top_singular_triplets(source.detach(), rank, dtype, seed=seed)
+            if source is None:  # data_parallel: a matrix this rank saw no gradient for at the first step
+                raise ValueError(
+                    f"init='gradient' initialises {self._describe(p)} from its first gradient, but this rank received "
+                    "none (under data_parallel every rank must see one at the first step); use init='weight'."
+                )
+            # data_parallel: the first gradient is this rank's (left out of DDP); the factors are those of the
+            # ranks' mean gradient, from averaged thin sketches (hooks run in the same order on every rank)
+            average = dp.average_in_place if self.data_parallel and dp.world_size() > 1 else None
+            U, _, V = fm.randomized_top_singular_triplets(source.detach(), rank, dtype, seed=seed, average=average)
             S = torch.zeros(rank, dtype=dtype, device=p.device)
         del weight
         state["U"], state["S"], state["V"] = sharding.shard_rows_like(U, p), S, V
@@ -686,6 +754,8 @@ class MoFaSGD(torch.optim.Optimizer):
             for key in _PENDING:
                 state.pop(key, None)
         self._side_norm_sq = []
+        self._side_nonfinite = []
+        self._finite_norm = False
 
     # ------------------------------------------------------------------ norms and clipping
     @torch.no_grad()
@@ -748,8 +818,10 @@ class MoFaSGD(torch.optim.Optimizer):
         else:  # also read the last step's skip count, in the same sync
             value, skipped = torch.stack([norm, self._nonfinite.to(norm)]).tolist()
             self._report_nonfinite(skipped)
+        self._finite_norm = math.isfinite(value)  # every gradient finite: step() needs no check of its own
         coef = float(max_norm) / (value + eps)
-        self._side_clip_coef = min(coef, 1.0)  # fused_adamw_side: what the next step's hooked updates use
+        if self._finite_norm:  # a non-finite norm skips the step; it must not scale the next hooked updates
+            self._side_clip_coef = min(coef, 1.0)  # fused_adamw_side: what the next step's hooked updates use
         if coef < 1.0:
             consumed = [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
             consumed += self.intake.buffers()  # fused mode: every pending sum, scaled once in its bucket's buffer
@@ -770,6 +842,10 @@ class MoFaSGD(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         self._synchronize_pending()
+        finite_norm, self._finite_norm = self._finite_norm, False
+        if not finite_norm and self._skip_nonfinite_step():
+            self._side_norm_sq, self._side_nonfinite = [], []
+            return loss
         finite = []
         for gi, group in enumerate(self.param_groups):
             if group["mofasgd"]:
@@ -777,8 +853,64 @@ class MoFaSGD(torch.optim.Optimizer):
             else:
                 self._adamw_step(group)
         self._count_nonfinite(finite)
-        self._side_norm_sq = []
+        self._side_norm_sq, self._side_nonfinite = [], []
         return loss
+
+    def _skip_nonfinite_step(self) -> bool:
+        """Skip the whole step when any gradient it would consume is not finite, as AMP's grad scaler does.
+
+        Decided once per step, for both sides together: one sum per AdamW-side gradient and per stack of pending
+        projections (their sums are finite when every entry is), the shares of FSDP2 shards summed over ranks
+        (DDP ranks hold the same averaged values), then one host read. A skipped step changes no weight, factor,
+        AdamW moment or step counter; its pending projections are dropped like a step's. ``clip_grad_norm_``
+        spares the check when it has just read a finite norm (a non-finite gradient makes the norm non-finite).
+        Returns whether the step was skipped.
+        """
+        tensors, sums = [], []
+        for gi, group in enumerate(self.param_groups):
+            if group["mofasgd"] and self.fused:
+                for bucket in self._buckets(gi):
+                    tensors += bucket.params
+                    sums.append(bucket.gv.sum((-2, -1)) + bucket.gtu.sum((-2, -1)))
+                continue
+            for p in group["params"]:
+                if p.grad is not None:
+                    tensors.append(p)
+                    sums.append(sharding.local(p.grad).sum().reshape(1))
+        if not sums and not self.fused_adamw_side:
+            return False
+        device = sums[0].device if sums else torch.device("cpu")
+        if self.fused_adamw_side:  # one entry (the same length on every rank): a hooked gradient was not finite
+            tensors.append(None)
+            sums.append(torch.full((1,), torch.nan if self._side_nonfinite else 0.0, device=device))
+        bad = (~torch.isfinite(torch.cat([t.to(device, torch.float32) for t in sums]))).to(torch.float32)
+        if self._sharded:  # a shard's non-finite rows skip the step on every rank
+            sharding.sum_over(self._process_group(), bad)
+        if not float(bad.sum()):
+            return False
+        flags = bad.tolist()
+        named = [self._describe(p) for p, flag in zip(tensors, flags) if flag and p is not None]
+        if self.fused_adamw_side and flags[-1]:  # the hooked ones, named where this rank saw them
+            here = [self._describe(p) for p in self._side_nonfinite]
+            named += here or ["an AdamW-side matrix updated in its gradient hook on another rank"]
+        shown = ", ".join(named[:5]) + (f" and {len(named) - 5} more" if len(named) > 5 else "")
+        hooked = (
+            " The AdamW-side matrices updated in their gradient hooks (fused_adamw_side) kept the updates of their "
+            "finite gradients; the non-finite ones were not applied."
+            if self.fused_adamw_side
+            else ""
+        )
+        logger.warning(
+            "MoFaSGD skipped this optimizer step: non-finite gradient in %d %s (%s). No weight, factor, AdamW moment "
+            "or step counter changed (like AMP's scaler skipping a step).%s Check the loss scale, learning rate or "
+            "data.",
+            len(named),
+            "tensor" if len(named) == 1 else "tensors",
+            shown,
+            hooked,
+        )
+        self.intake.consumed()
+        return True
 
     @staticmethod
     def current_beta(group: dict[str, Any], step: int) -> float:
@@ -873,6 +1005,15 @@ class MoFaSGD(torch.optim.Optimizer):
         lr = group["lr"]
         scale = fm.step_scaling(direction.S, group["eps"], group["max_value"], group["use_ones_for_nonzero_s"])
         scale = scale * finite[:, None]
+        floor = group["min_gradient_support"]
+        if rows is None and (floor > 0 or self._diagnostics is not None) and not group["use_ones_for_nonzero_s"]:
+            support = fm.gradient_support(direction.S, fm.tangent_norm_sq(U, gv, gtu), beta)
+            if floor > 0:  # the opt-in guard: a 1/S step no larger than the gradient sustains
+                scale = scale * fm.support_throttle(support, floor)
+            if self._diagnostics is not None:  # the strongest direction's support (S sorted descending), if it steps
+                stepping = direction.S[:, 0] > group["eps"]
+                strongest = torch.where(stepping, support[:, 0], torch.inf)
+                self._diagnostics["support" if floor > 0 else "unguarded_support"].append(strongest)
         left = direction.U * scale.unsqueeze(-2)
         # per-matrix views taken once per bucket (one op each, instead of an indexing op per matrix and tensor)
         generator = self._rounding_generator(params[0], group)  # a bucket shares one device and dtype
@@ -988,7 +1129,7 @@ class MoFaSGD(torch.optim.Optimizer):
         params, grads, exp_avgs, exp_avg_sqs, steps = [], [], [], [], []
         beta1, beta2 = group["adam_betas"]
         for p in group["params"] if only is None else only:
-            if p.grad is None:
+            if p.grad is None or (only is not None and not self._hooked_gradient_finite(p)):
                 continue
             state = self.state[p]
             generator = self._rounding_generator(p, group)
@@ -1038,6 +1179,19 @@ class MoFaSGD(torch.optim.Optimizer):
             foreach=True,  # torch's default on CUDA; on the CPU too it gives the same bits with fewer op dispatches
         )
 
+    def _hooked_gradient_finite(self, p: torch.Tensor) -> bool:
+        """fused_adamw_side: whether a gradient updated in its hook is finite; a non-finite one is not applied.
+
+        The hooked update happens during backward, before step() can decide for the whole step, so it is checked
+        alone (one host read per hooked matrix and step; the factored and stochastically rounded updates read their
+        step count anyway) and step() then skips the rest of the step.
+        Under FSDP2 this is a shard's own verdict: finite rows of other ranks are still applied.
+        """
+        if bool(torch.isfinite(sharding.local(p.grad).sum())):
+            return True
+        self._side_nonfinite.append(p)
+        return False
+
     @staticmethod
     def _factored_step(
         p: torch.Tensor, group: dict[str, Any], state: dict[str, Any], generator: torch.Generator | None
@@ -1059,7 +1213,7 @@ class MoFaSGD(torch.optim.Optimizer):
 
         Costs one O(m n r) pass per matrix, so it is meant for logging steps only.
         """
-        keys = ("update_sq", "weight_sq", "applied", "intended", "along", "S", "alive")
+        keys = ("update_sq", "weight_sq", "applied", "intended", "along", "S", "alive", "support", "unguarded_support")
         self._diagnostics = {key: [] for key in keys}
 
     def _diagnostics_before(
@@ -1095,7 +1249,10 @@ class MoFaSGD(torch.optim.Optimizer):
         ``update_rms_ratio``: ||lr eta1 U diag(s_hat) V^T|| / ||W|| over all managed matrices; ``s_median``,
         ``s_max``: of the step's singular values; ``alive_fraction``: share of directions with S > eps;
         ``applied_fraction``: the weight change along the intended step over the intended change (1 in fp32;
-        for bf16 weights it shows how much rounding kept).
+        for bf16 weights it shows how much rounding kept); ``gradient_support`` (1/S form, not on FSDP2 shards):
+        the smallest ||G_hat|| / ((1 - beta) S_max) over the matrices, about 1 or more while the gradient sustains
+        the momentum, near 0 when it has vanished (then the 1/S step grows; warned once per run, see
+        ``min_gradient_support``).
         """
         diag, self._diagnostics = self._diagnostics, None
         if not diag or not diag["S"]:
@@ -1107,17 +1264,35 @@ class MoFaSGD(torch.optim.Optimizer):
             sharding.sum_over(self._process_group(), shares)
         weight_sq, applied, along = shares
         intended = torch.stack(diag["intended"]).sum() + along
-        values = torch.stack(
-            [
-                (torch.stack(diag["update_sq"]).sum() / weight_sq.clamp_min(1e-30)).sqrt(),
-                s.median(),
-                s.max(),
-                torch.cat(diag["alive"]).mean(),
-                applied / intended,
-            ]
-        ).tolist()
-        names = ("update_rms_ratio", "s_median", "s_max", "alive_fraction", "applied_fraction")
-        return dict(zip(names, values))
+        stats = [
+            (torch.stack(diag["update_sq"]).sum() / weight_sq.clamp_min(1e-30)).sqrt(),
+            s.median(),
+            s.max(),
+            torch.cat(diag["alive"]).mean(),
+            applied / intended,
+        ]
+        names = ["update_rms_ratio", "s_median", "s_max", "alive_fraction", "applied_fraction"]
+        support = [t.to(s.device) for t in diag["support"] + diag["unguarded_support"]]
+        if support:  # the 1/S form's gradient support, and how many unguarded matrices it shows starved
+            unguarded = [t.to(s.device) for t in diag["unguarded_support"]]
+            starved = (torch.cat(unguarded) < _VANISHING_SUPPORT).sum() if unguarded else s.new_zeros(())
+            stats += [torch.cat(support).min(), starved.to(s.dtype)]
+            names += ["gradient_support", "starved"]
+        out = dict(zip(names, torch.stack(stats).tolist()))
+        starved = int(out.pop("starved", 0))
+        if starved and not self._warned_vanishing:
+            self._warned_vanishing = True
+            logger.warning(
+                "MoFaSGD: the gradient of %d managed matrices has all but vanished (||G_hat|| < %g (1 - beta) S: "
+                "their momentum only decays), and the 1/S step grows as S shrinks (update_rms_ratio %.3g). Check "
+                "the data and labels (a batch with almost every label masked gives a zero gradient). To bound the "
+                "step, set min_gradient_support (`mfsgd_min_gradient_support`, e.g. 0.01) or use the spectral step "
+                "(`mfsgd_use_ones_for_nonzero_s: true`); docs/algorithm.md section 2. Warned once per run.",
+                starved,
+                _VANISHING_SUPPORT,
+                out["update_rms_ratio"],
+            )
+        return out
 
     # ------------------------------------------------------------------ introspection
     def state_bytes(self) -> int:
