@@ -153,8 +153,8 @@ def factor_dtype(param_dtype: torch.dtype) -> torch.dtype:
 
 
 def effective_rank(rank: int, shape: torch.Size) -> int:
-    """The rank actually kept for an m x n matrix: min(rank, m, n)."""
-    return min(rank, shape[0], shape[1])
+    """The rank kept for an m x n matrix (or each matrix of an E x m x n stack of experts): min(rank, m, n)."""
+    return min(rank, shape[-2], shape[-1])
 
 
 # Devices where G^T U is formed as (U^T G)^T: on CPU BLAS the transposed-left product of a wide m x n matrix by a
@@ -164,12 +164,12 @@ _TRANSPOSE_OUTSIDE = {"cpu"}
 
 
 def _transpose_times(grad: torch.Tensor, U: torch.Tensor) -> torch.Tensor:
-    """G^T U, in the form that is fast on grad's device (same numbers up to rounding)."""
-    return (U.T @ grad).T if grad.device.type in _TRANSPOSE_OUTSIDE else grad.T @ U
+    """G^T U, in the form that is fast on grad's device (same numbers up to rounding); batched over experts."""
+    return (U.mT @ grad).mT if grad.device.type in _TRANSPOSE_OUTSIDE else grad.mT @ U
 
 
 def project_gradient(grad: torch.Tensor, U: torch.Tensor, V: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Return (G V, G^T U) in the factors' dtype.
+    """Return (G V, G^T U) in the factors' dtype (for an E x m x n stack of experts, E x m x r and E x n x r).
 
     A low-precision gradient is multiplied in its own dtype (the matmul accumulates in fp32 on current
     hardware) so that no m x n upcast copy is ever made; only the m x r and n x r results are upcast.
@@ -189,7 +189,7 @@ def add_projections_(
     in-place product into a transposed output takes CPU BLAS's slow path).
     """
     if grad.dtype == gv.dtype:
-        gv.addmm_(grad, V)
+        (gv.addmm_ if grad.dim() == 2 else gv.baddbmm_)(grad, V)
         gtu.add_(_transpose_times(grad, U))
         return
     more_gv, more_gtu = project_gradient(grad, U, V)
@@ -366,9 +366,9 @@ def step_scaling(S: torch.Tensor, eps: float, max_value: float, use_ones: bool) 
 
 
 def top_singular_triplets(matrix: torch.Tensor, rank: int) -> LowRank:
-    """Exact top-`rank` SVD of a matrix through the economy SVD (never the m x m / n x n full one)."""
+    """Exact top-`rank` SVD of a matrix (or of each of a stack) through the economy SVD (never the full one)."""
     u, s, vh = torch.linalg.svd(matrix, full_matrices=False)
-    return LowRank(u[:, :rank].contiguous(), s[:rank].clone(), vh[:rank].T.contiguous())
+    return LowRank(u[..., :rank].contiguous(), s[..., :rank].clone(), vh[..., :rank, :].mT.contiguous())
 
 
 def randomized_top_singular_triplets(
@@ -378,16 +378,19 @@ def randomized_top_singular_triplets(
 
     Randomized range finder with power iterations (Halko, Martinsson & Tropp 2011); costs a few products with
     `matrix` and temporaries of O((m + n)(rank + oversample)), instead of the economy SVD's O(m n min(m, n)).
-    Its own generator keeps the global RNG stream untouched; the same matrix and seed give the same result.
+    Its own generator keeps the global RNG stream untouched; the same matrix and seed give the same result. A stack
+    of E x m x n expert matrices is factored expert by expert with the same probe (so like E separate matrices).
     """
-    m, n = matrix.shape
+    m, n = matrix.shape[-2:]
     width = min(rank + oversample, m, n)
     generator = torch.Generator(device=matrix.device).manual_seed(seed)
     probe = torch.randn(n, width, generator=generator, device=matrix.device, dtype=dtype).to(matrix.dtype)
     basis = torch.linalg.qr((matrix @ probe).to(dtype))[0]
     for _ in range(power_iters):
-        co_basis = torch.linalg.qr((matrix.T @ basis.to(matrix.dtype)).to(dtype))[0]
+        co_basis = torch.linalg.qr((matrix.mT @ basis.to(matrix.dtype)).to(dtype))[0]
         basis = torch.linalg.qr((matrix @ co_basis.to(matrix.dtype)).to(dtype))[0]
-    small = (matrix.T @ basis.to(matrix.dtype)).to(dtype).T
+    small = (matrix.mT @ basis.to(matrix.dtype)).to(dtype).mT
     u_small, s, vh = torch.linalg.svd(small, full_matrices=False)
-    return LowRank((basis @ u_small[:, :rank]).contiguous(), s[:rank].clone(), vh[:rank].T.contiguous())
+    return LowRank(
+        (basis @ u_small[..., :rank]).contiguous(), s[..., :rank].clone(), vh[..., :rank, :].mT.contiguous()
+    )
