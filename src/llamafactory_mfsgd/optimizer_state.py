@@ -56,7 +56,7 @@ def optimizer_file(path: str | Path) -> Path:
 
 
 def read_states(path: str | Path) -> list[MatrixState]:
-    """Every MoFaSGD matrix of one checkpoint, in parameter order.
+    """Every MoFaSGD matrix of one checkpoint, in parameter order (each expert of an MoE stack as ``name[e]``).
 
     Raises:
         ValueError: if the optimizer state has no MoFaSGD group (e.g. an AdamW or GaLore checkpoint).
@@ -72,18 +72,22 @@ def read_states(path: str | Path) -> list[MatrixState]:
             state = saved["state"].get(index)
             if not state or "S" not in state:
                 continue  # not stepped yet: no factors
-            spectrum = state["S"].float()
-            states.append(
-                MatrixState(
-                    name=name,
-                    shape=(state["U"].shape[0], state["V"].shape[0]),
-                    rank=spectrum.numel(),
-                    step=int(state["step"]),
-                    spectrum=spectrum.tolist(),
-                    effective_rank=effective_rank(spectrum),
-                    momentum_norm=float(spectrum.norm()),
+            U, S, V = state["U"], state["S"].float(), state["V"]
+            matrices = [(name, U, S, V)]
+            if S.dim() == 2:  # a stack of E experts: U is E x m x r, S E x r, V E x n x r
+                matrices = [(f"{name}[{e}]", U[e], S[e], V[e]) for e in range(S.shape[0])]
+            for label, u, spectrum, v in matrices:
+                states.append(
+                    MatrixState(
+                        name=label,
+                        shape=(u.shape[0], v.shape[0]),
+                        rank=spectrum.numel(),
+                        step=int(state["step"]),
+                        spectrum=spectrum.tolist(),
+                        effective_rank=effective_rank(spectrum),
+                        momentum_norm=float(spectrum.norm()),
+                    )
                 )
-            )
     return states
 
 

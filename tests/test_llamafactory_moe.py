@@ -1,0 +1,117 @@
+"""MoE models through the LLaMA-Factory integration: every expert of tiny Mixtral / Qwen3-MoE trains with MoFaSGD.
+
+transformers 5 fuses each layer's experts into 3-D parameters (``mlp.experts.gate_up_proj``, E x 2f x h); the
+routers (``mlp.gate.weight``, E x h) stay on AdamW. Models are built locally from their configs (no hub).
+"""
+
+import llamafactory.train.trainer_utils  # noqa: F401  (applies the extension's patches)
+import pytest
+import torch
+from lf_helpers import assert_ok, run_cli, tiny_config, weights
+from llamafactory.hparams import get_train_args
+from safetensors.torch import load_file
+from transformers import MixtralConfig, MixtralForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+from llamafactory_mfsgd.optimizer_factory import create_mfsgd_optimizer
+from llamafactory_mfsgd.optimizer_state import read_states
+
+EXPERTS, RANK = 4, 4
+SHAPES = dict(
+    vocab_size=96,
+    hidden_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=8,
+    num_experts_per_tok=2,
+)
+MODELS = {
+    "mixtral": lambda: MixtralForCausalLM(MixtralConfig(**SHAPES, intermediate_size=48, num_local_experts=EXPERTS)),
+    "qwen3_moe": lambda: Qwen3MoeForCausalLM(
+        Qwen3MoeConfig(
+            **SHAPES, num_experts=EXPERTS, moe_intermediate_size=24, decoder_sparse_step=1, mlp_only_layers=[]
+        )
+    ),
+}
+
+
+def _optimizer(tmp_path, model, **change):
+    config = tiny_config("tiny_sft_mfsgd.yaml", tmp_path / "no-model-needed", tmp_path / "out", mfsgd_rank=RANK)
+    _, _, training_args, finetuning_args, _ = get_train_args({**config, **change})
+    return create_mfsgd_optimizer(model, training_args, finetuning_args), training_args, finetuning_args
+
+
+@pytest.mark.parametrize("arch", sorted(MODELS))
+def test_every_expert_matrix_trains_with_mofasgd_and_routers_with_adamw(tmp_path, arch):
+    torch.manual_seed(0)
+    model = MODELS[arch]()
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    optimizer, _, _ = _optimizer(tmp_path, model)
+    managed = {n for g in optimizer.param_groups if g["mofasgd"] for n in g["param_names"]}
+    side = {n for g in optimizer.param_groups if not g["mofasgd"] for n in g["param_names"]}
+    experts = {n for n in before if ".mlp.experts." in n}
+    routers = {n for n in before if n.endswith(".mlp.gate.weight")}
+    assert len(experts) == 2 * 2 and experts <= managed  # gate_up_proj and down_proj in each of the 2 layers
+    assert len(routers) == 2 and routers <= side
+
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(3):
+        for _ in range(2):  # gradient accumulation
+            ids = torch.randint(0, 96, (2, 12), generator=gen)
+            model(input_ids=ids, labels=ids).loss.backward()
+        optimizer.clip_grad_norm_(1.0)
+        optimizer.step()
+        optimizer.zero_grad()
+
+    params = dict(model.named_parameters())
+    for name in experts:
+        state = optimizer.state[params[name]]
+        assert "exp_avg" not in state  # no full AdamW moments for the experts
+        count, m, n = params[name].shape
+        assert tuple(state["U"].shape) == (count, m, RANK) and tuple(state["V"].shape) == (count, n, RANK)
+        assert float(state["step"]) == 3
+        for e in range(count):
+            assert not torch.equal(params[name][e], before[name][e]), f"{name} expert {e} did not move"
+    for name in routers:
+        assert "exp_avg" in optimizer.state[params[name]]
+        assert not torch.equal(params[name], before[name])
+
+
+def test_fsdp_with_experts_on_mofasgd_is_refused_naming_the_key(tmp_path):
+    model = MODELS["mixtral"]()
+    config = tiny_config("tiny_sft_mfsgd.yaml", tmp_path / "no-model-needed", tmp_path / "out", mfsgd_rank=RANK)
+    _, _, training_args, finetuning_args, _ = get_train_args(config)
+    training_args.fsdp = ["full_shard", "auto_wrap"]  # as an FSDP2 run's arguments (this CPU has one process)
+    with pytest.raises(ValueError, match="FSDP2 would shard the MoE expert stacks.*`mfsgd_target`"):
+        create_mfsgd_optimizer(model, training_args, finetuning_args)
+    finetuning_args.mfsgd_target = "q_proj,k_proj,v_proj,o_proj"
+    optimizer = create_mfsgd_optimizer(model, training_args, finetuning_args)  # experts on AdamW: fine
+    optimizer.remove_hooks()
+
+
+@pytest.fixture(scope="module")
+def tiny_mixtral(tmp_path_factory):
+    from conftest import _build_tiny_model
+
+    flags = ("--arch", "mixtral", "--hidden", "32", "--intermediate", "48", "--experts", str(EXPERTS))
+    return _build_tiny_model(tmp_path_factory, "tiny-mixtral", *flags)
+
+
+def test_cli_trains_tiny_mixtral_experts_with_mofasgd(tiny_mixtral, tmp_path):
+    out = tmp_path / "out"
+    config = tiny_config("tiny_sft_mfsgd.yaml", tiny_mixtral, out, max_steps=3, save_steps=3, mfsgd_rank=RANK)
+    proc = run_cli(config, tmp_path)
+    assert_ok(proc)
+    assert "model.layers.*.mlp.experts.gate_up_proj" in proc.stdout
+    assert f"MoFaSGD ({EXPERTS} experts, each a matrix)" in proc.stdout
+    assert "AdamW (router)" in proc.stdout
+    state = torch.load(out / "checkpoint-3" / "optimizer.pt", weights_only=True)
+    stacks = [s for s in state["state"].values() if "U" in s and s["U"].dim() == 3]
+    assert len(stacks) == 2 * 2 and all(tuple(s["S"].shape) == (EXPERTS, RANK) for s in stacks)
+    inspected = {s.name: s for s in read_states(out / "checkpoint-3")}  # what mfsgd-inspect-state shows
+    last = inspected[f"model.layers.1.mlp.experts.gate_up_proj[{EXPERTS - 1}]"]
+    assert (last.shape, last.rank, last.step) == ((2 * 48, 32), RANK, 3)
+    initial, trained = load_file(str(tiny_mixtral / "model.safetensors")), weights(out)
+    for name in (n for n in trained if ".mlp.experts." in n):
+        for e in range(EXPERTS):
+            assert not torch.equal(trained[name][e], initial[name][e]), f"{name} expert {e} did not move"
