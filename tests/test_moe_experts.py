@@ -98,6 +98,22 @@ def test_stack_of_experts_steps_exactly_like_separate_matrices(options):
     assert float(state["step"]) == STEPS
 
 
+def test_an_idle_experts_momentum_decays_by_beta_and_its_weight_still_moves():
+    stack = nn.Parameter(_weights())
+    opt = MoFaSGD([stack], lr=0.05, rank=RANK, beta=0.8)
+    x = torch.randn(6, N, generator=torch.Generator().manual_seed(1))
+    spectra = []
+    for _ in range(3):
+        F.linear(x, stack[0]).square().sum().backward()  # only expert 0 gets tokens: the others' slices are zero
+        before = stack.detach().clone()
+        opt.step()
+        opt.zero_grad()
+        spectra.append(opt.state[stack]["S"].clone())
+        assert all(not torch.equal(stack[e], before[e]) for e in range(E))
+    torch.testing.assert_close(spectra[2][1:], 0.8**2 * spectra[0][1:], atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(spectra[2][0], 0.8**2 * spectra[0][0])
+
+
 def test_stack_of_bf16_experts_rounds_stochastically_like_separate_matrices():
     stack, stack_opt, separate, separate_opt = _pair(torch.bfloat16, lr=1e-4)
     assert stack_opt.param_groups[0]["stochastic_rounding"] is None  # on for bf16 weights
