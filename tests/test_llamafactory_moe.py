@@ -97,21 +97,45 @@ def tiny_mixtral(tmp_path_factory):
     return _build_tiny_model(tmp_path_factory, "tiny-mixtral", *flags)
 
 
-def test_cli_trains_tiny_mixtral_experts_with_mofasgd(tiny_mixtral, tmp_path):
-    out = tmp_path / "out"
-    config = tiny_config("tiny_sft_mfsgd.yaml", tiny_mixtral, out, max_steps=3, save_steps=3, mfsgd_rank=RANK)
-    proc = run_cli(config, tmp_path)
+@pytest.fixture(scope="module")
+def mixtral_run(tiny_mixtral, tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("mixtral-run")
+    config = tiny_config("tiny_sft_mfsgd.yaml", tiny_mixtral, workdir / "out", max_steps=4, save_steps=2)
+    config["mfsgd_rank"] = RANK
+    proc = run_cli(config, workdir)
     assert_ok(proc)
-    assert "model.layers.*.mlp.experts.gate_up_proj" in proc.stdout
-    assert f"MoFaSGD ({EXPERTS} experts, each a matrix)" in proc.stdout
-    assert "AdamW (router)" in proc.stdout
-    state = torch.load(out / "checkpoint-3" / "optimizer.pt", weights_only=True)
+    return config, workdir / "out", proc.stdout
+
+
+def test_cli_trains_tiny_mixtral_experts_with_mofasgd(mixtral_run, tiny_mixtral):
+    _, out, stdout = mixtral_run
+    assert "model.layers.*.mlp.experts.gate_up_proj" in stdout
+    assert f"MoFaSGD ({EXPERTS} experts, each a matrix)" in stdout
+    assert "AdamW (router)" in stdout
+    state = torch.load(out / "checkpoint-4" / "optimizer.pt", weights_only=True)
     stacks = [s for s in state["state"].values() if "U" in s and s["U"].dim() == 3]
     assert len(stacks) == 2 * 2 and all(tuple(s["S"].shape) == (EXPERTS, RANK) for s in stacks)
-    inspected = {s.name: s for s in read_states(out / "checkpoint-3")}  # what mfsgd-inspect-state shows
+    inspected = {s.name: s for s in read_states(out / "checkpoint-4")}  # what mfsgd-inspect-state shows
     last = inspected[f"model.layers.1.mlp.experts.gate_up_proj[{EXPERTS - 1}]"]
-    assert (last.shape, last.rank, last.step) == ((2 * 48, 32), RANK, 3)
+    assert (last.shape, last.rank, last.step) == ((2 * 48, 32), RANK, 4)
+    # save_pretrained writes Mixtral's per-expert layout (block_sparse_moe.experts.<e>.w1/w2/w3)
     initial, trained = load_file(str(tiny_mixtral / "model.safetensors")), weights(out)
-    for name in (n for n in trained if ".mlp.experts." in n):
-        for e in range(EXPERTS):
-            assert not torch.equal(trained[name][e], initial[name][e]), f"{name} expert {e} did not move"
+    experts = [name for name in trained if ".experts." in name]
+    assert len(experts) == 2 * EXPERTS * 3
+    for name in experts:
+        assert not torch.equal(trained[name], initial[name]), f"{name} did not move"
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="transformers 5.6 Trainer._load_from_checkpoint loads the checkpoint's per-expert keys with "
+    "load_state_dict(strict=False) into the fused model: experts and routers keep the base weights (a logged "
+    "'missing keys' warning), for every optimizer; AdamW's resume differs the same way",
+)
+def test_cli_resume_of_tiny_mixtral_continues_exactly(mixtral_run, tmp_path):
+    config, out, _ = mixtral_run
+    resumed = dict(config, output_dir=str(tmp_path / "resumed"), resume_from_checkpoint=str(out / "checkpoint-2"))
+    assert_ok(run_cli(resumed, tmp_path))
+    full, again = weights(out), weights(tmp_path / "resumed")
+    for key in full:
+        torch.testing.assert_close(again[key], full[key], atol=1e-6, rtol=1e-5)
