@@ -98,6 +98,24 @@ def test_stack_of_experts_steps_exactly_like_separate_matrices(options):
     assert float(state["step"]) == STEPS
 
 
+def test_a_stack_without_gradient_in_a_shared_bucket_is_left_alone():
+    """Two layers' stacks share a bucket; in steps where only one gets a gradient, only that one steps (exactly)."""
+    first, second = nn.Parameter(_weights().clone()), nn.Parameter(_weights().flip(0).clone())
+    alone = nn.Parameter(_weights().clone())
+    shared, single = MoFaSGD([first, second], lr=0.05, rank=RANK), MoFaSGD([alone], lr=0.05, rank=RANK)
+    assert len(shared.intake.buckets[0]) == 1  # one bucket of 2 x E entries
+    _train(shared, lambda: first.unbind(0), steps=range(1))
+    _train(shared, lambda: second.unbind(0), steps=range(1))
+    kept = second.detach().clone(), {key: shared.state[second][key].clone() for key in ("U", "S", "V")}
+    _train(shared, lambda: first.unbind(0), steps=range(2, STEPS))
+    _train(single, lambda: alone.unbind(0), steps=[0, *range(2, STEPS)])
+    assert torch.equal(second, kept[0])
+    assert all(torch.equal(shared.state[second][key], value) for key, value in kept[1].items())
+    torch.testing.assert_close(first, alone, atol=1e-6, rtol=1e-6)
+    for key in ("U", "S", "V"):
+        torch.testing.assert_close(shared.state[first][key], single.state[alone][key], atol=1e-5, rtol=1e-5)
+
+
 def test_an_idle_experts_momentum_decays_by_beta_and_its_weight_still_moves():
     stack = nn.Parameter(_weights())
     opt = MoFaSGD([stack], lr=0.05, rank=RANK, beta=0.8)
