@@ -139,3 +139,21 @@ def test_cli_resume_of_tiny_mixtral_continues_exactly(mixtral_run, tmp_path):
     full, again = weights(out), weights(tmp_path / "resumed")
     for key in full:
         torch.testing.assert_close(again[key], full[key], atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_two_process_ddp_cli_run_of_tiny_mixtral_matches_one_process(tiny_mixtral, tmp_path):
+    """Same global batch on 1 and 2 CPU processes: the experts' projections are averaged by the optimizer."""
+    single = tiny_config("tiny_sft_mfsgd.yaml", tiny_mixtral, tmp_path / "single", per_device_train_batch_size=4)
+    double = tiny_config("tiny_sft_mfsgd.yaml", tiny_mixtral, tmp_path / "double", per_device_train_batch_size=2)
+    for config in (single, double):
+        config.update(max_steps=3, save_steps=3, mfsgd_rank=RANK)
+    assert_ok(run_cli(single, tmp_path))
+    proc = run_cli(double, tmp_path, extra_env={"FORCE_TORCHRUN": "1", "NPROC_PER_NODE": "2"})
+    assert_ok(proc)
+    assert "data_parallel=True" in proc.stdout and f"MoFaSGD ({EXPERTS} experts, each a matrix)" in proc.stdout
+    one, two = weights(tmp_path / "single"), weights(tmp_path / "double")
+    assert any(".experts." in key for key in one)
+    for key in one:
+        torch.testing.assert_close(two[key], one[key], atol=2e-5, rtol=1e-4)
