@@ -118,11 +118,12 @@ def split_for_mofasgd(model: nn.Module, target: str | list[str] = "all") -> Rout
         if not p.requires_grad or id(p) in seen:
             continue
         seen.add(id(p))
-        module_path = name.rsplit(".", 1)[0] if "." in name else ""
-        router = any(module_path == r or module_path.startswith(r + ".") for r in router_modules)
+        module_path = name.rsplit(".", 1)[0]
+        owner = module_path if "." in name else ""  # the path of the module holding p ("" for the root)
+        router = any(owner == r or owner.startswith(r + ".") for r in router_modules)
         if router:
             routing.routers.add(name)
-        if module_path in expert_modules:
+        if owner in expert_modules:
             matrix = p.dim() == 3
         else:
             matrix = p.dim() == 2
