@@ -15,6 +15,8 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
+from transformers import MixtralConfig
+from transformers.models.mixtral.modeling_mixtral import MixtralExperts
 
 from llamafactory_mfsgd.launcher import exit_spawned_worker, free_port
 from mofasgd import MoFaSGD, split_for_mofasgd
@@ -220,6 +222,12 @@ def test_router_stays_on_adamw_and_the_table_says_where_experts_went():
         "experts.up",
         "experts.down",
     ]
+
+
+def test_a_bare_experts_module_routes_its_stacks_to_mofasgd():
+    bare = MixtralExperts(MixtralConfig(hidden_size=8, intermediate_size=6, num_local_experts=2))
+    assert [name for name, _ in split_for_mofasgd(bare).mofasgd] == ["gate_up_proj", "down_proj"]
+    assert [name for name, _ in split_for_mofasgd(nn.Linear(3, 4), "weight").mofasgd] == ["weight"]
 
 
 def _moe_optimizer(model, data_parallel):
