@@ -1,4 +1,4 @@
-"""Build a tiny random LlamaForCausalLM and a byte-level BPE tokenizer trained on the local demo data.
+"""Build a tiny random LlamaForCausalLM (or MoE) and a byte-level BPE tokenizer trained on the local demo data.
 
 The result loads offline with ``AutoTokenizer.from_pretrained(out)`` and
 ``AutoModelForCausalLM.from_pretrained(out)``. The build is deterministic: the same arguments give
@@ -20,6 +20,10 @@ Usage::
     # 23M parameters, about 10 s per step there
     python scripts/build_tiny_llama.py --out models/tiny-llama-512 --hidden 512 --layers 8 --intermediate 1408 \\
         --heads 8
+    # a tiny MoE instead (transformers 5's fused experts: mlp.experts.gate_up_proj is E x 2f x h; --intermediate is
+    # each expert's width f), with the same tokenizer
+    python scripts/build_tiny_llama.py --out models/tiny-mixtral --arch mixtral --experts 4 --experts-per-token 2
+    python scripts/build_tiny_llama.py --out models/tiny-qwen3-moe --arch qwen3_moe --experts 4
 
 The vocabulary is capped at ``--vocab`` but stops growing when the corpus has no pair left to merge
 (905 tokens for the default demo data and ``--vocab 1024``); the model's ``vocab_size`` is the
@@ -98,12 +102,44 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int):
     )
 
 
-def build_model(tokenizer, hidden: int, layers: int, intermediate: int, heads: int, kv_heads: int, seed: int):
-    """A randomly initialised LlamaForCausalLM sized to the tokenizer (Llama-3.1-like: GQA, untied head)."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+ARCHITECTURES = ("llama", "mixtral", "qwen3_moe")
 
-    config = LlamaConfig(
+
+def build_model(
+    tokenizer,
+    hidden: int,
+    layers: int,
+    intermediate: int,
+    heads: int,
+    kv_heads: int,
+    seed: int,
+    arch: str = "llama",
+    experts: int = 4,
+    experts_per_token: int = 2,
+):
+    """A randomly initialised causal LM sized to the tokenizer (Llama-3.1-like: GQA, untied head).
+
+    `arch` picks LlamaForCausalLM, or an MoE whose every layer has `experts` experts of width `intermediate`, each
+    token routed to `experts_per_token` of them: MixtralForCausalLM or Qwen3MoeForCausalLM.
+    """
+    import torch
+    import transformers
+
+    moe = {
+        "llama": {},
+        "mixtral": dict(num_local_experts=experts, num_experts_per_tok=experts_per_token),
+        "qwen3_moe": dict(
+            num_experts=experts,
+            num_experts_per_tok=experts_per_token,
+            moe_intermediate_size=intermediate,
+            decoder_sparse_step=1,
+            mlp_only_layers=[],
+            head_dim=hidden // heads,
+        ),
+    }[arch]
+    name = {"llama": "Llama", "mixtral": "Mixtral", "qwen3_moe": "Qwen3Moe"}[arch]
+    config = getattr(transformers, f"{name}Config")(
+        **moe,
         vocab_size=len(tokenizer),
         hidden_size=hidden,
         intermediate_size=intermediate,
@@ -118,7 +154,7 @@ def build_model(tokenizer, hidden: int, layers: int, intermediate: int, heads: i
         pad_token_id=tokenizer.pad_token_id,
     )
     torch.manual_seed(seed)
-    return LlamaForCausalLM(config)
+    return getattr(transformers, f"{name}ForCausalLM")(config)
 
 
 def build(
@@ -132,13 +168,18 @@ def build(
     seed: int = 0,
     data_files: list[Path] | None = None,
     dtype: str = "float32",
+    arch: str = "llama",
+    experts: int = 4,
+    experts_per_token: int = 2,
 ) -> None:
     """Build the tokenizer and the model and save both into ``out`` (weights in `dtype`, as hub checkpoints are)."""
     if hidden % heads != 0 or heads % kv_heads != 0:
         raise ValueError(f"hidden ({hidden}) must be divisible by heads ({heads}), heads by kv_heads ({kv_heads}).")
 
     tokenizer = train_tokenizer(iter_corpus(data_files or [DEFAULT_DATA]), vocab)
-    model = build_model(tokenizer, hidden, layers, intermediate or 4 * hidden, heads, kv_heads, seed)
+    model = build_model(
+        tokenizer, hidden, layers, intermediate or 4 * hidden, heads, kv_heads, seed, arch, experts, experts_per_token
+    )
     import torch
 
     out.mkdir(parents=True, exist_ok=True)
@@ -179,6 +220,9 @@ def main(argv: list[str] | None = None) -> None:
         default="float32",
         help="stored weight dtype; bfloat16 like LLaMA-3.1 on the hub, which `pure_bf16` then trains in bf16",
     )
+    parser.add_argument("--arch", choices=ARCHITECTURES, default="llama", help="LLaMA, or an MoE (fused experts)")
+    parser.add_argument("--experts", type=int, default=4, help="MoE: experts per layer")
+    parser.add_argument("--experts-per-token", type=int, default=2, help="MoE: experts each token is routed to")
     args = parser.parse_args(argv)
 
     build(
@@ -192,8 +236,11 @@ def main(argv: list[str] | None = None) -> None:
         seed=args.seed,
         data_files=args.data,
         dtype=args.dtype,
+        arch=args.arch,
+        experts=args.experts,
+        experts_per_token=args.experts_per_token,
     )
-    print(f"saved tiny LLaMA to {args.out}")
+    print(f"saved tiny {args.arch} to {args.out}")
 
 
 if __name__ == "__main__":

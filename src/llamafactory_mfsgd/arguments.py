@@ -108,8 +108,9 @@ class MfsgdArguments:
     mfsgd_target: str = field(
         default="all",
         metadata={
-            "help": "Module names routed to MoFaSGD, comma-separated, or `all` (every 2-D hidden weight). The input "
-            "embeddings and LM head join only when named: `all,embed_tokens,lm_head` (LoRA-level memory)."
+            "help": "Module names routed to MoFaSGD, comma-separated, or `all` (every 2-D hidden weight and every MoE "
+            "expert, each expert a matrix; `experts` names the experts alone). The input embeddings, LM head and MoE "
+            "routers join only when named: `all,embed_tokens,lm_head` (LoRA-level memory), `all,gate`."
         },
     )
     mfsgd_adamw_state: Literal[ADAMW_STATES] = _option(

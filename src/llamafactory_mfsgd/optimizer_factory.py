@@ -39,8 +39,8 @@ def _warn_rank_above_matrix_size(matrices: list[tuple[str, nn.Parameter]], rank:
     """
     clamped: dict[tuple[int, int], list[str]] = {}
     for name, p in matrices:
-        if rank > min(p.shape):
-            clamped.setdefault(tuple(p.shape), []).append(name)
+        if rank > min(p.shape[-2:]):  # a stack of experts: the size of each expert's matrix
+            clamped.setdefault(tuple(p.shape[-2:]), []).append(name)
     if not clamped:
         return
     shapes = "; ".join(
@@ -58,8 +58,9 @@ def _warn_rank_above_matrix_size(matrices: list[tuple[str, nn.Parameter]], rank:
 def create_mfsgd_optimizer(model: nn.Module, training_args: Any, finetuning_args: Any) -> MoFaSGD:
     """One MoFaSGD optimizer: a MoFaSGD group for the routed matrices, AdamW groups (decay / no decay) for the rest.
 
-    Routing (fork-compatible): every trainable 2-D weight matching ``mfsgd_target`` except the input embeddings
-    and the LM head goes to MoFaSGD at ``learning_rate_mfsgd``; the rest to AdamW at ``learning_rate_adamw``;
+    Routing (fork-compatible): every trainable 2-D weight matching ``mfsgd_target`` except the input embeddings,
+    the LM head and MoE routers, and every MoE expert stack (each expert a matrix), goes to MoFaSGD at
+    ``learning_rate_mfsgd``; the rest to AdamW at ``learning_rate_adamw``;
     both default to ``learning_rate``. Under data parallelism the managed matrices are removed from DDP's
     gradient all-reduce and the optimizer averages their thin projections instead (exact, far fewer bytes). Under
     FSDP2 accelerate swaps the sharded DTensors into the param groups after this; the optimizer adopts them.
@@ -69,6 +70,13 @@ def create_mfsgd_optimizer(model: nn.Module, training_args: Any, finetuning_args
         raise ValueError(
             f"`mfsgd_target: {finetuning_args.mfsgd_target}` matches no trainable 2-D weight of this model; "
             "use `all` or module names such as `q_proj,v_proj,mlp`."
+        )
+    experts = [name for name, p in routing.mofasgd if p.dim() == 3]
+    if experts and training_args.fsdp:
+        raise ValueError(
+            f"FSDP2 would shard the MoE expert stacks ({len(experts)} tensors, e.g. `{experts[0]}`), which MoFaSGD "
+            "steps only unsharded: set `mfsgd_target` to the modules without `experts` (e.g. "
+            "`q_proj,k_proj,v_proj,o_proj`; the experts then train with AdamW), or train with DDP (no `fsdp`)."
         )
     _warn_rank_above_matrix_size(routing.mofasgd, finetuning_args.mfsgd_rank)
     lr_mfsgd = _or_default(finetuning_args.learning_rate_mfsgd, training_args.learning_rate)

@@ -130,7 +130,7 @@ def read_sharded_optimizer(directory: Path) -> dict[str, Any]:
 
 
 def read_states(path: str | Path) -> list[MatrixState]:
-    """Every MoFaSGD matrix of one checkpoint, in parameter order.
+    """Every MoFaSGD matrix of one checkpoint, in parameter order (each expert of an MoE stack as ``name[e]``).
 
     Raises:
         ValueError: if the optimizer state has no MoFaSGD group (e.g. an AdamW or GaLore checkpoint).
@@ -151,18 +151,22 @@ def read_states(path: str | Path) -> list[MatrixState]:
             state = saved["state"].get(index)
             if not state or "S" not in state:
                 continue  # not stepped yet: no factors
-            spectrum = state["S"].float()
-            states.append(
-                MatrixState(
-                    name=name,
-                    shape=(state["U"].shape[0], state["V"].shape[0]),
-                    rank=spectrum.numel(),
-                    step=int(state["step"]),
-                    spectrum=spectrum.tolist(),
-                    effective_rank=effective_rank(spectrum),
-                    momentum_norm=float(spectrum.norm()),
+            U, S, V = state["U"], state["S"].float(), state["V"]
+            matrices = [(name, U, S, V)]
+            if S.dim() == 2:  # a stack of E experts: U is E x m x r, S E x r, V E x n x r
+                matrices = [(f"{name}[{e}]", U[e], S[e], V[e]) for e in range(S.shape[0])]
+            for label, u, spectrum, v in matrices:
+                states.append(
+                    MatrixState(
+                        name=label,
+                        shape=(u.shape[0], v.shape[0]),
+                        rank=spectrum.numel(),
+                        step=int(state["step"]),
+                        spectrum=spectrum.tolist(),
+                        effective_rank=effective_rank(spectrum),
+                        momentum_norm=float(spectrum.norm()),
+                    )
                 )
-            )
     return states
 
 

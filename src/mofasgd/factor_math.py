@@ -161,8 +161,8 @@ def factor_dtype(param_dtype: torch.dtype) -> torch.dtype:
 
 
 def effective_rank(rank: int, shape: torch.Size) -> int:
-    """The rank actually kept for an m x n matrix: min(rank, m, n)."""
-    return min(rank, shape[0], shape[1])
+    """The rank kept for an m x n matrix (or each matrix of an E x m x n stack of experts): min(rank, m, n)."""
+    return min(rank, shape[-2], shape[-1])
 
 
 # Devices where G^T U is formed as (U^T G)^T: on CPU BLAS the transposed-left product of a wide m x n matrix by a
@@ -174,13 +174,14 @@ _TRANSPOSE_OUTSIDE = {"cpu"}
 def transpose_times(tall: torch.Tensor, thin: torch.Tensor) -> torch.Tensor:
     """A^T B for A (k x m) and a thin B (k x r), in the form that is fast on A's device (same numbers up to rounding).
 
-    Used for G^T U (A = G) and for the projected Linear backward's dY^T (X V) and X^T (dY U) (A = dY or X).
+    Used for G^T U (A = G; batched over experts) and for the projected Linear backward's dY^T (X V) and X^T (dY U)
+    (A = dY or X).
     """
-    return (thin.T @ tall).T if tall.device.type in _TRANSPOSE_OUTSIDE else tall.T @ thin
+    return (thin.mT @ tall).mT if tall.device.type in _TRANSPOSE_OUTSIDE else tall.mT @ thin
 
 
 def project_gradient(grad: torch.Tensor, U: torch.Tensor, V: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Return (G V, G^T U) in the factors' dtype.
+    """Return (G V, G^T U) in the factors' dtype (for an E x m x n stack of experts, E x m x r and E x n x r).
 
     A low-precision gradient is multiplied in its own dtype (the matmul accumulates in fp32 on current
     hardware) so that no m x n upcast copy is ever made; only the m x r and n x r results are upcast.
@@ -200,7 +201,7 @@ def add_projections_(
     in-place product into a transposed output takes CPU BLAS's slow path).
     """
     if grad.dtype == gv.dtype:
-        gv.addmm_(grad, V)
+        (gv.addmm_ if grad.dim() == 2 else gv.baddbmm_)(grad, V)
         gtu.add_(transpose_times(grad, U))
         return
     more_gv, more_gtu = project_gradient(grad, U, V)
@@ -411,9 +412,9 @@ def support_throttle(support: torch.Tensor, floor: float) -> torch.Tensor:
 
 
 def top_singular_triplets(matrix: torch.Tensor, rank: int) -> LowRank:
-    """Exact top-`rank` SVD of a matrix through the economy SVD (never the m x m / n x n full one)."""
+    """Exact top-`rank` SVD of a matrix (or of each of a stack) through the economy SVD (never the full one)."""
     u, s, vh = torch.linalg.svd(matrix, full_matrices=False)
-    return LowRank(u[:, :rank].contiguous(), s[:rank].clone(), vh[:rank].T.contiguous())
+    return LowRank(u[..., :rank].contiguous(), s[..., :rank].clone(), vh[..., :rank, :].mT.contiguous())
 
 
 def randomized_top_singular_triplets(
@@ -429,13 +430,14 @@ def randomized_top_singular_triplets(
 
     Randomized range finder with power iterations (Halko, Martinsson & Tropp 2011); costs a few products with
     `matrix` and temporaries of O((m + n)(rank + oversample)), instead of the economy SVD's O(m n min(m, n)).
-    Its own generator keeps the global RNG stream untouched; the same matrix and seed give the same result.
+    Its own generator keeps the global RNG stream untouched; the same matrix and seed give the same result. A stack
+    of E x m x n expert matrices is factored expert by expert with the same probe (so like E separate matrices).
 
     `average` (data parallelism: average a list of tensors over ranks in place) is applied to every product with
     `matrix`. Each product is linear in `matrix` and the bases it meets are equal on every rank (same seed, same
     averaged inputs), so the ranks compute the factors of their mean matrix, exchanging thin sketches only.
     """
-    m, n = matrix.shape
+    m, n = matrix.shape[-2:]
     width = min(rank + oversample, m, n)
     generator = torch.Generator(device=matrix.device).manual_seed(seed)
     probe = torch.randn(n, width, generator=generator, device=matrix.device, dtype=dtype).to(matrix.dtype)
@@ -449,8 +451,10 @@ def randomized_top_singular_triplets(
 
     basis = torch.linalg.qr(times(matrix, probe))[0]
     for _ in range(power_iters):
-        co_basis = torch.linalg.qr(times(matrix.T, basis))[0]
+        co_basis = torch.linalg.qr(times(matrix.mT, basis))[0]
         basis = torch.linalg.qr(times(matrix, co_basis))[0]
-    small = times(matrix.T, basis).T
+    small = times(matrix.mT, basis).mT
     u_small, s, vh = torch.linalg.svd(small, full_matrices=False)
-    return LowRank((basis @ u_small[:, :rank]).contiguous(), s[:rank].clone(), vh[:rank].T.contiguous())
+    return LowRank(
+        (basis @ u_small[..., :rank]).contiguous(), s[..., :rank].clone(), vh[..., :rank, :].mT.contiguous()
+    )

@@ -2,7 +2,9 @@
 
 A managed matrix's gradient G is only ever needed as (G V, G^T U). Those sums live in :class:`PendingBucket`
 buffers, one per param group and (shape, dtype, device, rank), allocated at their first write and kept, so the
-step reads a bucket's stacked projections as they are. Two paths write into them:
+step reads a bucket's stacked projections as they are. A 3-D tensor of E expert matrices (transformers' fused MoE
+experts, E x m x n) is a stack of E entries of its bucket: its gradient is projected expert by expert in one batched
+product. Two paths write into them:
 
 - the projected linear backward (:mod:`mofasgd.projected_linear`): an ``nn.Linear`` weight's projections are
   formed from the layer's input and output gradient; the m x n gradient is never formed;
@@ -37,27 +39,49 @@ SHARED_BUFFER_RATIO = 4
 
 
 class Slot(NamedTuple):
-    """Where one managed matrix's pending projections live: entry `index` of `bucket`."""
+    """Where one managed tensor's pending projections live: member `index` of `bucket`."""
 
     bucket: PendingBucket
     index: int
 
 
-class PendingBucket:
-    """The pending (G V, G^T U) sums of the managed matrices of one group that share shape, dtype, device and rank.
+def experts_of(p: torch.Tensor) -> int | None:
+    """E for a managed E x m x n stack of expert matrices, None for a matrix."""
+    return p.shape[0] if p.dim() == 3 else None
 
-    ``gv`` (B x m x r, FSDP2: this rank's rows) and ``gtu`` (B x n x r) are allocated at the first write and kept;
-    ``seen[i]`` says whether entry i holds a sum in the current accumulation window (other entries are stale).
+
+class PendingBucket:
+    """The pending (G V, G^T U) sums of the managed tensors of one group that share shape, dtype, device and rank.
+
+    ``gv`` (B x m x r, FSDP2: this rank's rows) and ``gtu`` (B x n x r) are allocated at the first write and kept.
+    Member i (a param) holds entries ``rows(i)``: one for a matrix, E for a stack of E experts (a bucket's members
+    all have the same shape). ``seen[i]`` says whether member i holds a sum in the current accumulation window
+    (other members are stale).
     """
 
     def __init__(self, params: list[torch.Tensor], rows: int, cols: int, rank: int, dtype: torch.dtype) -> None:
         self.params = params
-        self.shape = (len(params), rows, cols, rank)
+        self.experts = experts_of(params[0])
+        self.per_param = self.experts or 1
+        self.shape = (len(params) * self.per_param, rows, cols, rank)
         self.dtype = dtype
         self.device = params[0].device
         self.gv: torch.Tensor | None = None
         self.gtu: torch.Tensor | None = None
         self.seen = [False] * len(params)
+
+    def rows(self, index: int) -> slice:
+        """The entries of member `index` in the buffers."""
+        return slice(index * self.per_param, (index + 1) * self.per_param)
+
+    def member(self, buffer: torch.Tensor, index: int) -> torch.Tensor:
+        """Member `index`'s part of a buffer: m x r for a matrix, E x m x r for a stack of experts (views)."""
+        return buffer[index] if self.experts is None else buffer[self.rows(index)]
+
+    def entry_index(self, members: list[int]) -> torch.Tensor:
+        """The buffer entries of the given members, as an index tensor on the buffers' device."""
+        entries = [e for i in members for e in range(self.rows(i).start, self.rows(i).stop)]
+        return torch.tensor(entries, device=self.device)
 
     def allocate(self) -> None:
         """Create the buffers (zeros) if they do not exist yet."""
@@ -78,7 +102,7 @@ class PendingBucket:
             self.gv.zero_()
             self.gtu.zero_()
         elif stale:
-            index = torch.tensor(stale, device=self.device)
+            index = self.entry_index(stale)
             self.gv.index_fill_(0, index, 0)
             self.gtu.index_fill_(0, index, 0)
 
@@ -140,7 +164,7 @@ class GradientIntake:
             buckets[gi] = []
             for (shape, rows, _, dtype, _), params in members.items():
                 rank = fm.effective_rank(group["rank"], shape)
-                bucket = PendingBucket(params, rows[0], shape[1], rank, fm.factor_dtype(dtype))
+                bucket = PendingBucket(params, rows[-2], shape[-1], rank, fm.factor_dtype(dtype))
                 buckets[gi].append(bucket)
                 for i, p in enumerate(params):
                     slots[id(p)] = Slot(bucket, i)
@@ -168,14 +192,14 @@ class GradientIntake:
         """(G V slot, G^T U slot, whether it already holds a sum this window) of `p`, allocating the buffers."""
         bucket, index = self.slots[id(p)]
         bucket.allocate()
-        return bucket.gv[index], bucket.gtu[index], bucket.seen[index]
+        return bucket.member(bucket.gv, index), bucket.member(bucket.gtu, index), bucket.seen[index]
 
     def _mark(self, p: torch.Tensor) -> None:
         bucket, index = self.slots[id(p)]
         if not bucket.seen[index]:
             bucket.seen[index] = True
             state = self.optimizer.state[p]
-            state["GV"], state["GtU"] = bucket.gv[index], bucket.gtu[index]
+            state["GV"], state["GtU"] = bucket.member(bucket.gv, index), bucket.member(bucket.gtu, index)
         self.synced = False
 
     def write(self, p: torch.Tensor, gv: torch.Tensor, gtu: torch.Tensor) -> None:
@@ -315,7 +339,7 @@ class GradientIntake:
                 yield PendingView(bucket.params, bucket.gv, bucket.gtu)
                 continue
             chosen = [i for i, seen in enumerate(bucket.seen) if seen]
-            index = torch.tensor(chosen, device=bucket.device)
+            index = bucket.entry_index(chosen)
             yield PendingView([bucket.params[i] for i in chosen], bucket.gv[index], bucket.gtu[index])
 
     def buffers(self) -> list[torch.Tensor]:

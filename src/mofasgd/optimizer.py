@@ -14,7 +14,7 @@ from mofasgd import data_parallel as dp
 from mofasgd import factor_math as fm
 from mofasgd import projected_linear, sharding
 from mofasgd.adamw_side import AdamSettings, adamw_update_fp32_, factored_adam_update_
-from mofasgd.intake import PENDING_KEYS, GradientIntake
+from mofasgd.intake import PENDING_KEYS, GradientIntake, experts_of
 from mofasgd.memory import optimizer_state_bytes
 from mofasgd.rounding import GeneratorBank, supports_stochastic_rounding, update_in_fp32_
 
@@ -81,10 +81,11 @@ class _Bucket(NamedTuple):
 
     Built by :meth:`MoFaSGD._buckets` for ``grad_norm`` and the step; in fused mode ``gv`` and ``gtu`` are the
     intake's pending buffers themselves (:class:`~mofasgd.intake.PendingBucket`) when every entry holds a gradient.
+    An entry is one matrix: a managed 2-D parameter, or one expert of a 3-D stack (its slice, updated in place).
     """
 
-    params: list[torch.Tensor]
-    states: list[dict[str, Any]]
+    params: list[torch.Tensor]  # per entry: the matrix updated in place
+    states: list[dict[str, Any]]  # per entry: its tensor's state (a stack of experts' repeats for each expert)
     U: torch.Tensor  # B x m x r (FSDP2: this rank's rows)
     S: torch.Tensor  # B x r
     V: torch.Tensor  # B x n x r
@@ -93,26 +94,36 @@ class _Bucket(NamedTuple):
     rows: sharding.RowGroup | None  # FSDP2: how the rows of U and G V meet across ranks
 
 
-def _stacked(tensors: list[torch.Tensor]) -> torch.Tensor:
+def _stacked(tensors: list[torch.Tensor], experts: int | None = None) -> torch.Tensor:
     """The tensors stacked along a new first dim; a view when they are one tensor or the consecutive slices of one.
 
-    The factors a bucket step stores are slices of its batched results, so the next step reads them without a copy.
+    With `experts` (E) each tensor is already a stack of E experts' factors: they are concatenated along their first
+    dim instead. The factors a bucket step stores are slices of its batched results, so the next step reads them
+    without a copy.
     """
     first = tensors[0]
     if len(tensors) == 1:
-        return first.unsqueeze(0)
+        return first.unsqueeze(0) if experts is None else first
+    skip = 0 if experts is None else 1  # the dims each tensor shares with the stacked result
+    inner_shape, inner_stride = first.shape[skip:], first.stride()[skip:]
     base = first._base
     if (
         base is not None
-        and base.shape[0] == len(tensors)
-        and base.shape[1:] == first.shape
-        and base.stride()[1:] == first.stride()
+        and base.shape[0] == len(tensors) * (experts or 1)
+        and base.shape[1:] == inner_shape
+        and base.stride()[1:] == inner_stride
         and all(t._base is base for t in tensors)
         and [t.storage_offset() for t in tensors]
-        == list(range(base.storage_offset(), base.storage_offset() + len(tensors) * base.stride(0), base.stride(0)))
+        == list(
+            range(
+                base.storage_offset(),
+                base.storage_offset() + len(tensors) * (experts or 1) * base.stride(0),
+                (experts or 1) * base.stride(0),
+            )
+        )
     ):
         return base
-    return torch.stack(tensors)
+    return torch.stack(tensors) if experts is None else torch.cat(tensors)
 
 
 class MoFaSGD(torch.optim.Optimizer):
@@ -135,9 +146,11 @@ class MoFaSGD(torch.optim.Optimizer):
     ((1 - beta_t) S_D,i): 1 in the steady state of a constant gradient, 0 for a zero gradient (docs/algorithm.md
     section 2). The default 0 keeps the authors' step.
 
-    Param groups carry ``mofasgd`` (default True). Managed groups must hold 2-D tensors only: give
-    embeddings, the LM head, norms, biases and scalars a group with ``"mofasgd": False``; those are
-    updated with torch's AdamW (``adam_betas``, ``adam_eps``, ``weight_decay``) inside this optimizer::
+    Param groups carry ``mofasgd`` (default True). Managed groups hold matrices: 2-D tensors, or 3-D stacks of E
+    expert matrices (transformers' fused MoE experts, E x m x n), each expert its own matrix with its own factors
+    (state U: E x m x r, S: E x r, V: E x n x r, one step counter). Give embeddings, the LM head, norms, biases and
+    scalars a group with ``"mofasgd": False``; those are updated with torch's AdamW (``adam_betas``, ``adam_eps``,
+    ``weight_decay``) inside this optimizer::
 
         MoFaSGD([{"params": hidden_matrices}, {"params": others, "mofasgd": False, "lr": 3e-4}], lr=1e-3, rank=8)
 
@@ -275,10 +288,16 @@ class MoFaSGD(torch.optim.Optimizer):
         self._validate_group(group, where="param group")
         for p in group["params"]:
             self._group_index[p] = len(self.param_groups) - 1
-            if group["mofasgd"] and p.dim() != 2:
+            if group["mofasgd"] and p.dim() not in (2, 3):
                 raise ValueError(
-                    f"MoFaSGD manages 2-D matrices only; got {self._describe(p)} in a group with "
-                    '"mofasgd": True. Put it in a group with "mofasgd": False (AdamW).'
+                    f"MoFaSGD manages 2-D matrices and 3-D stacks of expert matrices only; got {self._describe(p)} "
+                    'in a group with "mofasgd": True. Put it in a group with "mofasgd": False (AdamW).'
+                )
+            if group["mofasgd"] and p.dim() == 3 and self._consumes_whole_gradient(group):
+                raise ValueError(
+                    f"eta2={group['eta2']} needs each matrix's whole gradient, which is not supported for a stack of "
+                    f"expert matrices ({self._describe(p)}); use eta2=0, or put the experts in a group of their own "
+                    "with eta2=0."
                 )
             if group["mofasgd"] and sharding.is_dtensor(p):
                 self._check_sharded(p, group)
@@ -308,6 +327,12 @@ class MoFaSGD(torch.optim.Optimizer):
 
     def _check_sharded(self, p: torch.Tensor, group: dict[str, Any]) -> None:
         """Refuse what the row-sharded (FSDP2) step does not support, naming the matrix and the fix."""
+        if p.dim() == 3:
+            raise ValueError(
+                f"{self._describe(p)} is an FSDP2-sharded stack of expert matrices: MoFaSGD steps experts only "
+                "unsharded (DDP or one process). Route the experts to AdamW (an `mfsgd_target` without them, e.g. "
+                "`q_proj,k_proj,v_proj,o_proj`), or train without FSDP."
+            )
         sharding.check_row_sharded(p, self._describe(p))
         reason = (
             "fused=False (the sharded step consumes projections, not whole gradients; set eta2=0, fused=True)"
@@ -580,9 +605,10 @@ class MoFaSGD(torch.optim.Optimizer):
             raise ValueError(f"The checkpoint holds MoFaSGD factors for {self._describe(p)}, an AdamW parameter.")
         if not all(k in state for k in ("U", "S", "V", "step")):
             raise ValueError(f"Incomplete MoFaSGD state for {self._describe(p)}: it needs U, S, V and step.")
-        m, n = p.shape
+        *experts, m, n = p.shape  # a stack of E experts: every factor has a leading E
         r = fm.effective_rank(group["rank"], p.shape)
         expected = {"U": (m, r), "S": (r,), "V": (n, r), "GV": (m, r), "GtU": (n, r)}
+        expected = {key: (*experts, *shape) for key, shape in expected.items()}
         for key, shape in expected.items():
             if key in state and tuple(state[key].shape) != shape:
                 raise ValueError(
@@ -595,7 +621,7 @@ class MoFaSGD(torch.optim.Optimizer):
         tol = _ORTHONORMAL_TOL.get(state["U"].dtype, 1e-3)
         for key in ("U", "V"):
             factor = sharding.local(state[key])
-            gram = sharding.sum_over(sharding.process_group(state[key]), factor.T @ factor)
+            gram = sharding.sum_over(sharding.process_group(state[key]), factor.mT @ factor)
             error = (gram - torch.eye(r, dtype=factor.dtype, device=factor.device)).abs().max()
             if float(error) > tol:
                 raise ValueError(
@@ -616,7 +642,7 @@ class MoFaSGD(torch.optim.Optimizer):
             return state
         dtype = fm.factor_dtype(p.dtype)
         rank = fm.effective_rank(group["rank"], p.shape)
-        seed = p.shape[0] * 7919 + p.shape[1]  # the same on every data-parallel rank
+        seed = p.shape[-2] * 7919 + p.shape[-1]  # the same on every data-parallel rank (and for every expert)
         weight = sharding.full_tensor(p.detach())  # FSDP2: every rank factors the whole W (one all-gather)
         if group["init"] != "gradient" and not bool(torch.isfinite(weight).all()):  # one read per matrix, once
             raise ValueError(
@@ -639,7 +665,7 @@ class MoFaSGD(torch.optim.Optimizer):
             # ranks' mean gradient, from averaged thin sketches (hooks run in the same order on every rank)
             average = dp.average_in_place if self.data_parallel and dp.world_size() > 1 else None
             U, _, V = fm.randomized_top_singular_triplets(source.detach(), rank, dtype, seed=seed, average=average)
-            S = torch.zeros(rank, dtype=dtype, device=p.device)
+            S = torch.zeros(*p.shape[:-2], rank, dtype=dtype, device=p.device)
         del weight
         state["U"], state["S"], state["V"] = sharding.shard_rows_like(U, p), S, V
         state["step"] = torch.tensor(0.0, dtype=torch.float32)
@@ -944,10 +970,15 @@ class MoFaSGD(torch.optim.Optimizer):
         buckets = []
         for params, gv, gtu in pending:
             states = [self.state[p] for p in params]
-            U = _stacked([sharding.local(st["U"]) for st in states])
-            S, V = (_stacked([st[key] for st in states]) for key in ("S", "V"))
+            experts = experts_of(params[0])  # a bucket holds matrices, or stacks of as many experts each
+            U = _stacked([sharding.local(st["U"]) for st in states], experts)
+            S, V = (_stacked([st[key] for st in states], experts) for key in ("S", "V"))
             rows = sharding.RowGroup(params[0]) if sharding.is_dtensor(params[0]) else None
-            buckets.append(_Bucket(params, states, U, S, V, gv, gtu, rows))
+            matrices, entry_states = params, states
+            if experts is not None:  # every expert is an entry, updated in place through its slice of the stack
+                matrices = [matrix for p in params for matrix in p.unbind(0)]
+                entry_states = [st for st in states for _ in range(experts)]
+            buckets.append(_Bucket(matrices, entry_states, U, S, V, gv, gtu, rows))
         return buckets
 
     def _dense_buckets(self, group: dict[str, Any]) -> list[tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]]:
@@ -958,11 +989,12 @@ class MoFaSGD(torch.optim.Optimizer):
             if projections is None:
                 continue
             U = self.state[p]["U"]
-            members.setdefault((tuple(p.shape), p.dtype, p.device, U.dtype, U.shape[1]), []).append((p, projections))
-        return [
-            ([p for p, _ in items], *(torch.stack([proj[k] for _, proj in items]) for k in (0, 1)))
-            for items in members.values()
-        ]
+            members.setdefault((tuple(p.shape), p.dtype, p.device, U.dtype, U.shape[-1]), []).append((p, projections))
+        buckets = []
+        for items in members.values():
+            params, experts = [p for p, _ in items], experts_of(items[0][0])
+            buckets.append((params, *(_stacked([proj[k] for _, proj in items], experts) for k in (0, 1))))
+        return buckets
 
     def _matrix_steps(self, group_index: int) -> list[torch.Tensor]:
         """Step every managed matrix of a group that has a gradient, one batched step per bucket.
@@ -1042,11 +1074,23 @@ class MoFaSGD(torch.optim.Optimizer):
             else:
                 self._matrix_update_fp32(p, group, decay, lefts[i], rights_t[i], complement, generator)
             self._diagnostics_after(p, before)
-            state = states[i]
-            new_u = news[0][i] if rows is None else sharding.wrap_rows_like(news[0][i], state["U"])
-            state["U"], state["S"], state["V"] = new_u, news[1][i], news[2][i]
-        torch._foreach_add_([state["step"] for state in states], 1.0)
+        self._store_factors(bucket, new)
         return finite
+
+    @staticmethod
+    def _store_factors(bucket: _Bucket, new: fm.LowRank) -> None:
+        """Keep each managed tensor's new factors as slices of the batched results and count its step.
+
+        A matrix keeps its entry; a stack of E experts (whose state is that of E consecutive entries) keeps those
+        E entries (E x m x r, ...), so the next step stacks them back as views of one tensor.
+        """
+        states = list({id(state): state for state in bucket.states}.values())
+        stacks = states[0]["U"].dim() == 3
+        pieces = [t.split(len(bucket.states) // len(states)) if stacks else t.unbind(0) for t in new]
+        for state, u, s, v in zip(states, *pieces):
+            state["U"] = u if bucket.rows is None else sharding.wrap_rows_like(u, state["U"])
+            state["S"], state["V"] = s, v
+        torch._foreach_add_([state["step"] for state in states], 1.0)
 
     @staticmethod
     def _bucket_decay(
