@@ -1,15 +1,11 @@
 """Two gloo processes with DDP give the same parameters and factors as one process on the whole batch."""
 
-import os
-
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
+from ddp_helpers import run_on_ranks, window_backward
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from llamafactory_mfsgd.launcher import exit_spawned_worker, free_port
 from mofasgd import MoFaSGD, split_for_mofasgd
 from mofasgd.data_parallel import ignore_managed_in_ddp
 
@@ -43,40 +39,30 @@ def train(model, opt, rank=0, world=1, ddp=None):
             shard = slice(rank * BATCH // world, (rank + 1) * BATCH // world)
             net = ddp if ddp is not None else model
             loss = nn.functional.mse_loss(net(x[shard]), y[shard]) / ACCUM
-            if ddp is not None and micro < ACCUM - 1:
-                with ddp.no_sync():
-                    loss.backward()
+            if ddp is not None:
+                window_backward(ddp, loss, last=micro == ACCUM - 1)
             else:
                 loss.backward()
         opt.step()
         opt.zero_grad()
 
 
-def worker(rank, world, port, out_path, init="weight"):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        model = build()
-        opt, routing = make_optimizer(model, data_parallel=True, init=init)
-        ignore_managed_in_ddp(model, [p for _, p in routing.mofasgd])
-        ddp = DistributedDataParallel(model)
-        train(model, opt, rank, world, ddp)
-        if rank == 0:
-            torch.save({"model": model.state_dict(), "optim": opt.state_dict()}, out_path)
-    finally:
-        dist.destroy_process_group()
-    exit_spawned_worker()
+def ddp_run(rank, world, init="weight"):
+    model = build()
+    opt, routing = make_optimizer(model, data_parallel=True, init=init)
+    ignore_managed_in_ddp(model, [p for _, p in routing.mofasgd])
+    ddp = DistributedDataParallel(model)
+    train(model, opt, rank, world, ddp)
+    return {"model": model.state_dict(), "optim": opt.state_dict()}
 
 
 # init="gradient" (issue 22, item 10): the ranks factor their mean first gradient from averaged thin sketches
 @pytest.mark.parametrize("init", ["weight", "gradient"])
-def test_two_process_ddp_equals_single_process(tmp_path, init):
-    out = tmp_path / "rank0.pt"
-    mp.spawn(worker, args=(2, free_port(), str(out), init), nprocs=2, join=True)
+def test_two_process_ddp_equals_single_process(init):
+    result = run_on_ranks(ddp_run, init)
     model = build()
     opt, _ = make_optimizer(model, data_parallel=False, init=init)
     train(model, opt)
-    result = torch.load(out, weights_only=True)
     for key, value in model.state_dict().items():
         torch.testing.assert_close(result["model"][key], value, atol=1e-5, rtol=1e-5)
     single = opt.state_dict()["state"]

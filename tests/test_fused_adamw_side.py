@@ -8,6 +8,7 @@ import io
 
 import pytest
 import torch
+from ddp_helpers import run_on_ranks, window_backward
 from torch import nn
 
 from mofasgd import MoFaSGD, split_for_mofasgd
@@ -115,56 +116,35 @@ def test_fused_adamw_side_needs_fused_mode():
         MoFaSGD([nn.Parameter(torch.randn(2, 2))], fused_adamw_side=True, fused=False)
 
 
-def ddp_worker(rank, world, port, out_path):
-    import os
-
-    import torch.distributed as dist
+def ddp_run(rank, world):
     from torch.nn.parallel import DistributedDataParallel
 
-    from llamafactory_mfsgd.launcher import exit_spawned_worker
     from mofasgd.data_parallel import ignore_managed_in_ddp
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        model, opt, side = make(True, data_parallel=True)
-        managed = opt.param_groups[0]["params"]
-        ignore_managed_in_ddp(model, managed + [p for p in side if p.dim() == 2])
-        ddp = DistributedDataParallel(model)
-        for step in range(STEPS):
-            for micro in range(ACCUM):
-                opt.accumulating = micro < ACCUM - 1
-                ids, target = batch(step, micro)
-                half = slice(rank * 3, rank * 3 + 3)
-                loss = nn.functional.cross_entropy(ddp(ids[half]), target[half]).div(ACCUM)
-                if opt.accumulating:
-                    with ddp.no_sync():
-                        loss.backward()
-                else:
-                    loss.backward()
-            opt.clip_grad_norm_(0.5)
-            opt.step()
-            opt.zero_grad()
-        if rank == 0:
-            torch.save(model.state_dict(), out_path)
-    finally:
-        dist.destroy_process_group()
-    exit_spawned_worker()
+    model, opt, side = make(True, data_parallel=True)
+    managed = opt.param_groups[0]["params"]
+    ignore_managed_in_ddp(model, managed + [p for p in side if p.dim() == 2])
+    ddp = DistributedDataParallel(model)
+    for step in range(STEPS):
+        for micro in range(ACCUM):
+            opt.accumulating = micro < ACCUM - 1
+            ids, target = batch(step, micro)
+            half = slice(rank * 3, rank * 3 + 3)
+            loss = nn.functional.cross_entropy(ddp(ids[half]), target[half]).div(ACCUM)
+            window_backward(ddp, loss, last=not opt.accumulating)
+        opt.clip_grad_norm_(0.5)
+        opt.step()
+        opt.zero_grad()
+    return model.state_dict()
 
 
 @pytest.mark.distributed
-def test_fused_adamw_side_under_ddp_averages_in_its_hooks_and_equals_one_process(tmp_path):
+def test_fused_adamw_side_under_ddp_averages_in_its_hooks_and_equals_one_process():
     """The AdamW-side matrices are left out of DDP and averaged in their hooks; the norms stay with DDP."""
-    import torch.multiprocessing as mp
-
-    from llamafactory_mfsgd.launcher import free_port
-
-    out = tmp_path / "rank0.pt"
-    mp.spawn(ddp_worker, args=(2, free_port(), str(out)), nprocs=2, join=True)
+    result = run_on_ranks(ddp_run)
     model, opt, side = make(True)
     assert any(p.dim() == 2 for p in side) and any(p.dim() == 1 for p in side)
     train(model, opt, clip=0.5)
-    result = torch.load(out, weights_only=True)
     for name, value in model.state_dict().items():
         torch.testing.assert_close(result[name], value, atol=1e-5, rtol=1e-5, msg=name)
 

@@ -6,19 +6,15 @@ gradient slice. These tests compare such a stack with E separate matrices given 
 expert without a token), in every mode the optimizer has, and check routing, resume and data parallelism.
 """
 
-import os
-
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
+from ddp_helpers import run_on_ranks, window_backward
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from transformers import MixtralConfig
 from transformers.models.mixtral.modeling_mixtral import MixtralExperts
 
-from llamafactory_mfsgd.launcher import exit_spawned_worker, free_port
 from mofasgd import MoFaSGD, split_for_mofasgd
 from mofasgd.data_parallel import ignore_managed_in_ddp
 
@@ -247,40 +243,30 @@ def _moe_train(model, opt, rank=0, world=1, ddp=None):
             shard = slice(rank * 8 // world, (rank + 1) * 8 // world)
             net = ddp if ddp is not None else model
             loss = F.mse_loss(net(x[shard]), y[shard]) / ACCUM
-            if ddp is not None and micro < ACCUM - 1:
-                with ddp.no_sync():
-                    loss.backward()
+            if ddp is not None:
+                window_backward(ddp, loss, last=micro == ACCUM - 1)
             else:
                 loss.backward()
         opt.step()
         opt.zero_grad()
 
 
-def _ddp_worker(rank, world, port, out_path):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        model = TinyMoE()
-        opt, routing = _moe_optimizer(model, data_parallel=True)
-        ignore_managed_in_ddp(model, [p for _, p in routing.mofasgd])
-        ddp = DistributedDataParallel(model)
-        _moe_train(model, opt, rank, world, ddp)
-        if rank == 0:
-            torch.save(model.state_dict(), out_path)
-    finally:
-        dist.destroy_process_group()
-    exit_spawned_worker()
+def _ddp_run(rank, world):
+    model = TinyMoE()
+    opt, routing = _moe_optimizer(model, data_parallel=True)
+    ignore_managed_in_ddp(model, [p for _, p in routing.mofasgd])
+    ddp = DistributedDataParallel(model)
+    _moe_train(model, opt, rank, world, ddp)
+    return model.state_dict()
 
 
 @pytest.mark.distributed
-def test_two_process_ddp_averages_the_experts_like_one_process(tmp_path):
-    out = tmp_path / "rank0.pt"
-    mp.spawn(_ddp_worker, args=(2, free_port(), str(out)), nprocs=2, join=True)
+def test_two_process_ddp_averages_the_experts_like_one_process():
+    result = run_on_ranks(_ddp_run)
     model = TinyMoE()
     opt, routing = _moe_optimizer(model, data_parallel=False)
     assert [name for name, _ in routing.mofasgd] == ["experts.up", "experts.down"]  # averaged by the optimizer
     _moe_train(model, opt)
-    result = torch.load(out, weights_only=True)
     for key in ("experts.up", "experts.down", "gate.weight"):
         assert not torch.equal(result[key], TinyMoE().state_dict()[key])
         torch.testing.assert_close(result[key], model.state_dict()[key], atol=1e-5, rtol=1e-5)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from ddp_helpers import run_on_ranks, window_backward
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
@@ -355,50 +356,30 @@ def _clone(obj):
     return obj
 
 
-def _ddp_worker(rank, world, port, out_path):
-    import os
-
-    import torch.distributed as dist
+def _ddp_run(rank, world):
     from torch.nn.parallel import DistributedDataParallel
 
-    from llamafactory_mfsgd.launcher import exit_spawned_worker
     from mofasgd.data_parallel import ignore_managed_in_ddp
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        model = build()
-        opt = make_optimizer(model, True, data_parallel=True)
-        ignore_managed_in_ddp(model, managed(model))
-        ddp = DistributedDataParallel(model)
-        for micro_batches in batches(6, 2, seed=3):
-            for i, tokens in enumerate(micro_batches):
-                mine = tokens[rank::world]
-                loss = F.cross_entropy(ddp(mine).reshape(-1, VOCAB), mine.reshape(-1)) / 2
-                if i == 0:
-                    with ddp.no_sync():
-                        loss.backward()
-                else:
-                    loss.backward()
-            opt.clip_grad_norm_(1.0)
-            opt.step()
-            opt.zero_grad()
-        if rank == 0:
-            torch.save(model.state_dict(), out_path)
-    finally:
-        dist.destroy_process_group()
-    exit_spawned_worker()
+    model = build()
+    opt = make_optimizer(model, True, data_parallel=True)
+    ignore_managed_in_ddp(model, managed(model))
+    ddp = DistributedDataParallel(model)
+    for micro_batches in batches(6, 2, seed=3):
+        for i, tokens in enumerate(micro_batches):
+            mine = tokens[rank::world]
+            loss = F.cross_entropy(ddp(mine).reshape(-1, VOCAB), mine.reshape(-1)) / 2
+            window_backward(ddp, loss, last=i == len(micro_batches) - 1)
+        opt.clip_grad_norm_(1.0)
+        opt.step()
+        opt.zero_grad()
+    return model.state_dict()
 
 
 @pytest.mark.distributed
-def test_two_process_ddp_on_the_projected_path_equals_one_process(tmp_path):
+def test_two_process_ddp_on_the_projected_path_equals_one_process():
     """Each rank projects its half batch; the averaged projections equal one process's over the whole batch."""
-    import torch.multiprocessing as mp
-
-    from llamafactory_mfsgd.launcher import free_port
-
-    out = tmp_path / "rank0.pt"
-    mp.spawn(_ddp_worker, args=(2, free_port(), str(out)), nprocs=2, join=True)
+    result = run_on_ranks(_ddp_run)
     model = build()
     opt = make_optimizer(model, True)
     for micro_batches in batches(6, 2, seed=3):
@@ -410,7 +391,6 @@ def test_two_process_ddp_on_the_projected_path_equals_one_process(tmp_path):
         opt.clip_grad_norm_(1.0)
         opt.step()
         opt.zero_grad()
-    result = torch.load(out, weights_only=True)
     for key, value in model.state_dict().items():
         torch.testing.assert_close(result[key], value, atol=2e-5, rtol=2e-5)
     assert_every_matrix_moved(model, build(), model)
