@@ -442,8 +442,18 @@ def _init_check(init, fsdp, monkeypatch):
     from llamafactory_mfsgd.arguments import validate_with_training_args
 
     monkeypatch.setenv("MFSGD_CPU_FSDP2", "1")
-    finetuning = types.SimpleNamespace(galore_fused=False, use_mfsgd=True, mfsgd_fused=True, mfsgd_init=init)
-    training = types.SimpleNamespace(fp16=False, fsdp=fsdp, world_size=2, resume_from_checkpoint=None)
+    from dataclasses import asdict
+
+    from llamafactory_mfsgd.arguments import MfsgdArguments
+
+    defaults = asdict(MfsgdArguments())  # every mfsgd_* key at its default, then the ones this check is about
+    finetuning = types.SimpleNamespace(
+        **{**defaults, "galore_fused": False, "use_mfsgd": True, "mfsgd_fused": True, "mfsgd_init": init},
+        pure_bf16=False,
+    )
+    training = types.SimpleNamespace(
+        fp16=False, fsdp=fsdp, world_size=2, resume_from_checkpoint=None, max_grad_norm=1.0
+    )
     validate_with_training_args(finetuning, training)
 
 
