@@ -6,7 +6,7 @@ forward + backward (FSDP2's own all-gathers and reduce-scatter), ``clip_grad_nor
 optimizer's collectives are measured from outside it, twice:
 
 * a ledger: ``torch.distributed``'s collective functions are wrapped while a phase runs, and each call is booked
-  under the innermost ``mofasgd`` function that issued it (``_synchronize_pending``, ``grad_norm``,
+  under the innermost ``mofasgd`` function that issued it (``synchronize`` (the intake's), ``grad_norm``,
   ``_bucket_step``, ``cholesky_qr2``, ``nesterov_direction``) and, below ``_bucket_step``, under the global shape
   of the matrices that bucket steps (read from that frame; nothing in the optimizer is patched);
 * an audit: torch.profiler records every collective the gloo process group runs, however it was issued (DTensor
@@ -120,7 +120,7 @@ def formula_ledger(
         entry[1] += numbers
 
     ranks = [min(rank, m, n) for m, n in shapes]
-    add(("_synchronize_pending", "all_reduce", "float32", None), sum(n * r + 1 for (_, n), r in zip(shapes, ranks)))
+    add(("synchronize", "all_reduce", "float32", None), sum(n * r + 1 for (_, n), r in zip(shapes, ranks)))
     add(("grad_norm", "all_reduce", "float64", None), 1 + sum(r * r for r in ranks))
     buckets: dict[tuple[int, int], list[int]] = {}
     for index, shape in enumerate(shapes):
@@ -461,7 +461,7 @@ def report(measured: dict, args: argparse.Namespace, problems: list[str]) -> str
         what = "non-finite flags (B), 2 Grams (B (2r)^2) [+ Nesterov B 2r r], fp32"
         lines.append(row(label, f"{shape[0]} x {shape[1]}", what, lambda key, s=shape: key[3] == s))
     lines.append(
-        row("all 7", "", "G^T U shares + seen flags, n r + 1 each, fp32", lambda key: key[0] == "_synchronize_pending")
+        row("all 7", "", "G^T U shares + seen flags, n r + 1 each, fp32", lambda key: key[0] == "synchronize")
     )
     lines.append(row("all 7 + gains", "", "grad norm: 1 + r^2 each, fp64", lambda key: key[0] == "grad_norm"))
     lines.append(row("**layer**", "", "**total**", lambda key: True))
@@ -533,7 +533,7 @@ def report(measured: dict, args: argparse.Namespace, problems: list[str]) -> str
         "",
         "Formula per step, for the managed m x n matrices of the layer (r = min(rank, m, n)), B = matrices per shape:",
         "",
-        "* `_synchronize_pending`: 1 all-reduce, fp32, sum over matrices of (n r + 1) (G^T U share, seen flag);",
+        "* `synchronize` (gradient intake): 1 all-reduce, fp32, sum over matrices of (n r + 1) (G^T U share, flag);",
         "* `grad_norm` (clip_grad_norm_): 1 all-reduce, fp64, 1 + sum of r^2 (squared-norm shares, U^T G V shares);",
         "* per shape bucket: 1 all-reduce of B fp32 non-finite flags, 2 of B (2r)^2 fp32 Grams (CholeskyQR2), with "
         "Nesterov 1 of B 2r r fp32; only when a panel of the bucket is ill-conditioned (zero or rank-deficient "

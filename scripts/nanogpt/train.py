@@ -178,6 +178,11 @@ def train(config: RunConfig) -> dict[str, Any]:
     roles = parameter_roles(model)
     params = list(model.parameters())
     optimizers = build_optimizers(roles, config, world)
+    for optimizer in optimizers:
+        if hasattr(optimizer, "attach"):  # MoFaSGD: its nn.Linear weights take the projected backward (no dW)
+            attachment = optimizer.attach(model, reason="torch.compile traces the backward" if tc.compile else None)
+            if is_main:
+                logger.info("MoFaSGD gradient paths:\n%s", attachment.table())
     base_lrs = [[group["lr"] for group in opt.param_groups] for opt in optimizers]
     forward = torch.compile(model) if tc.compile else model
 
