@@ -198,3 +198,31 @@ def test_the_cpu_fsdp2_mode_waits_for_gloo_workers_at_exit(tmp_path, flag, kind,
     assert lines.count(f"PROBE {kind}") == 2  # both ranks
     assert lines.count(f"LATER {kind}") == 2  # FSDP stays FSDP (else accelerate's get_state_dict does not gather)
     assert lines.count("DRAINED") == 2 * drains  # once per rank, however many states were built
+
+
+GLOO_DRAIN_PROBE = """
+import os
+import torch.distributed as dist
+import llamafactory_mfsgd.patches as patches
+
+patches._let_gloo_workers_finish = lambda: os.write(1, b"DRAINED\\n")
+print("BEFORE", patches.drain_gloo_at_exit(), flush=True)  # no process group yet: nothing registered
+dist.init_process_group("gloo")
+print("AFTER", patches.drain_gloo_at_exit(), patches.drain_gloo_at_exit(), flush=True)
+dist.destroy_process_group()
+"""
+
+
+def test_any_multi_process_gloo_run_waits_for_gloo_workers_at_exit(tmp_path):
+    """DeepSpeed ZeRO-3 and DDP on CPU processes hit the same exit abort as FSDP2: the Trainer callback registers
+    the wait once per process whenever a gloo group of several ranks exists."""
+    script = tmp_path / "probe.py"
+    script.write_text(GLOO_DRAIN_PROBE)
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port"]
+    proc = subprocess.run(
+        [*command, str(free_port()), str(script)], capture_output=True, text=True, timeout=300, check=False
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = proc.stdout.splitlines()
+    assert lines.count("BEFORE False") == 2 and lines.count("AFTER True True") == 2
+    assert lines.count("DRAINED") == 2  # once per rank, though asked twice

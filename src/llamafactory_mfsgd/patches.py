@@ -168,6 +168,34 @@ def _let_gloo_workers_finish() -> None:
     time.sleep(GLOO_DRAIN_SECONDS)
 
 
+def drain_gloo_at_exit() -> bool:
+    """In a multi-process gloo run (CPU DDP, DeepSpeed or FSDP2 on gloo), run the gloo drain once at exit.
+
+    The same abort hits DeepSpeed ZeRO-3's all-gathers on CPU processes (seen in CI, torch 2.14). Returns whether
+    the wait was registered.
+    """
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
+        return False
+    if dist.get_backend() != "gloo":
+        return False
+    atexit.unregister(_let_gloo_workers_finish)  # once however often it is asked for
+    atexit.register(_let_gloo_workers_finish)
+    return True
+
+
+def _gloo_drain_callback() -> Any:
+    """A Trainer callback that registers the gloo drain when training starts (the process group exists by then)."""
+    from transformers import TrainerCallback
+
+    class GlooExitDrain(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kwargs):
+            drain_gloo_at_exit()
+
+    return GlooExitDrain()
+
+
 def patch_tuner(module: ModuleType) -> None:
     """Hand our callbacks (the memory snapshot session) to the trainer that run_exp builds."""
     require(module, "run_exp", "read_args")
@@ -180,6 +208,7 @@ def patch_tuner(module: ModuleType) -> None:
         if session is not None:
             callbacks.append(session)
         callbacks.append(MfsgdDiagnosticsCallback())
+        callbacks.append(_gloo_drain_callback())
         return original(raw, callbacks)
 
     run_exp.__doc__ = original.__doc__
