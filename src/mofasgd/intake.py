@@ -228,15 +228,15 @@ class GradientIntake:
         """Inside backward: whether the running backward accumulates into leaves (so into the pending sums)."""
         return torch._C._will_engine_execute_node(self.anchor_node)
 
-    def add_linear(self, p: torch.Tensor, inputs: torch.Tensor, grad_outputs: torch.Tensor) -> bool:
+    def add_linear(self, p: torch.Tensor, inputs: torch.Tensor, grad_outputs: torch.Tensor) -> None:
         """Add G V = dY^T (X V) and G^T U = X^T (dY U) of a Linear weight, from X (T x n) and dY (T x m).
 
-        Returns False when the optimizer is gone or the matrix is not (or no longer) managed. Factors that do not
-        exist yet are made first; ``init='gradient'`` needs the dense gradient for that, formed here once.
+        Nothing is added when the optimizer is gone or the matrix is not (or no longer) managed. Factors that do
+        not exist yet are made first; ``init='gradient'`` needs the dense gradient for that, formed here once.
         """
         optimizer = self.optimizer
         if optimizer is None or id(p) not in self.slots or sharding.is_dtensor(p):
-            return False
+            return
         state = optimizer.state[p]
         if "U" not in state:
             group = optimizer.param_groups[optimizer._group_index[p]]
@@ -246,7 +246,7 @@ class GradientIntake:
             state = optimizer._init_factors(p, group, dense)
             if dense is not None:
                 self.add_gradient(p, dense, state["U"], state["V"])
-                return True
+                return
         U, V = state["U"], state["V"]
         x = inputs if inputs.dtype == V.dtype else inputs.to(V.dtype)
         dy = grad_outputs if grad_outputs.dtype == V.dtype else grad_outputs.to(V.dtype)
@@ -256,7 +256,6 @@ class GradientIntake:
         xv_t = V.mT.contiguous() @ x.mT  # (X V)^T, r x T
         dyu_t = U.mT.contiguous() @ dy.mT  # (dY U)^T, r x T
         self.write(p, (xv_t @ dy).mT, (dyu_t @ x).mT)  # dY^T (X V), X^T (dY U)
-        return True
 
     # ------------------------------------------------------------------ hooks
     def hook_matrices(self) -> None:

@@ -894,10 +894,11 @@ class MoFaSGD(torch.optim.Optimizer):
         """
         tensors, sums = [], []
         for gi, group in enumerate(self.param_groups):
-            if group["mofasgd"] and self.fused:
-                for bucket in self._buckets(gi):
-                    tensors += bucket.params
-                    sums.append(bucket.gv.sum((-2, -1)) + bucket.gtu.sum((-2, -1)))
+            if group["mofasgd"] and self.fused:  # the intake's pending sums as they are: no factors stacked
+                for view in self.intake.pending(gi):
+                    per_entry = view.gv.sum((-2, -1)) + view.gtu.sum((-2, -1))  # an expert stack: E entries
+                    tensors += view.params
+                    sums.append(per_entry.reshape(len(view.params), -1).sum(-1))
                 continue
             for p in group["params"]:
                 if p.grad is not None:
