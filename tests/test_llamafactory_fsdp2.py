@@ -202,13 +202,16 @@ def test_the_cpu_fsdp2_mode_waits_for_gloo_workers_at_exit(tmp_path, flag, kind,
 
 GLOO_DRAIN_PROBE = """
 import os
+import sys
 import torch.distributed as dist
 import llamafactory_mfsgd.patches as patches
 
-patches._let_gloo_workers_finish = lambda: os.write(1, b"DRAINED\\n")
-print("BEFORE", patches.drain_gloo_at_exit(), flush=True)  # no process group yet: nothing registered
+# each rank writes whole lines to its own file: two ranks printing to one pipe interleave their words
+log = open(os.path.join(sys.argv[1], "rank" + os.environ["RANK"] + ".log"), "w", buffering=1)
+patches._let_gloo_workers_finish = lambda: log.write("DRAINED\\n")
+log.write(f"BEFORE {patches.drain_gloo_at_exit()}\\n")  # no process group yet: nothing registered
 dist.init_process_group("gloo")
-print("AFTER", patches.drain_gloo_at_exit(), patches.drain_gloo_at_exit(), flush=True)
+log.write(f"AFTER {patches.drain_gloo_at_exit()} {patches.drain_gloo_at_exit()}\\n")
 dist.destroy_process_group()
 """
 
@@ -220,9 +223,13 @@ def test_any_multi_process_gloo_run_waits_for_gloo_workers_at_exit(tmp_path):
     script.write_text(GLOO_DRAIN_PROBE)
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port"]
     proc = subprocess.run(
-        [*command, str(free_port()), str(script)], capture_output=True, text=True, timeout=300, check=False
+        [*command, str(free_port()), str(script), str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    lines = proc.stdout.splitlines()
-    assert lines.count("BEFORE False") == 2 and lines.count("AFTER True True") == 2
-    assert lines.count("DRAINED") == 2  # once per rank, though asked twice
+    for rank in (0, 1):
+        lines = (tmp_path / f"rank{rank}.log").read_text().splitlines()
+        assert lines == ["BEFORE False", "AFTER True True", "DRAINED"]  # drained once per rank, though asked twice
