@@ -41,6 +41,30 @@ def test_stochastic_rounding_is_unbiased_within_the_standard_error():
     assert (nearest - values.double()).abs().mean() > 10 * error.mean()  # round-to-nearest is biased per entry
 
 
+@pytest.mark.parametrize("count", [1 << 16, 4099])  # a multiple of four lanes, and one that is not
+def test_rounding_bits_are_uniform_and_independent_in_every_lane(count):
+    """The 16-bit draws split from 64-bit words: each of the four lanes uniform, neighbours uncorrelated."""
+    gen = torch.Generator().manual_seed(3)
+    like = torch.empty(count)
+    draws = torch.cat([rounding.random_low_bits(like, gen) for _ in range(64)])
+    assert draws.dtype == torch.int32 and draws.shape == (64 * count,)
+    assert int(draws.min()) >= 0 and int(draws.max()) < 1 << 16
+    lanes = draws[: draws.numel() // 4 * 4].view(-1, 4).double()
+    for lane in lanes.unbind(1):
+        counts = torch.bincount((lane / 256).long(), minlength=256).double()  # top 8 bits: 256 bins
+        expected = lane.numel() / 256
+        chi2 = ((counts - expected) ** 2 / expected).sum()
+        assert chi2 < 255 + 6 * (2 * 255) ** 0.5  # chi-square, 255 degrees of freedom, ~6 sigma
+        low = torch.bincount((lane % 256).long(), minlength=256).double()  # the low 8 bits too
+        assert ((low - expected) ** 2 / expected).sum() < 255 + 6 * (2 * 255) ** 0.5
+    centred = draws.double() - (2**16 - 1) / 2
+    for lag in (1, 2, 3, 4):  # within a word (1-3) and across words (4)
+        correlation = (centred[:-lag] * centred[lag:]).mean() / centred.square().mean()
+        assert abs(float(correlation)) < 6 / draws.numel() ** 0.5
+    again = rounding.random_low_bits(like, torch.Generator().manual_seed(3))
+    assert torch.equal(again, draws[:count])  # the seed alone fixes the bits (data-parallel replicas agree)
+
+
 def test_stochastic_rounding_keeps_exactly_representable_values_and_signs():
     gen = torch.Generator().manual_seed(1)
     exact = torch.tensor([0.0, -1.0, 0.5, 2.0**-20, -3.0, float("inf")])

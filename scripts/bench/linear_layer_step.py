@@ -117,6 +117,9 @@ def main() -> None:
     dtype = getattr(torch, args.dtype)
     dims = (HIDDEN // args.scale, KV // args.scale, FFN // args.scale)
     methods = args.methods.split(",")
+    unknown = sorted(set(methods) - set(METHODS))
+    if unknown:
+        parser.error(f"--methods: unknown {', '.join(unknown)}; choose from {', '.join(METHODS)}")
     torch.manual_seed(0)
     state = {k: v.to(dtype) for k, v in DecoderLayerLinears(*dims).state_dict().items()}
     x = torch.randn(args.tokens, dims[0]).to(dtype)
