@@ -6,6 +6,7 @@ import subprocess
 import sys
 import warnings
 from dataclasses import fields
+from pathlib import Path
 
 import pytest
 import yaml
@@ -222,3 +223,59 @@ def test_switched_off_extension_refuses_saved_mfsgd_config_clearly(tmp_path):
     assert f"{refusal} extension is switched off (LLAMAFACTORY_MFSGD=0)" in proc.stdout
     # a config saved with MoFaSGD unchecked still loads: the rest of it, without the accordion's values
     assert "OFF ['top.finetuning_type', 'train.learning_rate', 'train.output_box']" in proc.stdout
+
+
+@pytest.mark.slow
+def test_start_button_trains_mofasgd_and_shows_loss_and_diagnostics(tiny_model, tmp_path, monkeypatch):
+    """Start from LlamaBoard's runner (it launches `llamafactory-cli train` on its saved YAML), as a user would."""
+    import torch
+    from llamafactory.webui.control import get_trainer_info
+    from llamafactory.webui.locales import ALERTS
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("PATH", f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
+    extra = {
+        "max_steps": 4,
+        "save_steps": 4,
+        "logging_steps": 2,
+        "preprocessing_num_workers": 1,
+        "dataloader_num_workers": 0,
+        "disable_shuffling": True,
+    }
+    values = {
+        "train.extra_args": json.dumps(extra),
+        "train.learning_rate": "1e-2",
+        "train.batch_size": 2,
+        "train.gradient_accumulation_steps": 1,
+        "train.mfsgd_rank": 4.0,
+        "train.mfsgd_fused": False,
+        "train.mfsgd_step_form": "ones",
+        "train.mfsgd_stochastic_rounding": "off",
+    }
+    board = Board().set(base_values(str(tiny_model), **values))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # LlamaBoard's no-GPU warning
+        updates = list(board.runner.run_train(board.data))
+    text = updates[-1][board.elem("train.output_box")]
+    assert text.startswith(ALERTS["info_finished"]["en"]), text[-4000:]
+
+    out = tmp_path / "saves" / "tiny-llama" / "full" / "run"
+    with open(out / "training_args.yaml") as f:
+        launched = yaml.safe_load(f)
+    assert launched["use_mfsgd"] is True and launched["mfsgd_fused"] is False
+    assert launched["mfsgd_stochastic_rounding"] is False and launched["mfsgd_use_ones_for_nonzero_s"] is True
+
+    state = torch.load(out / "checkpoint-4" / "optimizer.pt", weights_only=True)
+    factored = [s for s in state["state"].values() if "U" in s]
+    assert len(factored) == 7 * 2  # every hidden matrix of the 2 layers
+    for s in factored:
+        assert s["U"].shape[1] == s["V"].shape[1] == s["S"].shape[0] == 4 and int(s["step"]) == 4
+    (group,) = [g for g in state["param_groups"] if g["mofasgd"]]
+    assert (group["rank"], group["use_ones_for_nonzero_s"], group["stochastic_rounding"]) == (4, True, False)
+
+    running_log, progress, info = get_trainer_info("en", str(out), True)
+    (started,) = [line for line in running_log.splitlines() if "Using MoFaSGD:" in line]
+    assert "rank=4," in started and "fused=False," in started and "stochastic_rounding=False," in started
+    assert "loss_viewer" in info and info["loss_viewer"].value is not None  # the loss plot LlamaBoard shows
+    assert progress.visible and "4/4" in progress.label
+    assert "MoFaSGD step 2: {'update_rms_ratio'" in running_log and "MoFaSGD step 4:" in running_log
