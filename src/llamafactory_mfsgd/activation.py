@@ -20,7 +20,8 @@ DISABLE_ENV = "LLAMAFACTORY_MFSGD"
 
 # The whole plan: llamafactory module -> the functions (`module.function` in llamafactory_mfsgd) applied to it,
 # in order, right after it executes. The Trainer patches and the upstream workarounds ride on trainer_utils,
-# which every LLaMA-Factory training run imports before it builds a trainer.
+# which every LLaMA-Factory training run imports before it builds a trainer; the `webui` ones build MoFaSGD into
+# LlamaBoard (`llamafactory-cli webui`).
 TARGETS = {
     "llamafactory.hparams.parser": ("patches.patch_parser",),
     "llamafactory.data.template": ("patches.patch_template",),
@@ -30,8 +31,15 @@ TARGETS = {
         "compat.apply_workarounds",
     ),
     "llamafactory.train.tuner": ("patches.patch_tuner",),
+    "llamafactory.webui.locales": ("webui.patch_locales",),
+    "llamafactory.webui.common": ("webui.patch_common",),
+    "llamafactory.webui.components.train": ("webui.patch_train_tab",),
+    "llamafactory.webui.runner": ("webui.patch_runner",),
 }
-DISABLED_TARGETS = {"llamafactory.hparams.parser": ("patches.guard_parser",)}
+DISABLED_TARGETS = {
+    "llamafactory.hparams.parser": ("patches.guard_parser",),
+    "llamafactory.webui.runner": ("webui.guard_runner",),
+}
 
 
 def env_flag(name: str, default: bool) -> bool:
