@@ -2,6 +2,9 @@
 
     python scripts/demo.py [--config configs/mfsgd/tiny_sft_mfsgd.yaml] [--out outputs/demo] [key=value ...]
 
+Any tiny config runs the same way, e.g. ``--config configs/mfsgd/tiny_dpo_mfsgd.yaml`` (pt, dpo, kto, rm:
+docs/stages.md).
+
 Builds the tiny model if it is missing, trains with `python run.py` semantics (named run directory, resolved
 config) and a memory profile of the first optimizer steps, then prints where the loss curve, the memory
 report and the run directory are, with the first/last training loss and the eval loss.
@@ -14,6 +17,7 @@ import json
 import os
 from pathlib import Path
 
+import yaml
 from build_tiny_llama import ensure_built
 
 REPO = Path(__file__).resolve().parent.parent
@@ -40,7 +44,8 @@ def main() -> None:
     history = json.loads((run_dir / "trainer_state.json").read_text())["log_history"]
     losses = [e["loss"] for e in history if "loss" in e]
     evals = [e["eval_loss"] for e in history if "eval_loss" in e]
-    print("\n[demo] MoFaSGD on the tiny LLaMA, through llamafactory's SFT pipeline (CPU)")
+    stage = yaml.safe_load((run_dir / "run_config.yaml").read_text()).get("stage", "sft")
+    print(f"\n[demo] MoFaSGD on the tiny LLaMA, through llamafactory's `stage: {stage}` pipeline (CPU)")
     print(f"[demo] training loss: {losses[0]:.3f} (first logged) -> {losses[-1]:.3f} (last)")
     if evals:
         print(f"[demo] eval loss: {' -> '.join(f'{v:.3f}' for v in evals)}")

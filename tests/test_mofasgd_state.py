@@ -291,6 +291,20 @@ def test_embeddings_and_head_join_mofasgd_only_when_named_explicitly():
         assert "head.weight" not in names and "embed.weight" not in names, target
 
 
+@pytest.mark.parametrize("head_name", ["v_head", "score"])
+def test_a_score_head_stays_on_adamw_unless_named(head_name):
+    """A reward model's value head (TRL / LLaMA-Factory `v_head.summary`) or a classifier's `score`: hidden -> 1."""
+    model = TinyNet()
+    head = nn.Sequential(nn.Linear(8, 1)) if head_name == "v_head" else nn.Linear(8, 1)
+    setattr(model, head_name, head)
+    heads = {n for n, _ in model.named_parameters() if n.startswith(head_name)}
+    routing = split_for_mofasgd(model)
+    assert [n for n, _ in routing.mofasgd] == ["hidden.weight", "out_proj.weight"]
+    assert heads <= {n for n, _ in routing.adamw}
+    named = {n for n, _ in split_for_mofasgd(model, f"all,{head_name}").mofasgd}
+    assert named == {"hidden.weight", "out_proj.weight", f"{head_name}{'.0' if head_name == 'v_head' else ''}.weight"}
+
+
 def test_mofasgd_on_embeddings_and_head_trains_and_frees_their_gradients():
     torch.manual_seed(0)
     model = TinyNet()

@@ -212,6 +212,42 @@ def test_a_weight_also_used_outside_its_linear_counts_both_uses():
     assert (projected[0].up.weight - without_reuse[0].up.weight).abs().max() > 1e-3
 
 
+def _sequence_logp(model: TinyNet, tokens: torch.Tensor) -> torch.Tensor:
+    logp = torch.log_softmax(model(tokens)[:, :-1].float(), dim=-1)
+    return logp.gather(-1, tokens[:, 1:, None]).squeeze(-1).sum(-1)
+
+
+@pytest.mark.parametrize("checkpointing", [None, "non_reentrant"], ids=["plain", "checkpointing"])
+def test_preference_losses_with_several_forwards_per_backward_match_the_hook_path(checkpointing):
+    """DPO- and KTO-style micro-batches: the policy runs twice with grad (chosen, rejected) and once under no_grad
+    (a reference / KL pass through the same modules) before one backward; each grad forward's projections add up
+    to those of the summed gradient, and the no_grad pass adds nothing."""
+
+    def run(projected: bool) -> tuple[TinyNet, list[float]]:
+        model = build(checkpointing=checkpointing)
+        opt = make_optimizer(model, projected)
+        losses = []
+        for step, micro_batches in enumerate(batches(8, 2)):
+            for tokens in micro_batches:
+                chosen, rejected = tokens[:, : tokens.shape[1] - step % 2], tokens.flip(1)
+                with torch.no_grad():
+                    reference = _sequence_logp(model, chosen) - _sequence_logp(model, rejected)
+                margin = _sequence_logp(model, chosen) - _sequence_logp(model, rejected) - reference
+                loss = -F.logsigmoid(0.1 * margin).mean() / len(micro_batches)
+                loss.backward()
+                losses.append(loss.item())
+            opt.clip_grad_norm_(1.0)
+            opt.step()
+            opt.zero_grad()
+        return model, losses
+
+    (hooked, hook_losses), (projected, projected_losses) = run(False), run(True)
+    assert projected_losses == pytest.approx(hook_losses, rel=1e-5)
+    for p, q in zip(projected.parameters(), hooked.parameters()):
+        torch.testing.assert_close(p, q, atol=2e-5, rtol=2e-5)
+    assert_every_matrix_moved(projected, build(), hooked)
+
+
 def _penalised_backward(model: TinyNet, opt: MoFaSGD, tokens: torch.Tensor) -> None:
     """loss + ||dloss/dh||^2 through torch.autograd.grad(create_graph=True): the projected path adds nothing during
     autograd.grad (it accumulates into no leaf), and the second-order terms reach W as on the hook path."""

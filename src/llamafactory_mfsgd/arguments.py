@@ -340,6 +340,29 @@ def apply_adamw_side_preset(args: Any) -> None:
     args.mfsgd_adamw_state, args.mfsgd_fused_adamw_side = wanted
 
 
+# LLaMA-Factory stages whose trainers build their optimizer through create_custom_optimizer inside the HF Trainer
+# loop (each is trained end to end in tests/test_llamafactory_stages.py)
+MFSGD_STAGES = ("pt", "sft", "rm", "dpo", "kto")
+
+
+def _ppo_refusal() -> str:
+    """Why `use_mfsgd` with `stage: ppo` is refused, and what to train instead."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        trl = f"trl {version('trl')} is installed"
+    except PackageNotFoundError:
+        trl = "trl is not installed"
+    return (
+        "`use_mfsgd: true` cannot train `stage: ppo`: LLaMA-Factory 0.9.5's PPO trainer is written for the old TRL "
+        f"API (trl 0.8.6-0.9.6: `PPOTrainer.step`, `trl.core.logprobs_from_logits`), while LLaMA-Factory itself needs "
+        f"trl >= 0.18 ({trl}), so its PPO stage does not run here with any optimizer; and its PPO loop steps and "
+        "clips the optimizer outside the HF Trainer loop whose gradient-norm, clipping and resume MoFaSGD extends. "
+        "Train the policy with `stage: dpo` or `stage: kto` on preference data instead (both take `use_mfsgd: true`, "
+        "as does `stage: rm` for a reward model)."
+    )
+
+
 def validate_extension_values(args: Any) -> None:
     """Check the extension's own keys (called from FinetuningArguments.__post_init__)."""
     check_extension_types({key: getattr(args, key) for key in _extension_fields() if hasattr(args, key)})
@@ -368,8 +391,12 @@ def validate_extension_values(args: Any) -> None:
     others = [k for k in ("use_galore", "use_apollo", "use_badam", "use_adam_mini", "use_muon") if getattr(args, k)]
     if others:
         raise ValueError(f"`use_mfsgd: true` cannot be combined with {', '.join(f'`{k}: true`' for k in others)}.")
-    if args.stage not in ("sft", "pt", "dpo", "kto", "rm"):
-        raise ValueError(f"`use_mfsgd: true` is not supported for `stage: {args.stage}` (use sft, pt, dpo, kto, rm).")
+    if args.stage == "ppo":
+        raise ValueError(_ppo_refusal())
+    if args.stage not in MFSGD_STAGES:
+        raise ValueError(
+            f"`use_mfsgd: true` is not supported for `stage: {args.stage}` (use {', '.join(MFSGD_STAGES)})."
+        )
     _check_with_optimizer(args)
     if not args.mfsgd_target.strip():
         raise _bad("mfsgd_target", args.mfsgd_target, "`all` or comma-separated module names")

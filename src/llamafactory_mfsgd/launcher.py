@@ -1,7 +1,7 @@
 """`python run.py CONFIG [--ngpus N] [--base_output_dir DIR] [key=value ...]`: name, record and launch a run.
 
-The run name is derived from the config (model, data, method and rank, effective batch, learning rates,
-scheduler); the resolved config is written to ``<base_output_dir>/<run_name>/run_config.yaml`` (and, under the
+The run name is derived from the config (model, data, stage unless sft, method and rank, effective batch, learning
+rates, scheduler); the resolved config is written to ``<base_output_dir>/<run_name>/run_config.yaml`` (and, under the
 authors' name, ``training_config.yaml``) and training starts on N processes: in this process for N = 1, through
 torchrun otherwise. Multi-node runs honour the usual torchrun variables (NNODES, NODE_RANK, MASTER_ADDR,
 MASTER_PORT) like llamafactory-cli does.
@@ -62,7 +62,9 @@ def run_name(config: dict[str, Any], ngpus: int) -> str:
     model = Path(str(config.get("model_name_or_path", "model")).rstrip("/")).name
     dataset = str(config.get("dataset", "data")).replace(",", "+")
     batch = int(config.get("per_device_train_batch_size", 1)) * int(config.get("gradient_accumulation_steps", 1))
-    parts = [model, dataset, method_tag(config), f"bs{batch * ngpus}"]
+    stage = str(config.get("stage", "sft"))
+    method = method_tag(config) if stage == "sft" else f"{stage}-{method_tag(config)}"
+    parts = [model, dataset, method, f"bs{batch * ngpus}"]
     if config.get("use_mfsgd") and (config.get("learning_rate_mfsgd") or config.get("learning_rate_adamw")):
         lr = config.get("learning_rate")
         parts.append(f"mflr{_fmt(config.get('learning_rate_mfsgd', lr))}")

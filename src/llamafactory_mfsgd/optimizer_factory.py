@@ -59,8 +59,8 @@ def create_mfsgd_optimizer(model: nn.Module, training_args: Any, finetuning_args
     """One MoFaSGD optimizer: a MoFaSGD group for the routed matrices, AdamW groups (decay / no decay) for the rest.
 
     Routing (fork-compatible): every trainable 2-D weight matching ``mfsgd_target`` except the input embeddings,
-    the LM head and MoE routers, and every MoE expert stack (each expert a matrix), goes to MoFaSGD at
-    ``learning_rate_mfsgd``; the rest to AdamW at ``learning_rate_adamw``;
+    the LM head, a reward model's value head (``stage: rm``) and MoE routers, and every MoE expert stack (each
+    expert a matrix), goes to MoFaSGD at ``learning_rate_mfsgd``; the rest to AdamW at ``learning_rate_adamw``;
     both default to ``learning_rate``. Under data parallelism the managed matrices are removed from DDP's
     gradient all-reduce and the optimizer averages their thin projections instead (exact, far fewer bytes). Under
     FSDP2 accelerate swaps the sharded DTensors into the param groups after this; the optimizer adopts them.

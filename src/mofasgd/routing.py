@@ -3,8 +3,11 @@
 MoE experts (transformers 5 fuses them into 3-D tensors, ``mlp.experts.gate_up_proj`` E x m x n) are stacks of E
 matrices: each expert is trained as its own matrix. Routers (the E x hidden ``mlp.gate`` / ``router`` beside the
 experts, and modules named ``*Router`` / ``*Gating``) stay on AdamW: they are small, and their few rows decide
-which experts train. The input embeddings, the LM head and routers join MoFaSGD only when the target names their
-module explicitly (``"all,embed_tokens,lm_head"``, ``"all,gate"``): their gradients then live as projections too.
+which experts train. A score head on top of the model (TRL's and LLaMA-Factory's value head ``v_head`` of reward
+models, transformers' ``score`` of sequence classifiers: hidden -> a few outputs) stays on AdamW like the LM head.
+The input embeddings, the LM head, score heads and routers join MoFaSGD only when the target names their module
+explicitly (``"all,embed_tokens,lm_head"``, ``"all,v_head"``, ``"all,gate"``): their gradients then live as projections
+too.
 """
 
 from __future__ import annotations
@@ -59,16 +62,23 @@ class Routing:
 # name endings of router modules elsewhere (MixtralTopKRouter, GraniteMoeTopKGating, ...).
 _ROUTER_NAMES = ("gate", "router")
 _ROUTER_CLASS_ENDINGS = ("Router", "Gating")
+# Score heads held by the model itself: TRL's AutoModelForCausalLMWithValueHead (LLaMA-Factory's `stage: rm`)
+# and transformers' *ForSequenceClassification.
+_SCORE_HEAD_NAMES = ("v_head", "score")
 
 
 def _excluded_ids(model: nn.Module) -> set[int]:
-    """Identities of the input embedding and output head weights, when the model exposes them."""
+    """Identities of the input embedding, output head and score head weights, when the model has them."""
     ids: set[int] = set()
     for getter in ("get_input_embeddings", "get_output_embeddings"):
         module = getattr(model, getter, lambda: None)()
         weight = getattr(module, "weight", None)
         if isinstance(weight, torch.Tensor):
             ids.add(id(weight))
+    for name in _SCORE_HEAD_NAMES:
+        head = getattr(model, name, None)
+        if isinstance(head, nn.Module):
+            ids.update(id(p) for p in head.parameters())
     for module in model.modules():
         if isinstance(module, nn.Embedding):
             ids.add(id(module.weight))
@@ -94,7 +104,7 @@ def _expert_modules_and_routers(model: nn.Module) -> tuple[set[str], set[str]]:
 
 
 def split_for_mofasgd(model: nn.Module, target: str | list[str] = "all") -> Routing:
-    """Route every trainable 2-D weight and MoE expert stack (except embeddings, LM head, routers) to MoFaSGD.
+    """Route every trainable 2-D weight and MoE expert stack (not embeddings, heads, routers) to MoFaSGD.
 
     The rest goes to AdamW. An expert stack is a 3-D parameter held directly by an MoE experts module
     (``mlp.experts.gate_up_proj``, E x m x n): MoFaSGD trains each of its E matrices; 2-D parameters held there are
@@ -105,9 +115,9 @@ def split_for_mofasgd(model: nn.Module, target: str | list[str] = "all") -> Rout
         target: ``"all"`` or module-name patterns (comma-separated string or list); a pattern matches when
             it equals a dotted component of the parameter's module path or is a regex that ``search``-es it,
             like LLaMA-Factory's ``galore_target`` (e.g. ``"q_proj,v_proj"`` or ``["mlp"]``). ``all`` may be
-            combined with other names. The input embeddings, the LM head and MoE routers are included only when a
-            pattern equals their module name (e.g. ``"all,embed_tokens,lm_head"``, ``"all,gate"``), never through
-            ``all`` or a regex. ``experts`` selects the expert stacks alone.
+            combined with other names. The input embeddings, the LM head, a score head (``v_head``, ``score``) and
+            MoE routers are included only when a pattern equals their module name (e.g. ``"all,embed_tokens,lm_head"``,
+            ``"all,gate"``), never through ``all`` or a regex. ``experts`` selects the expert stacks alone.
     """
     match_all, patterns = _parse_target(target)
     excluded = _excluded_ids(model)
