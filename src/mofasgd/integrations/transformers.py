@@ -192,7 +192,7 @@ class _Factory:
             weight_decay=args.weight_decay,
             decay_names=trainer.get_decay_parameter_names(model),
             target=settings["target"],
-            data_parallel=args.world_size > 1 and fused and not fsdp2,
+            data_parallel=_wrapped_in_ddp(args) and fused and not fsdp2,
             sharded=fsdp2,
             accumulation_boundary=lambda: gradient_state.sync_gradients,
             hook_path_reason=_hook_path_reason(args, fsdp2),
@@ -234,6 +234,15 @@ class _RequireMoFaSGD(transformers.TrainerCallback):
                 "`create_optimizer` did not use `optimizer_cls_and_kwargs`. Let it call `Trainer.create_optimizer` "
                 "when `self.optimizer_cls_and_kwargs` is set."
             )
+
+
+def _wrapped_in_ddp(args: transformers.TrainingArguments) -> bool:
+    """Whether accelerate will wrap the model in DDP: any torch.distributed run, one process under torchrun included.
+
+    DDP's reducer expects a gradient for every parameter it was not told to ignore, so the managed matrices (which
+    the projected backward never gives one) are left out of it even then; averaging over one rank costs nothing.
+    """
+    return args.parallel_mode == transformers.training_args.ParallelMode.DISTRIBUTED
 
 
 def _hook_path_reason(args: transformers.TrainingArguments, fsdp2: bool) -> str | None:
