@@ -286,6 +286,14 @@ def _load_with_running_lrs(trainer: transformers.Trainer) -> None:
     load = type(trainer)._load_optimizer_and_scheduler  # the class's (a subclass may extend it); bound below
 
     def _load_optimizer_and_scheduler(self: transformers.Trainer, checkpoint: str | None) -> None:
+        if checkpoint is not None and _fsdp_version(self) == 2:
+            # accelerate 1.11 reads a sharded optimizer checkpoint into the fresh optimizer's empty, id-keyed state
+            # dict: nothing would be read, and the factors would silently start over
+            raise ValueError(
+                f"Resuming MoFaSGD under FSDP2 from {checkpoint} is not supported by enable_mofasgd yet (its factors "
+                "would silently start from scratch). Resume under DDP, or start a new run from the checkpoint's "
+                "weights."
+            )
         load(self, checkpoint)
         if checkpoint is not None:
             scheduler = getattr(self.lr_scheduler, "scheduler", self.lr_scheduler)  # accelerate's wrapper, if any
