@@ -20,6 +20,8 @@ import os
 from types import ModuleType
 from typing import Any
 
+from mofasgd.resume import scheduler_follows_running_lrs
+
 from .compat import require, require_source
 from .diagnostics import add_diagnostics, unwrap_optimizer
 
@@ -231,21 +233,10 @@ def _load_fsdp2_sharded_optimizer(trainer: Any, checkpoint: str) -> None:
 
 
 def _follow_running_base_lrs(trainer: Any) -> None:
-    """After a resume, give the scheduler this run's base learning rates (the config's, kept by MoFaSGD's load).
-
-    HF loads the scheduler after the optimizer, and the scheduler's state holds the checkpoint's ``base_lrs``: its
-    next step would bring the old learning rates back. MoFaSGD keeps this run's in each group's ``initial_lr`` and
-    has logged the change (``lr (base, initial_lr): old -> new``); its ``lr`` keeps the saved schedule position.
-    """
-    optimizer = _unwrapped_optimizer(trainer)
+    """After a resume, the scheduler follows this run's base learning rates (:mod:`mofasgd.resume`)."""
     scheduler = getattr(trainer, "lr_scheduler", None)
     scheduler = getattr(scheduler, "scheduler", scheduler)  # accelerate's AcceleratedScheduler
-    groups = getattr(optimizer, "param_groups", [])
-    if not any("mofasgd" in g for g in groups) or not hasattr(scheduler, "base_lrs"):
-        return
-    if len(scheduler.base_lrs) == len(groups) and all("initial_lr" in g for g in groups):
-        scheduler.base_lrs = [g["initial_lr"] for g in groups]
-        scheduler._last_lr = [g["lr"] for g in groups]  # what the Trainer logs as `learning_rate`
+    scheduler_follows_running_lrs(_unwrapped_optimizer(trainer), scheduler)
 
 
 def _patch_resume(trainer_class: type) -> None:

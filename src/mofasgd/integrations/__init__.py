@@ -1,0 +1,1 @@
+"""Integrations of MoFaSGD with training frameworks; each imports its own framework (``mofasgd`` needs torch only)."""
