@@ -36,6 +36,22 @@ def test_two_processes_match_one_process_via_run_py_and_llamafactory_cli(tiny_mo
         torch.testing.assert_close(value, two[key], atol=1e-6, rtol=1e-5)
 
 
+@pytest.mark.distributed
+def test_one_torchrun_process_trains_as_the_plain_run_does(tiny_model, tmp_path):
+    """`FORCE_TORCHRUN=1 NPROC_PER_NODE=1` (one GPU under torchrun) wraps the model in DDP although there is one rank:
+    the managed matrices must stay out of DDP's reducer there too (it failed with "Expected to have finished
+    reduction" when data parallelism was keyed on world_size > 1)."""
+    plain = tiny_config("tiny_sft_mfsgd.yaml", tiny_model, tmp_path / "plain", max_steps=4, save_steps=4)
+    torchrun = dict(plain, output_dir=str(tmp_path / "torchrun"))
+    assert_ok(run_cli(plain, tmp_path))
+    proc = run_cli(torchrun, tmp_path, extra_env={"FORCE_TORCHRUN": "1", "NPROC_PER_NODE": "1"})
+    assert_ok(proc)
+    assert "data_parallel=True" in proc.stdout
+    one, other = weights(tmp_path / "plain"), weights(tmp_path / "torchrun")
+    for key in one:
+        torch.testing.assert_close(other[key], one[key], atol=1e-6, rtol=1e-5)
+
+
 def test_fused_galore_from_yaml_equals_stock_galore(tiny_model, tmp_path):
     """`galore_fused: true` makes the same updates as LLaMA-Factory's GaLore, across a projector refresh.
 

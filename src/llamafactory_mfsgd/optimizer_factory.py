@@ -11,6 +11,7 @@ from transformers import Trainer
 
 from mofasgd import MoFaSGD
 from mofasgd.build import build_for_model, effective_settings, rank_above_size_message
+from mofasgd.integrations.transformers import wrapped_in_ddp
 
 from .arguments import optimizer_options
 from .compat import require
@@ -44,8 +45,9 @@ def create_mfsgd_optimizer(model: nn.Module, training_args: Any, finetuning_args
     """
     lr_mfsgd = _or_default(finetuning_args.learning_rate_mfsgd, training_args.learning_rate)
     lr_adamw = _or_default(finetuning_args.learning_rate_adamw, training_args.learning_rate)
-    # FSDP2 reduce-scatters (averages) every gradient itself: the optimizer then works on row shards instead
-    data_parallel = training_args.world_size > 1 and finetuning_args.mfsgd_fused and not training_args.fsdp
+    # FSDP2 reduce-scatters (averages) every gradient itself: the optimizer then works on row shards instead. DDP
+    # wraps a single torchrun process too (FORCE_TORCHRUN=1 on one GPU): its reducer must skip the managed matrices
+    data_parallel = wrapped_in_ddp(training_args) and finetuning_args.mfsgd_fused and not training_args.fsdp
     # every `mfsgd_<option>` key, then the options the training arguments give (arguments.FROM_TRAINING_ARGUMENTS;
     # weight decay is per group)
     options = optimizer_options(finetuning_args)

@@ -192,7 +192,7 @@ class _Factory:
             weight_decay=args.weight_decay,
             decay_names=trainer.get_decay_parameter_names(model),
             target=settings["target"],
-            data_parallel=_wrapped_in_ddp(args) and fused and not fsdp2,
+            data_parallel=wrapped_in_ddp(args) and fused and not fsdp2,
             sharded=fsdp2,
             accumulation_boundary=lambda: gradient_state.sync_gradients,
             hook_path_reason=_hook_path_reason(args, fsdp2),
@@ -236,7 +236,7 @@ class _RequireMoFaSGD(transformers.TrainerCallback):
             )
 
 
-def _wrapped_in_ddp(args: transformers.TrainingArguments) -> bool:
+def wrapped_in_ddp(args: transformers.TrainingArguments) -> bool:
     """Whether accelerate will wrap the model in DDP: any torch.distributed run, one process under torchrun included.
 
     DDP's reducer expects a gradient for every parameter it was not told to ignore, so the managed matrices (which
