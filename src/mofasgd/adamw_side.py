@@ -97,13 +97,12 @@ def factored_adam_update_(
 
     def compute(buffer: torch.Tensor, start: int, stop: int, noise: torch.Tensor | None) -> None:
         g = grads[start:stop].float()
-        direction = g
-        if avgs is not None:
-            direction = avgs[start:stop].float().lerp_(g, 1.0 - beta1)
-            store_(avgs[start:stop], direction, generator, noise)
+        direction = g if avgs is None else avgs[start:stop].float().lerp_(g, 1.0 - beta1)
         denom = torch.outer(row_sq[start:stop] * row_scale, col_sq).sqrt_().add_(eps)
         if weight_decay != 0:
             buffer.mul_(1.0 - lr * weight_decay)
         buffer.addcdiv_(direction, denom, value=-step_size)
+        if avgs is not None:  # after its use: rounding consumes the fp32 value (as in adamw_update_fp32_)
+            store_(avgs[start:stop], direction, generator, noise)
 
     update_in_fp32_(param, compute, generator)

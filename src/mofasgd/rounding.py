@@ -9,6 +9,7 @@ the low 16 bits) makes the expected bf16 result equal the fp32 value, at no pers
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 
 import torch
@@ -17,6 +18,8 @@ import torch
 CHUNK_ELEMENTS = 1 << 22
 _LOW_BITS = 1 << 16
 _HIGH_MASK = -_LOW_BITS  # 0xFFFF0000 as a signed int32
+# where an fp32's high 16 bits (sign, exponent, 7 mantissa bits: its bf16 truncation) sit among its two halves
+_HIGH_HALF = {"little": 1, "big": 0}.get(sys.byteorder)
 
 
 def supports_stochastic_rounding(dtype: torch.dtype) -> bool:
@@ -45,15 +48,19 @@ def stochastic_round_(
 ) -> None:
     """Write fp32 `value` into bf16 `target`, rounding each entry up or down so that E[target] == value.
 
-    `value` is consumed (its bits are overwritten). Both must have the same shape; `value` must be contiguous.
+    `value` is consumed (its bits are overwritten: it no longer holds the value, nor the rounded one). Both must
+    have the same shape; `value` must be contiguous.
     `noise` (from :func:`random_low_bits`) may be shared by several tensors rounded together (a parameter and
     its moments): each stays unbiased, and drawing the bits once is most of the cost on a CPU.
     """
     if value.dtype != torch.float32 or target.dtype != torch.bfloat16:
         raise TypeError(f"stochastic_round_ needs fp32 -> bf16, got {value.dtype} -> {target.dtype}")
     bits = value.view(torch.int32)
-    bits.add_(random_low_bits(value, generator) if noise is None else noise).bitwise_and_(_HIGH_MASK)
-    target.copy_(value)  # exact: the low 16 bits are zero, so the value is representable in bf16
+    bits.add_(random_low_bits(value, generator) if noise is None else noise)
+    if _HIGH_HALF is None:
+        target.copy_(bits.bitwise_and_(_HIGH_MASK).view(torch.float32))  # exact: the low 16 bits are zero
+    else:  # the high halves already are the truncated bf16 values: one strided copy instead of mask + convert
+        target.copy_(value.view(-1).view(torch.bfloat16)[_HIGH_HALF::2].view(target.shape))
 
 
 def store_(
