@@ -241,6 +241,19 @@ def test_fsdp1_is_refused(tiny_model, tmp_path, monkeypatch):
         enable_mofasgd(trainer)
 
 
+def test_an_fsdp2_checkpoint_with_a_whole_optimizer_file_is_refused_on_resume(tiny_model, tmp_path, monkeypatch):
+    # FULL_STATE_DICT saves optimizer.bin, which enable_mofasgd does not read into MoFaSGD's shards: FSDP2's
+    # accelerator state set by hand, as for FSDP1 above
+    trainer = make_trainer("trainer", tiny_model, tmp_path)
+    monkeypatch.setattr(trainer.accelerator.state, "fsdp_plugin", SimpleNamespace(fsdp_version=2), raising=False)
+    enable_mofasgd(trainer)
+    checkpoint = tmp_path / "checkpoint-3"
+    checkpoint.mkdir()
+    (checkpoint / "optimizer.bin").write_bytes(b"")
+    with pytest.raises(ValueError, match="optimizer.bin.*FULL_STATE_DICT.*SHARDED_STATE_DICT"):
+        trainer._load_optimizer_and_scheduler(str(checkpoint))
+
+
 def test_fp16_with_fused_mofasgd_is_refused(tiny_model, tmp_path):
     trainer = make_trainer("trainer", tiny_model, tmp_path, fp16=True)
     with pytest.raises(ValueError, match="fp16=True.*fused=False"):
@@ -275,3 +288,57 @@ def test_two_ddp_processes_train_like_one(kind, tiny_model, tmp_path):
     # Not compared: the AdamW side. Its first steps are about sign(g), so gradients near zero flip with the
     # all-reduce's rounding (measured: 7 of the LM head's 57,920 entries for the Trainer, 172 for SFT, by up to
     # one step; torch's AdamW alone differs the same way between 1 and 2 processes here).
+
+
+def _run_fsdp2_worker(kind, tiny_model, out, resume_from=None):
+    """A 2-process FSDP2 run of tests/hf_fsdp2_worker.py (6 steps, checkpoints at 3 and 6); its result file."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port"]
+    command += [str(free_port()), str(TESTS / "hf_fsdp2_worker.py"), kind, str(tiny_model), str(out)]
+    command += [str(out / "result.pt")] + ([str(resume_from)] if resume_from else [])
+    env = {**os.environ, "MFSGD_CPU_FSDP2": "1"}
+    env["PYTHONPATH"] = os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])
+    proc = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-6000:]
+    return torch.load(out / "result.pt", weights_only=True)
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+@pytest.mark.parametrize("kind", KINDS)
+def test_fsdp2_two_processes_train_like_one_and_resume_exactly(kind, tiny_model, tmp_path):
+    """transformers' own FSDP2 path (accelerate's fully_shard, sharded DCP checkpoints) on 2 CPU processes: the
+    MoFaSGD matrices end as in one process, the checkpoint holds every matrix's factors, and a run resumed from
+    checkpoint-3 ends on the uninterrupted run's weights."""
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    sharded = _run_fsdp2_worker(kind, tiny_model, tmp_path / "fsdp2")
+    assert sharded["sharded"] and all(sharded["sharded"])  # the optimizer stepped FSDP2's DTensor shards
+    assert not sharded["data_parallel"]
+
+    arguments = dict(max_steps=6, max_grad_norm=1.0, bf16=False)  # as the worker: TRL's SFTConfig defaults to bf16
+    single = enable_mofasgd(make_trainer(kind, tiny_model, tmp_path / "single", **arguments), rank=RANK)
+    single.train()
+    model = make_trainer(kind, tiny_model, tmp_path / "base").model
+    base, hidden = model.state_dict(), _hidden_matrix_names(model)
+    expected = dict(single.model.named_parameters())
+    assert max(e["grad_norm"] for e in sharded["log"] if "grad_norm" in e) > 1.0  # clipping was active
+    for name in hidden:
+        weight = sharded["weights"][name]
+        assert not torch.equal(weight, base[name]), f"{name} did not move"
+        torch.testing.assert_close(weight, expected[name].detach(), atol=2e-5, rtol=1e-4, msg=name)
+
+    checkpoint = tmp_path / "fsdp2" / "checkpoint-3"
+    merged = tmp_path / "optimizer-3.pt"
+    dcp_to_torch_save(str(checkpoint / "optimizer_0"), str(merged))
+    state = torch.load(merged, weights_only=True)["optimizer"]["state"]
+    assert {n for n, s in state.items() if {"U", "S", "V"} <= set(s)} == hidden
+
+    resumed = _run_fsdp2_worker(kind, tiny_model, tmp_path / "resumed", resume_from=checkpoint)
+    for name, weight in resumed["weights"].items():  # bit for bit, as without FSDP
+        torch.testing.assert_close(weight, sharded["weights"][name], atol=0, rtol=0, msg=name)
+
+    def logged(result):  # loss and grad norm of steps 1-6 (the resumed run's steps 1-3 come from trainer_state)
+        return [value for e in result["log"] if "loss" in e for value in (e["loss"], e["grad_norm"])]
+
+    assert len(logged(resumed)) == 12
+    assert logged(resumed) == pytest.approx(logged(sharded), rel=1e-6)

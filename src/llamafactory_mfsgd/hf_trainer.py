@@ -20,7 +20,7 @@ import os
 from types import ModuleType
 from typing import Any
 
-from mofasgd.resume import scheduler_follows_running_lrs
+from mofasgd.resume import load_fsdp2_sharded_state, scheduler_follows_running_lrs
 
 from .compat import require, require_source
 from .diagnostics import add_diagnostics, unwrap_optimizer
@@ -216,20 +216,9 @@ def _optimizer_name() -> str:
 
 
 def _load_fsdp2_sharded_optimizer(trainer: Any, checkpoint: str) -> None:
-    """Load a sharded FSDP2 optimizer checkpoint into MoFaSGD, keyed by parameter names as it was saved.
-
-    accelerate (1.11) reads a sharded optimizer checkpoint into ``optimizer.state_dict()`` of the fresh optimizer:
-    that template has no state yet and is keyed by parameter ids, not names, so nothing is read and training would
-    resume with fresh factors and moments. Here the template is torch's ``get_optimizer_state_dict`` (state
-    created by a zero-learning-rate step, keyed by names, U and the moments as DTensors), which DCP fills in place.
-    """
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
-
-    optimizer = _unwrapped_optimizer(trainer)
-    state = {"optimizer": get_optimizer_state_dict(trainer.model, optimizer)}
-    dcp.load(state, checkpoint_id=os.path.join(checkpoint, f"{_optimizer_name()}_0"))
-    set_optimizer_state_dict(trainer.model, optimizer, state["optimizer"])
+    """Load the checkpoint's sharded FSDP2 optimizer state into MoFaSGD by parameter name (:mod:`mofasgd.resume`)."""
+    directory = os.path.join(checkpoint, f"{_optimizer_name()}_0")
+    load_fsdp2_sharded_state(trainer.model, _unwrapped_optimizer(trainer), directory)
 
 
 def _follow_running_base_lrs(trainer: Any) -> None:

@@ -1,4 +1,7 @@
-"""What a resume needs beyond ``MoFaSGD.load_state_dict``: the LR scheduler follows this run's base learning rates."""
+"""What a resume needs beyond ``MoFaSGD.load_state_dict``: the scheduler's base lrs, MoFaSGD's sharded FSDP2 state.
+
+Both trainers' paths (LLaMA-Factory's and :mod:`mofasgd.integrations.transformers`) call these.
+"""
 
 from __future__ import annotations
 
@@ -21,3 +24,20 @@ def scheduler_follows_running_lrs(optimizer: torch.optim.Optimizer, scheduler: A
     if len(scheduler.base_lrs) == len(groups) and all("initial_lr" in g for g in groups):
         scheduler.base_lrs = [g["initial_lr"] for g in groups]
         scheduler._last_lr = [g["lr"] for g in groups]  # what a trainer logs as the learning rate
+
+
+def load_fsdp2_sharded_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, directory: str) -> None:
+    """Load a sharded FSDP2 optimizer checkpoint (a DCP `directory`) into `optimizer`, keyed by parameter names.
+
+    accelerate (1.11) reads such a directory into ``optimizer.state_dict()`` of the fresh optimizer: that template
+    has no state yet and is keyed by parameter ids, not by the names it was saved under, so nothing is read and the
+    factors and moments would silently start over. Here the template is torch's ``get_optimizer_state_dict`` (its
+    state created by a zero-learning-rate step, keyed by names, U and the moments as DTensors), which DCP fills in
+    place. Every rank calls it (a collective), after FSDP2 has sharded `model` and the optimizer adopted its shards.
+    """
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+
+    state = {"optimizer": get_optimizer_state_dict(model, optimizer)}
+    dcp.load(state, checkpoint_id=directory)
+    set_optimizer_state_dict(model, optimizer, state["optimizer"])

@@ -12,12 +12,13 @@ Everything changes on this trainer instance only, nothing process-wide:
   need the model (its docstring names Muon and Dion). ``create_optimizer`` calls it before accelerate prepares the
   model, so DDP (the managed matrices left out of its all-reduce, their projections averaged by the optimizer) and
   FSDP2 (accelerate swaps the sharded parameters in) work as in LLaMA-Factory, and checkpoints are the Trainer's own
-  ``optimizer.pt`` (U, S, V of every matrix);
+  (``optimizer.pt``; under FSDP2 the sharded ``optimizer_0/``: U, S, V of every matrix);
 - clipping and the logged ``grad_norm``: the Trainer calls ``accelerator.clip_grad_norm_(model.parameters(), ...)``,
   blind to the gradients MoFaSGD consumed in backward; this trainer's accelerator answers through the optimizer
   (``MoFaSGD.clip_grad_norm_`` / ``grad_norm``, which cover every parameter);
 - resuming: after the Trainer loads the optimizer and the scheduler, the scheduler follows this run's base learning
-  rates (:mod:`mofasgd.resume`).
+  rates; under FSDP2, MoFaSGD's sharded state (``optimizer_0/``, which accelerate would read into nothing) is loaded
+  by parameter name (:mod:`mofasgd.resume`, as LLaMA-Factory's path does).
 
 Routing is LLaMA-Factory's (:func:`mofasgd.split_for_mofasgd`): hidden matrices to MoFaSGD at `lr`, embeddings, LM
 head, norms and biases to AdamW at `adamw_lr`, weight decay by the Trainer's own rule. Refused, with the reason:
@@ -30,6 +31,7 @@ from __future__ import annotations
 import difflib
 import logging
 import math
+import os
 import types
 from typing import Any
 
@@ -38,7 +40,7 @@ import transformers
 
 from mofasgd import DEFAULTS, MoFaSGD, check_options
 from mofasgd.build import build_for_model, effective_settings, rank_above_size_message
-from mofasgd.resume import scheduler_follows_running_lrs
+from mofasgd.resume import load_fsdp2_sharded_state, scheduler_follows_running_lrs
 
 logger = logging.getLogger("mofasgd")
 
@@ -282,24 +284,44 @@ def _clip_through_optimizer(accelerator: Any, optimizer: MoFaSGD) -> None:
 
 
 def _load_with_running_lrs(trainer: transformers.Trainer) -> None:
-    """On resume, after the Trainer's own load of optimizer.pt and scheduler.pt, the scheduler follows our lrs."""
+    """On resume, after the Trainer's own load of optimizer.pt and scheduler.pt, the scheduler follows our lrs.
+
+    Under FSDP2, MoFaSGD's sharded state is then loaded by parameter name (the Trainer's own load reads nothing).
+    """
     load = type(trainer)._load_optimizer_and_scheduler  # the class's (a subclass may extend it); bound below
 
     def _load_optimizer_and_scheduler(self: transformers.Trainer, checkpoint: str | None) -> None:
-        if checkpoint is not None and _fsdp_version(self) == 2:
-            # accelerate 1.11 reads a sharded optimizer checkpoint into the fresh optimizer's empty, id-keyed state
-            # dict: nothing would be read, and the factors would silently start over
-            raise ValueError(
-                f"Resuming MoFaSGD under FSDP2 from {checkpoint} is not supported by enable_mofasgd yet (its factors "
-                "would silently start from scratch). Resume under DDP, or start a new run from the checkpoint's "
-                "weights."
-            )
-        load(self, checkpoint)
+        sharded = _fsdp2_sharded_optimizer(self, checkpoint)
+        load(self, checkpoint)  # under FSDP2: the scheduler; its optimizer load finds no state to fill
+        if sharded is not None:
+            load_fsdp2_sharded_state(self.model, _unwrapped(self.optimizer), sharded)
         if checkpoint is not None:
             scheduler = getattr(self.lr_scheduler, "scheduler", self.lr_scheduler)  # accelerate's wrapper, if any
             scheduler_follows_running_lrs(_unwrapped(self.optimizer), scheduler)
 
     trainer._load_optimizer_and_scheduler = types.MethodType(_load_optimizer_and_scheduler, trainer)
+
+
+def _fsdp2_sharded_optimizer(trainer: transformers.Trainer, checkpoint: str | None) -> str | None:
+    """The sharded (DCP) optimizer folder of `checkpoint` when this run resumes it under FSDP2, else None.
+
+    Raises:
+        ValueError: an FSDP2 checkpoint whose optimizer was saved whole (``FULL_STATE_DICT``), which is not tested.
+    """
+    if checkpoint is None or _fsdp_version(trainer) != 2:
+        return None
+    from accelerate.utils import OPTIMIZER_NAME
+
+    directory = os.path.join(checkpoint, f"{OPTIMIZER_NAME}_0")
+    if os.path.isdir(directory):
+        return directory
+    if os.path.isfile(os.path.join(checkpoint, f"{OPTIMIZER_NAME}.bin")):
+        raise ValueError(
+            f"{checkpoint} holds MoFaSGD's FSDP2 optimizer state as one file ({OPTIMIZER_NAME}.bin, saved with "
+            "`state_dict_type: FULL_STATE_DICT`); enable_mofasgd resumes FSDP2 from sharded checkpoints only. Save "
+            "with accelerate's default `SHARDED_STATE_DICT`, or start a new run from the checkpoint's weights."
+        )
+    return None  # no optimizer state: transformers loads none, as without FSDP
 
 
 def _unwrapped(optimizer: Any) -> Any:
