@@ -1,4 +1,4 @@
-"""MoFaSGD in a plain ``transformers.Trainer`` or any subclass (Seq2SeqTrainer, TRL's SFTTrainer / DPOTrainer, ...).
+"""MoFaSGD in a plain ``transformers.Trainer`` or any subclass (Seq2SeqTrainer, TRL's SFTTrainer, ...).
 
 ::
 
