@@ -10,7 +10,7 @@ from torch import nn
 from transformers import Trainer
 
 from mofasgd import MoFaSGD
-from mofasgd.build import build_for_model, effective_settings, rank_above_size_message
+from mofasgd.build import build_for_model, hook_path_reason, rank_above_size_message
 from mofasgd.integrations.transformers import wrapped_in_ddp
 
 from .arguments import optimizer_options
@@ -61,7 +61,7 @@ def create_mfsgd_optimizer(model: nn.Module, training_args: Any, finetuning_args
         data_parallel=data_parallel,
         sharded=bool(training_args.fsdp),
         accumulation_boundary=_accumulation_boundary() if options["fused_adamw_side"] else None,
-        hook_path_reason=_hook_path_reason(training_args),
+        hook_path_reason=hook_path_reason(bool(training_args.fsdp), bool(training_args.torch_compile)),
         key_prefix="mfsgd_",
         **options,
         adam_betas=(training_args.adam_beta1, training_args.adam_beta2),
@@ -71,10 +71,7 @@ def create_mfsgd_optimizer(model: nn.Module, training_args: Any, finetuning_args
     warning = rank_above_size_message(built.routing.mofasgd, finetuning_args.mfsgd_rank, key_prefix="mfsgd_")
     if warning:
         logger.warning_rank0(warning)
-    logger.info_rank0(
-        f"{effective_settings(built.optimizer, finetuning_args.mfsgd_target)} Routing:\n{built.routing.table()}\n"
-        f"Gradient paths:\n{built.attachment.table()}"
-    )
+    logger.info_rank0(built.report(finetuning_args.mfsgd_target))
     return built.optimizer
 
 
@@ -84,12 +81,3 @@ def _accumulation_boundary() -> Callable[[], bool]:
 
     gradient_state = GradientState()
     return lambda: gradient_state.sync_gradients
-
-
-def _hook_path_reason(training_args: Any) -> str | None:
-    """Why this run keeps every MoFaSGD matrix on the gradient-hook path whatever the optimizer says, or None."""
-    if training_args.fsdp:
-        return "FSDP2 shards the weight; measured cost in docs/algorithm.md"
-    if training_args.torch_compile:
-        return "torch_compile traces the backward"
-    return None

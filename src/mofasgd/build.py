@@ -26,6 +26,22 @@ class Built(NamedTuple):
     routing: Routing
     attachment: Attachment
 
+    def report(self, target: str | list[str]) -> str:
+        """The start-up log: the settings in effect, the routing table and each matrix's gradient path."""
+        return (
+            f"{effective_settings(self.optimizer, target)} Routing:\n{self.routing.table()}\n"
+            f"Gradient paths:\n{self.attachment.table()}"
+        )
+
+
+def hook_path_reason(sharded: bool, compiled: bool) -> str | None:
+    """Why a run keeps every MoFaSGD matrix on the gradient-hook path whatever the optimizer says, or None."""
+    if sharded:
+        return "FSDP2 shards the weight; measured cost in docs/algorithm.md"
+    if compiled:
+        return "torch_compile traces the backward"
+    return None
+
 
 def build_for_model(
     model: nn.Module,

@@ -39,7 +39,7 @@ import torch
 import transformers
 
 from mofasgd import DEFAULTS, MoFaSGD, check_options
-from mofasgd.build import build_for_model, effective_settings, rank_above_size_message
+from mofasgd.build import build_for_model, hook_path_reason, rank_above_size_message
 from mofasgd.resume import load_fsdp2_sharded_state, scheduler_follows_running_lrs
 
 logger = logging.getLogger("mofasgd")
@@ -197,7 +197,7 @@ class _Factory:
             data_parallel=wrapped_in_ddp(args) and fused and not fsdp2,
             sharded=fsdp2,
             accumulation_boundary=lambda: gradient_state.sync_gradients,
-            hook_path_reason=_hook_path_reason(args, fsdp2),
+            hook_path_reason=hook_path_reason(fsdp2, bool(args.torch_compile)),
             **options,
             adam_betas=(args.adam_beta1, args.adam_beta2),
             adam_eps=args.adam_epsilon,
@@ -207,10 +207,7 @@ class _Factory:
         if warning and args.process_index == 0:
             logger.warning(warning)
         if args.process_index == 0:
-            logger.info(
-                f"{effective_settings(built.optimizer, settings['target'])} Routing:\n{built.routing.table()}\n"
-                f"Gradient paths:\n{built.attachment.table()}"
-            )
+            logger.info(built.report(settings["target"]))
         _clip_through_optimizer(trainer.accelerator, built.optimizer)
         self.built = built.optimizer
         return built.optimizer
@@ -245,15 +242,6 @@ def wrapped_in_ddp(args: transformers.TrainingArguments) -> bool:
     the projected backward never gives one) are left out of it even then; averaging over one rank costs nothing.
     """
     return args.parallel_mode == transformers.training_args.ParallelMode.DISTRIBUTED
-
-
-def _hook_path_reason(args: transformers.TrainingArguments, fsdp2: bool) -> str | None:
-    """Why every MoFaSGD matrix keeps the gradient-hook path in this run whatever the optimizer says, or None."""
-    if fsdp2:
-        return "FSDP2 shards the weight; measured cost in docs/algorithm.md"
-    if args.torch_compile:
-        return "torch_compile traces the backward"
-    return None
 
 
 def _clip_through_optimizer(accelerator: Any, optimizer: MoFaSGD) -> None:
