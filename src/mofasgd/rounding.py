@@ -17,9 +17,8 @@ import torch
 # Elements per chunk: the transient memory of one chunk is CHUNK_ELEMENTS * (4 B fp32 value + 4 B random bits).
 CHUNK_ELEMENTS = 1 << 22
 _LOW_BITS = 1 << 16
-_HIGH_MASK = -_LOW_BITS  # 0xFFFF0000 as a signed int32
 # where an fp32's high 16 bits (sign, exponent, 7 mantissa bits: its bf16 truncation) sit among its two halves
-_HIGH_HALF = {"little": 1, "big": 0}.get(sys.byteorder)
+_HIGH_HALF = 1 if sys.byteorder == "little" else 0
 
 
 def supports_stochastic_rounding(dtype: torch.dtype) -> bool:
@@ -57,10 +56,8 @@ def stochastic_round_(
         raise TypeError(f"stochastic_round_ needs fp32 -> bf16, got {value.dtype} -> {target.dtype}")
     bits = value.view(torch.int32)
     bits.add_(random_low_bits(value, generator) if noise is None else noise)
-    if _HIGH_HALF is None:
-        target.copy_(bits.bitwise_and_(_HIGH_MASK).view(torch.float32))  # exact: the low 16 bits are zero
-    else:  # the high halves already are the truncated bf16 values: one strided copy instead of mask + convert
-        target.copy_(value.view(-1).view(torch.bfloat16)[_HIGH_HALF::2].view(target.shape))
+    # the high halves are the truncated bf16 values: one strided copy, no mask pass and no conversion
+    target.copy_(value.view(-1).view(torch.bfloat16)[_HIGH_HALF::2].view(target.shape))
 
 
 def store_(
