@@ -42,23 +42,43 @@ def adamw_update_fp32_(
     grad: torch.Tensor,
     exp_avg: torch.Tensor,
     exp_avg_sq: torch.Tensor,
-    step: int,
+    step: int | torch.Tensor,
     settings: AdamSettings,
     generator: torch.Generator | None,
+    allowed: torch.Tensor | None = None,
 ) -> None:
-    """One AdamW step (decoupled weight decay, bias correction; `step` counts this one) in fp32 chunks."""
+    """One AdamW step (decoupled weight decay, bias correction; `step` counts this one) in fp32 chunks.
+
+    With a device flag `allowed` (the capturable step: `step` a device tensor, nothing read on the host) the
+    update is masked on the device: where it is false, the parameter and both moments keep their values.
+    """
     lr, beta1, beta2, eps, weight_decay = settings
-    step_size = lr / (1.0 - beta1**step)
-    bias2_sqrt = math.sqrt(1.0 - beta2**step)
     grads, avgs, avg_sqs = as_rows(grad), as_rows(exp_avg), as_rows(exp_avg_sq)
+    if allowed is None:
+        step_size, bias2_sqrt, keep_m, keep_v, decay = lr / (1.0 - beta1**step), math.sqrt(1.0 - beta2**step), 0, 0, 0
+    else:  # the same numbers as device tensors; 1 - (1 - beta) * ok keeps a moment unchanged where ok is 0
+        ok = allowed.to(torch.float32)
+        step = step.to(torch.float32)
+        step_size = ok * lr / (1.0 - beta1**step)
+        bias2_sqrt = (1.0 - beta2**step).sqrt()
+        keep_m, keep_v, decay = (1.0 - beta1) * ok, (1.0 - beta2) * ok, 1.0 - lr * weight_decay * ok
 
     def compute(buffer: torch.Tensor, start: int, stop: int, noise: torch.Tensor | None) -> None:
         g = grads[start:stop].float()
-        m = avgs[start:stop].float().lerp_(g, 1.0 - beta1)
-        v = avg_sqs[start:stop].float().mul_(beta2).addcmul_(g, g, value=1.0 - beta2)
-        if weight_decay != 0:
-            buffer.mul_(1.0 - lr * weight_decay)
-        buffer.addcdiv_(m, (v.sqrt() / bias2_sqrt).add_(eps), value=-step_size)
+        if allowed is None:
+            m = avgs[start:stop].float().lerp_(g, 1.0 - beta1)
+            v = avg_sqs[start:stop].float().mul_(beta2).addcmul_(g, g, value=1.0 - beta2)
+            if weight_decay != 0:
+                buffer.mul_(1.0 - lr * weight_decay)
+            buffer.addcdiv_(m, (v.sqrt() / bias2_sqrt).add_(eps), value=-step_size)
+        else:
+            g = torch.where(allowed, g, 0.0)  # a skipped step's gradient may be non-finite: 0 * inf is nan
+            m = avgs[start:stop].float().lerp_(g, keep_m)
+            v = avg_sqs[start:stop].float()
+            v.add_((g.square_() - v).mul_(keep_v))
+            if weight_decay != 0:
+                buffer.mul_(decay)
+            buffer.sub_(m / (v.sqrt() / bias2_sqrt).add_(eps) * step_size)
         store_(avgs[start:stop], m, generator, noise)
         store_(avg_sqs[start:stop], v, generator, noise)
 

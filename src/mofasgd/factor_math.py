@@ -15,6 +15,8 @@ from typing import NamedTuple, Protocol
 
 import torch
 
+from mofasgd.jacobi_svd import jacobi_svd
+
 
 class MomentumCore(NamedTuple):
     """beta M + G_hat = Q_U @ K @ Q_V^T, kept factored; G_core is the same for G_hat alone (beta = 0)."""
@@ -325,6 +327,27 @@ def settle_panel_factors(factors: PanelFactors) -> PanelFactors:
     return PanelFactors(q_u, r_u, factors.utgv, q_v, r_v)
 
 
+def settle_panel_factors_on_device(factors: PanelFactors) -> PanelFactors:
+    """`factors` with CholeskyQR2's fallback selected on the device: no host read, at the cost of a Householder QR.
+
+    Every panel CholeskyQR2 factored is also factored by Householder QR, and each batch entry keeps the Householder
+    result where its flag is set (``torch.where``), so the op sequence does not depend on the data. Panels whose
+    rows are spread over ranks are not supported here (their Householder QR needs an all-gather).
+    """
+    if factors.unsettled is None:
+        return factors
+    panels, reductions, results, bad = factors.unsettled
+    if any(rows is not LOCAL_ROWS for rows in reductions):
+        raise ValueError("the sync-free panel fallback needs unsharded panels (FSDP2 rows are gathered on the host)")
+    settled = []
+    for panel, (q, r, _), flags in zip(panels, results, bad):
+        q_h, r_h = torch.linalg.qr(panel)
+        where = flags[..., None, None]
+        settled.append((torch.where(where, q_h, q), torch.where(where, r_h, r)))
+    q_v, r_v = settled[1] if len(settled) == 2 else (factors.q_v, factors.r_v)
+    return PanelFactors(settled[0][0], settled[0][1], factors.utgv, q_v, r_v)
+
+
 def core_of(factors: PanelFactors, S: torch.Tensor, beta: float | torch.Tensor) -> MomentumCore:
     """The core K of beta U diag(S) V^T + G_hat = Q_U K Q_V^T, from the panels' QRs (batched over leading dims).
 
@@ -351,14 +374,25 @@ def momentum_step(
     rank: int,
     nesterov: bool = False,
     rows: RowReduction | None = None,
+    sync_free: bool = False,
 ) -> tuple[LowRank, LowRank]:
     """The new momentum factors SVD_r(beta M + G_hat) and the step's direction (the Nesterov look-ahead or them).
 
     CholeskyQR2's fallback flags are read only after the core's SVD: on CUDA torch's batched SVD waits for the
     device anyway (it checks convergence on the host), so the read adds no wait of its own. Entries that need the
     fallback enter that SVD with a zero core, and are redone after it (rare: a zero or rank-deficient gradient).
+
+    ``sync_free``: nothing is read on the host. The fallback is decided on the device (every flagged panel's
+    Householder QR is computed and selected with ``torch.where``) and the cores are factored by
+    :func:`mofasgd.jacobi_svd.jacobi_svd`, a fixed sequence of ops that a CUDA graph can capture.
     """
     factors = panel_factors(U, V, gv, gtu, rows)
+    if sync_free:
+        factors = settle_panel_factors_on_device(factors)
+        core = core_of(factors, S, beta)
+        new = truncate(core.q_u, core.q_v, core.core, rank, svd=jacobi_svd)
+        direction = nesterov_direction(core, new, beta, rank, rows, svd=jacobi_svd) if nesterov else new
+        return new, direction
     unsettled = factors.unsettled_entries()
     core = core_of(factors, S, beta)
     if unsettled is not None:  # a failed Cholesky may leave non-finite numbers, which the SVD must not see
@@ -371,20 +405,32 @@ def momentum_step(
     return new, nesterov_direction(core, new, beta, rank, rows) if nesterov else new
 
 
-def truncate(q_u: torch.Tensor, q_v: torch.Tensor, core: torch.Tensor, rank: int) -> LowRank:
+Svd = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+
+
+def _lapack_svd(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return torch.linalg.svd(matrix, full_matrices=False)
+
+
+def truncate(q_u: torch.Tensor, q_v: torch.Tensor, core: torch.Tensor, rank: int, svd: Svd = _lapack_svd) -> LowRank:
     """Best rank-`rank` approximation of Q_U core Q_V^T (Eckart-Young), via the SVD of the small core."""
-    a, s, bt = torch.linalg.svd(core, full_matrices=False)
+    a, s, bt = svd(core)
     return LowRank(q_u @ a[..., :rank], s[..., :rank].clone(), q_v @ bt[..., :rank, :].mT)
 
 
 def nesterov_direction(
-    core: MomentumCore, new: LowRank, beta: float | torch.Tensor, rank: int, rows: RowReduction | None = None
+    core: MomentumCore,
+    new: LowRank,
+    beta: float | torch.Tensor,
+    rank: int,
+    rows: RowReduction | None = None,
+    svd: Svd = _lapack_svd,
 ) -> LowRank:
     """SVD_r(beta M_new + G_hat), formed inside span(Q_U) x span(Q_V) where both terms live."""
     a = core.q_u.mT @ new.U if rows is None else rows.sum(core.q_u.mT @ new.U)
     b = core.q_v.mT @ new.V
     lookahead = (a * (_as_scale(beta, new.S) * new.S).unsqueeze(-2)) @ b.mT + core.grad_core
-    return truncate(core.q_u, core.q_v, lookahead, rank)
+    return truncate(core.q_u, core.q_v, lookahead, rank, svd)
 
 
 def step_scaling(S: torch.Tensor, eps: float, max_value: float, use_ones: bool) -> torch.Tensor:

@@ -14,9 +14,10 @@ from mofasgd import data_parallel as dp
 from mofasgd import factor_math as fm
 from mofasgd import projected_linear, sharding
 from mofasgd.adamw_side import AdamSettings, adamw_update_fp32_, factored_adam_update_
+from mofasgd.bucket_step import DirectionSettings, bucket_direction, update_matrix_
 from mofasgd.intake import PENDING_KEYS, GradientIntake, experts_of
 from mofasgd.memory import optimizer_state_bytes
-from mofasgd.rounding import GeneratorBank, supports_stochastic_rounding, update_in_fp32_
+from mofasgd.rounding import GeneratorBank, supports_stochastic_rounding
 
 logger = logging.getLogger("mofasgd")
 
@@ -212,6 +213,7 @@ class MoFaSGD(torch.optim.Optimizer):
         data_parallel: bool = False,
         projected_backward: bool = True,
         seed: int = 0,
+        capturable: bool = False,
     ) -> None:
         defaults = dict(
             lr=lr,
@@ -240,6 +242,12 @@ class MoFaSGD(torch.optim.Optimizer):
         _check_flag("fused_adamw_side", fused_adamw_side)
         _check_flag("data_parallel", data_parallel)
         _check_flag("projected_backward", projected_backward)
+        _check_flag("capturable", capturable)
+        if capturable and fused_adamw_side:
+            raise ValueError(
+                "capturable=True reads nothing on the host during a step, but fused_adamw_side=True updates the AdamW "
+                "side in its gradient hooks, checking each gradient on the host; set fused_adamw_side=False"
+            )
         if fused_adamw_side and not fused:
             raise ValueError(
                 "fused_adamw_side=True updates AdamW-side parameters in their gradient hooks: it needs fused=True"
@@ -250,6 +258,7 @@ class MoFaSGD(torch.optim.Optimizer):
         self.fused_adamw_side = fused_adamw_side
         self.data_parallel = data_parallel
         self.projected_backward = projected_backward
+        self.capturable = capturable
         self.attachment: projected_linear.Attachment | None = None  # what attach() patched
         # fused AdamW side: whether this backward ends an accumulation window (set `accumulating`, or give a callable)
         self.accumulating = False
@@ -269,6 +278,7 @@ class MoFaSGD(torch.optim.Optimizer):
         self._diagnostics: dict[str, list[torch.Tensor]] | None = None
         self._nonfinite: torch.Tensor | None = None
         self._nonfinite_total = 0
+        self._skipped_steps: torch.Tensor | None = None  # capturable: whole steps skipped, counted on the device
         self._finite_norm = False  # clip_grad_norm_ read a finite norm of what the next step consumes
         self._warned_vanishing = False  # the vanishing-gradient warning of pop_diagnostics is given once
         self._sharded = False  # any managed matrix is an FSDP2 DTensor
@@ -347,6 +357,11 @@ class MoFaSGD(torch.optim.Optimizer):
         )
         if reason:
             raise ValueError(f"{self._describe(p)} is FSDP2-sharded; MoFaSGD cannot step it with {reason}.")
+        if self.capturable:
+            raise ValueError(
+                f"{self._describe(p)} is an FSDP2 shard: the capturable step does not support row-sharded matrices "
+                "yet (their panel fallback gathers rows on the host's decision); use capturable=False with FSDP2"
+            )
         self._sharded = True
 
     def _validate_group(self, group: dict[str, Any], where: str) -> None:
@@ -380,6 +395,11 @@ class MoFaSGD(torch.optim.Optimizer):
             )
         if group["init"] not in _INITS:
             raise ValueError(f"Invalid init ({where}): {group['init']!r}; expected one of {_INITS}")
+        if self.capturable and group["adamw_state"] != "full":
+            raise ValueError(
+                f"adamw_state={group['adamw_state']!r} ({where}) reads a mean on the host at every step, which "
+                "capturable=True does not allow; use adamw_state='full' or capturable=False"
+            )
         if self.fused and group["mofasgd"] and group["eta2"] > 0:
             raise ValueError(
                 f"eta2={group['eta2']} ({where}) needs the whole gradient, which fused=True frees during "
@@ -390,6 +410,7 @@ class MoFaSGD(torch.optim.Optimizer):
         super().__setstate__(state)
         self.__dict__.setdefault("fused_adamw_side", False)
         self.__dict__.setdefault("projected_backward", True)
+        self.__dict__.setdefault("capturable", False)
         self.__dict__.setdefault("attachment", None)
         self.__dict__.setdefault("accumulating", False)
         self.__dict__.setdefault("accumulation_boundary", None)
@@ -399,6 +420,7 @@ class MoFaSGD(torch.optim.Optimizer):
         self.__dict__.setdefault("_rng", GeneratorBank(0))
         self.__dict__.setdefault("_diagnostics", None)
         self.__dict__.setdefault("_nonfinite", None)
+        self.__dict__.setdefault("_skipped_steps", None)
         self.__dict__.setdefault("_nonfinite_total", 0)
         self.__dict__.setdefault("_finite_norm", False)
         self.__dict__.setdefault("_warned_vanishing", False)
@@ -839,6 +861,9 @@ class MoFaSGD(torch.optim.Optimizer):
     def clip_grad_norm_(self, max_norm: float, eps: float = 1e-6) -> torch.Tensor:
         """Scale every consumed gradient so the global norm is at most max_norm; return the norm before."""
         norm = self.grad_norm()
+        if self.capturable:
+            self._clip_on_device(norm, max_norm, eps)
+            return norm
         if self._nonfinite is None:
             value = float(norm)  # the one host-device sync of clipping
         else:  # also read the last step's skip count, in the same sync
@@ -849,8 +874,7 @@ class MoFaSGD(torch.optim.Optimizer):
         if self._finite_norm:  # a non-finite norm skips the step; it must not scale the next hooked updates
             self._side_clip_coef = min(coef, 1.0)  # fused_adamw_side: what the next step's hooked updates use
         if coef < 1.0:
-            consumed = [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
-            consumed += self.intake.buffers()  # fused mode: every pending sum, scaled once in its bucket's buffer
+            consumed = self._consumed_tensors()  # fused mode: every pending sum, scaled once in its bucket's buffer
             plain = [t for t in consumed if not sharding.is_dtensor(t)]
             if plain:
                 torch._foreach_mul_(plain, coef)
@@ -858,6 +882,23 @@ class MoFaSGD(torch.optim.Optimizer):
                 if sharding.is_dtensor(tensor):
                     tensor.mul_(coef)
         return norm
+
+    def _consumed_tensors(self) -> list[torch.Tensor]:
+        """Every gradient the next step consumes: the ``.grad``s held, and each bucket's pending-sum buffers."""
+        consumed = [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
+        return consumed + self.intake.buffers()
+
+    def _clip_on_device(self, norm: torch.Tensor, max_norm: float, eps: float) -> None:
+        """capturable: scale by min(1, max_norm / (norm + eps)) as a device scalar, always (like torch's clipping).
+
+        A non-finite norm makes the coefficient non-finite or zero, and the step's own device check skips the step.
+        """
+        coef = (float(max_norm) / (norm + eps)).clamp_max(1.0).to(torch.float32)
+        by_device: dict[torch.device, list[torch.Tensor]] = {}
+        for tensor in self._consumed_tensors():
+            by_device.setdefault(tensor.device, []).append(tensor)
+        for device, tensors in by_device.items():
+            torch._foreach_mul_(tensors, coef.to(device))
 
     # ------------------------------------------------------------------ the step
     @torch.no_grad()
@@ -868,6 +909,9 @@ class MoFaSGD(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         self._synchronize_pending()
+        if self.capturable:
+            self._step_on_device()
+            return loss
         finite_norm, self._finite_norm = self._finite_norm, False
         if not finite_norm and self._skip_nonfinite_step():
             self._side_norm_sq, self._side_nonfinite = [], []
@@ -881,6 +925,31 @@ class MoFaSGD(torch.optim.Optimizer):
         self._count_nonfinite(finite)
         self._side_norm_sq, self._side_nonfinite = [], []
         return loss
+
+    def _step_on_device(self) -> None:
+        """capturable: the whole step with nothing read on the host; a non-finite gradient skips it on the device.
+
+        Every consumed gradient is summed once (as in :meth:`_skip_nonfinite_step`); while any sum is not finite, no
+        weight, factor, AdamW moment or step counter changes. The skips are counted on the device and logged by
+        :meth:`pop_diagnostics` (a logging step reads the host anyway).
+        """
+        views = [view for gi in range(len(self.param_groups)) for view in self.intake.pending(gi)]
+        sums = [view.gv.sum() + view.gtu.sum() for view in views]
+        sums += [p.grad.sum() for g in self.param_groups for p in g["params"] if p.grad is not None]
+        if not sums:
+            return
+        device = sums[0].device
+        allowed = torch.isfinite(torch.stack([t.to(device, torch.float32) for t in sums]).sum())
+        finite = []
+        for gi, group in enumerate(self.param_groups):
+            if group["mofasgd"]:
+                finite += self._matrix_steps(gi, allowed)
+            else:
+                self._adamw_step(group, allowed=allowed)
+        self._count_nonfinite([flags | ~allowed for flags in finite])  # a whole-step skip is counted apart
+        skipped = (~allowed).to(torch.float32)
+        self._skipped_steps = skipped if self._skipped_steps is None else self._skipped_steps + skipped
+        self._side_norm_sq, self._side_nonfinite = [], []
 
     def _skip_nonfinite_step(self) -> bool:
         """Skip the whole step when any gradient it would consume is not finite, as AMP's grad scaler does.
@@ -997,93 +1066,93 @@ class MoFaSGD(torch.optim.Optimizer):
             buckets.append((params, *(_stacked([proj[k] for _, proj in items], experts) for k in (0, 1))))
         return buckets
 
-    def _matrix_steps(self, group_index: int) -> list[torch.Tensor]:
+    def _matrix_steps(self, group_index: int, allowed: torch.Tensor | None = None) -> list[torch.Tensor]:
         """Step every managed matrix of a group that has a gradient, one batched step per bucket.
 
-        Returns each bucket's per-matrix finiteness flags (device tensors, counted once per step).
+        `allowed` (capturable): a device flag, false when the whole step is skipped. Returns each bucket's
+        per-matrix finiteness flags (device tensors, counted once per step).
         """
         group = self.param_groups[group_index]
-        finite = [self._bucket_step(group, bucket) for bucket in self._buckets(group_index)]
+        finite = [self._bucket_step(group, bucket, allowed) for bucket in self._buckets(group_index)]
         self.intake.consumed(group_index)
         return finite
 
-    def _bucket_step(self, group: dict[str, Any], bucket: _Bucket) -> torch.Tensor:
+    def _bucket_step(
+        self, group: dict[str, Any], bucket: _Bucket, allowed: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """One MoFaSGD step for the matrices of one bucket (FSDP2 shards of one local shape with `bucket.rows`).
 
-        The weight updates stay per matrix (each weight is its own tensor), so the extra transient memory is that of
-        the stacked factors and projections, O(B (m + n) r). A matrix whose projections are not finite keeps its
-        factors and weight (its step is masked out on the device, without a host sync); its step counter still
-        advances. Returns the per-matrix finiteness flags.
+        The math is :func:`~mofasgd.bucket_step.bucket_direction` (pure, batched); each weight is then updated in
+        place by :func:`~mofasgd.bucket_step.update_matrix_`, so the extra transient memory is that of the stacked
+        factors and projections, O(B (m + n) r). A matrix whose projections are not finite (every matrix when the
+        device flag `allowed` is false) keeps its factors and weight, decided on the device; its step counter still
+        advances. Diagnostics read the math's outputs around the weight update. Returns the per-matrix flags.
         """
         params, states, U, S, V, gv, gtu, rows = bucket
-        # any inf or nan makes the sum non-finite (a sum past the float range, 3e38 in fp32, is skipped as well)
-        finite = torch.isfinite(gv.sum((-2, -1)) + gtu.sum((-2, -1)))
-        if rows is not None:  # a shard's non-finite rows skip the matrix on every rank
-            finite = rows.sum((~finite).to(gv.dtype)) == 0
-        # the projections are consumed by this step (pending sums, or fresh in non-fused mode): mask in place
-        skip = (~finite)[:, None, None]
-        gv.masked_fill_(skip, 0)
-        gtu.masked_fill_(skip, 0)
-        rank = U.shape[-1]
-        if group["beta_warmup_steps"] > 0:  # each matrix's own step count (CPU counters: no device sync)
-            betas = [self.current_beta(group, int(st["step"])) for st in states]
-        else:
-            betas = [group["beta"]]
-        beta = betas[0] if len(set(betas)) == 1 else torch.tensor(betas, dtype=U.dtype, device=U.device)
-        new, direction = fm.momentum_step(U, S, V, gv, gtu, beta, rank, group["nesterov"], rows)
-        keep = finite[:, None, None]
-        for fresh, old, mask in ((new.U, U, keep), (new.S, S, finite[:, None]), (new.V, V, keep)):
-            torch.where(mask, fresh, old, out=fresh)  # a skipped matrix keeps its factors
-
-        lr = group["lr"]
-        scale = fm.step_scaling(direction.S, group["eps"], group["max_value"], group["use_ones_for_nonzero_s"])
-        scale = scale * finite[:, None]
         floor = group["min_gradient_support"]
-        if rows is None and (floor > 0 or self._diagnostics is not None) and not group["use_ones_for_nonzero_s"]:
-            support = fm.gradient_support(direction.S, fm.tangent_norm_sq(U, gv, gtu), beta)
-            if floor > 0:  # the opt-in guard: a 1/S step no larger than the gradient sustains
-                scale = scale * fm.support_throttle(support, floor)
-            if self._diagnostics is not None:  # the strongest direction's support (S sorted descending), if it steps
-                stepping = direction.S[:, 0] > group["eps"]
-                strongest = torch.where(stepping, support[:, 0], torch.inf)
-                self._diagnostics["support" if floor > 0 else "unguarded_support"].append(strongest)
-        left = direction.U * scale.unsqueeze(-2)
-        # per-matrix views taken once per bucket (one op each, instead of an indexing op per matrix and tensor)
+        settings = DirectionSettings(
+            rank=U.shape[-1],
+            nesterov=group["nesterov"],
+            eps=group["eps"],
+            max_value=group["max_value"],
+            use_ones_for_nonzero_s=group["use_ones_for_nonzero_s"],
+            min_gradient_support=floor,
+            want_support=floor > 0 or self._diagnostics is not None,
+            sync_free=self.capturable,
+        )
+        beta = self._bucket_beta(group, states, U)
+        outcome = bucket_direction(U, S, V, gv, gtu, beta, settings, rows, allowed)
+        finite, direction, scale = outcome.finite, outcome.direction, outcome.scale
+        if self._diagnostics is not None and outcome.support is not None:  # the strongest direction's support
+            stepping = direction.S[:, 0] > group["eps"]
+            strongest = torch.where(stepping, outcome.support[:, 0], torch.inf)
+            self._diagnostics["support" if floor > 0 else "unguarded_support"].append(strongest)
+        lr = group["lr"]
         generator = self._rounding_generator(params[0], group)  # a bucket shares one device and dtype
         dtype = torch.float32 if generator is not None else params[0].dtype  # the update's arithmetic
-        lefts, rights_t = left.to(dtype).unbind(0), direction.V.mT.to(dtype).unbind(0)
-        news = [t.unbind(0) for t in (new.U, new.S, new.V)]
+        # per-matrix views taken once per bucket (one op each, instead of an indexing op per matrix and tensor)
+        lefts = (direction.U * scale.unsqueeze(-2)).to(dtype).unbind(0)
+        rights_t = direction.V.mT.to(dtype).unbind(0)
         decays = self._bucket_decay(group, finite, dtype)
         whole_gradient = self._consumes_whole_gradient(group)
+        new = outcome.factors
         for i, param in enumerate(params):
             p = sharding.local(param)  # FSDP2: this rank's rows, updated in place
             complement = None
             if whole_gradient:
-                complement = (news[0][i], news[2][i]) if group["use_current_projection"] else (U[i], V[i])
+                basis = (new.U[i], new.V[i]) if group["use_current_projection"] else (U[i], V[i])
                 p.grad = torch.where(finite[i], p.grad, 0)
+                complement = (p.grad, *basis, -lr * group["eta2"])
             before = None
             if self._diagnostics is not None:
                 one = fm.LowRank(direction.U[i], direction.S[i], direction.V[i])
                 before = self._diagnostics_before(p, one, scale[i], lr, group)
             decay = None if decays is None else decays[i]
-            if generator is None:
-                if decay is not None:
-                    p.mul_(decay)
-                p.addmm_(lefts[i], rights_t[i], alpha=-lr * group["eta1"])
-                if complement is not None:
-                    self._complement_step(p, p.grad, *complement, -lr * group["eta2"])
-            else:
-                self._matrix_update_fp32(p, group, decay, lefts[i], rights_t[i], complement, generator)
+            update_matrix_(p, lefts[i], rights_t[i], -lr * group["eta1"], decay, complement, generator)
             self._diagnostics_after(p, before)
-        self._store_factors(bucket, new)
+        self._store_factors(bucket, new, allowed)
         return finite
 
+    def _bucket_beta(
+        self, group: dict[str, Any], states: list[dict[str, Any]], like: torch.Tensor
+    ) -> float | torch.Tensor:
+        """The beta of each matrix of a bucket: one number, or B values while beta warms up (each its own count)."""
+        if group["beta_warmup_steps"] <= 0:
+            return group["beta"]
+        if self.capturable:  # from the step counters as tensors: nothing read on the host
+            steps = torch.stack([st["step"] for st in states]).to(like.device, like.dtype)
+            frac = (steps / group["beta_warmup_steps"]).clamp_max(1.0)
+            return group["beta_start"] + (group["beta_end"] - group["beta_start"]) * frac
+        betas = [self.current_beta(group, int(st["step"])) for st in states]  # CPU counters: no device sync
+        return betas[0] if len(set(betas)) == 1 else torch.tensor(betas, dtype=like.dtype, device=like.device)
+
     @staticmethod
-    def _store_factors(bucket: _Bucket, new: fm.LowRank) -> None:
+    def _store_factors(bucket: _Bucket, new: fm.LowRank, allowed: torch.Tensor | None = None) -> None:
         """Keep each managed tensor's new factors as slices of the batched results and count its step.
 
         A matrix keeps its entry; a stack of E experts (whose state is that of E consecutive entries) keeps those
-        E entries (E x m x r, ...), so the next step stacks them back as views of one tensor.
+        E entries (E x m x r, ...), so the next step stacks them back as views of one tensor. With `allowed`
+        (capturable) the counters live on the factors' device and advance only where the step was allowed.
         """
         states = list({id(state): state for state in bucket.states}.values())
         stacks = states[0]["U"].dim() == 3
@@ -1091,7 +1160,13 @@ class MoFaSGD(torch.optim.Optimizer):
         for state, u, s, v in zip(states, *pieces):
             state["U"] = u if bucket.rows is None else sharding.wrap_rows_like(u, state["U"])
             state["S"], state["V"] = s, v
-        torch._foreach_add_([state["step"] for state in states], 1.0)
+        if allowed is None:
+            torch._foreach_add_([state["step"] for state in states], 1.0)
+            return
+        for state in states:  # moved once (warm-up): a CPU counter would be a host copy at every step
+            if state["step"].device != allowed.device:
+                state["step"] = state["step"].to(allowed.device)
+        torch._foreach_add_([state["step"] for state in states], allowed.to(torch.float32))
 
     @staticmethod
     def _bucket_decay(
@@ -1115,11 +1190,22 @@ class MoFaSGD(torch.optim.Optimizer):
         skipped = flags.numel() - flags.sum()
         self._nonfinite = skipped if self._nonfinite is None else self._nonfinite + skipped.to(self._nonfinite.device)
         self._nonfinite_total += flags.numel()
-        if device.type == "cpu":
+        if device.type == "cpu" and not self.capturable:
             self._report_nonfinite()
 
     def _report_nonfinite(self, skipped: float | None = None) -> None:
-        """Log how many matrix updates were skipped for non-finite gradients since the last report."""
+        """Log how many matrix updates (and, capturable, whole steps) were skipped for non-finite gradients."""
+        if self._skipped_steps is not None:
+            steps, self._skipped_steps = int(self._skipped_steps), None
+            if steps:
+                logger.warning(
+                    "MoFaSGD skipped %d optimizer %s since the last report: a gradient was not finite. No weight, "
+                    "factor, AdamW moment or step counter changed in %s (like AMP's scaler skipping a step). Check "
+                    "the loss scale, learning rate or data.",
+                    steps,
+                    "step" if steps == 1 else "steps",
+                    "it" if steps == 1 else "them",
+                )
         if self._nonfinite is None:
             return
         count = int(self._nonfinite if skipped is None else skipped)
@@ -1132,45 +1218,14 @@ class MoFaSGD(torch.optim.Optimizer):
             )
         self._nonfinite, self._nonfinite_total = None, 0
 
-    def _matrix_update_fp32(
-        self,
-        p: torch.Tensor,
-        group: dict[str, Any],
-        decay: torch.Tensor | None,
-        left: torch.Tensor,
-        right_t: torch.Tensor,
-        complement: tuple[torch.Tensor, torch.Tensor] | None,
-        generator: torch.Generator,
+    def _adamw_step(
+        self, group: dict[str, Any], only: list[torch.Tensor] | None = None, allowed: torch.Tensor | None = None
     ) -> None:
-        """The in-place path's update (fp32 `left`, `right_t`), formed in fp32 row blocks, rounded stochastically."""
-        lr = group["lr"]
-        if complement is not None:
-            basis_u, basis_v = (t.float() for t in complement)
-            gv, gtu = fm.project_gradient(p.grad, basis_u, basis_v)
-            residual = gv - basis_u @ (basis_u.T @ gv)
+        """AdamW (or the factored variant) for the AdamW-side params of `group` that hold a gradient (or `only`).
 
-        def compute(buffer: torch.Tensor, start: int, stop: int, noise: torch.Tensor | None) -> None:
-            if decay is not None:
-                buffer.mul_(decay)
-            buffer.addmm_(left[start:stop], right_t, alpha=-lr * group["eta1"])
-            if complement is not None:
-                alpha = -lr * group["eta2"]
-                buffer.add_(p.grad[start:stop].float(), alpha=alpha)
-                buffer.addmm_(basis_u[start:stop], gtu.T, alpha=-alpha)
-                buffer.addmm_(residual[start:stop], basis_v.T, alpha=-alpha)
-
-        update_in_fp32_(p, compute, generator)
-
-    @staticmethod
-    def _complement_step(p: torch.Tensor, grad: torch.Tensor, U: torch.Tensor, V: torch.Tensor, alpha: float) -> None:
-        """Apply p += alpha (I - UU^T) G (I - VV^T), as G - U (G^T U)^T - (GV - U U^T G V) V^T: no m x m / n x n."""
-        gv, gtu = fm.project_gradient(grad, U, V)
-        p.add_(grad.to(p.dtype), alpha=alpha)
-        p.addmm_(U.to(p.dtype), gtu.T.to(p.dtype), alpha=-alpha)
-        p.addmm_((gv - U @ (U.T @ gv)).to(p.dtype), V.T.to(p.dtype), alpha=-alpha)
-
-    def _adamw_step(self, group: dict[str, Any], only: list[torch.Tensor] | None = None) -> None:
-        """AdamW (or the factored variant) for the AdamW-side params of `group` that hold a gradient (or `only`)."""
+        `allowed` (capturable): a device flag; while it is false nothing changes (torch's fused AdamW with
+        ``found_inf``, or the masked fp32 update), and the step counters live on the parameters' devices.
+        """
         params, grads, exp_avgs, exp_avg_sqs, steps = [], [], [], [], []
         beta1, beta2 = group["adam_betas"]
         for p in group["params"] if only is None else only:
@@ -1185,19 +1240,22 @@ class MoFaSGD(torch.optim.Optimizer):
                 state["step"] = torch.tensor(0.0, dtype=torch.float32)
                 state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            if allowed is not None and state["step"].device != p.device:  # once: a resumed CPU counter
+                state["step"] = state["step"].to(p.device)
             # FSDP2: the moments are DTensors sharded like p (so checkpoints shard them); the math is elementwise,
             # so it runs on the local shards
             exp_avg, exp_avg_sq = sharding.local(state["exp_avg"]), sharding.local(state["exp_avg_sq"])
             if generator is not None:
-                state["step"] += 1
+                state["step"] += 1 if allowed is None else allowed.to(torch.float32)
                 adamw_update_fp32_(
                     sharding.local(p),
                     sharding.local(p.grad),
                     exp_avg,
                     exp_avg_sq,
-                    int(state["step"].item()),
+                    int(state["step"].item()) if allowed is None else state["step"],
                     AdamSettings.of(group),
                     generator,
+                    allowed,
                 )
                 continue
             params.append(sharding.local(p))
@@ -1221,7 +1279,11 @@ class MoFaSGD(torch.optim.Optimizer):
             weight_decay=group["weight_decay"],
             eps=group["adam_eps"],
             maximize=False,
-            foreach=True,  # torch's default on CUDA; on the CPU too it gives the same bits with fewer op dispatches
+            # foreach: torch's default on CUDA; on the CPU too it gives the same bits with fewer op dispatches.
+            # capturable: the fused kernel, whose found_inf skips the update on the device
+            foreach=None if allowed is not None else True,
+            fused=True if allowed is not None else None,
+            found_inf=None if allowed is None else (~allowed).to(torch.float32),
         )
 
     def _hooked_gradient_finite(self, p: torch.Tensor) -> bool:
@@ -1300,6 +1362,8 @@ class MoFaSGD(torch.optim.Optimizer):
         ``min_gradient_support``).
         """
         diag, self._diagnostics = self._diagnostics, None
+        if self.capturable:  # the skip counts wait on the device for a step that reads the host anyway
+            self._report_nonfinite()
         if not diag or not diag["S"]:
             return {}
         s = torch.cat(diag["S"])

@@ -108,6 +108,23 @@ def update_in_fp32_(
         store_(block, buffer, generator, noise)
 
 
+def update_in_place_(
+    param: torch.Tensor,
+    compute: Callable[[torch.Tensor, int, int, torch.Tensor | None], None],
+    generator: torch.Generator | None,
+) -> None:
+    """The one store of an in-place update: `compute` on `param` itself, or on fp32 chunks rounded stochastically.
+
+    Without a generator ``compute(rows, 0, m, None)`` works on ``as_rows(param)`` in its own dtype; with one, on
+    :func:`update_in_fp32_`'s fp32 chunks (bounded transient memory), each rounded stochastically on its way back.
+    """
+    if generator is None:
+        view = as_rows(param)
+        compute(view, 0, view.shape[0], None)
+    else:
+        update_in_fp32_(param, compute, generator)
+
+
 class GeneratorBank:
     """One torch.Generator per device type, seeded from one seed, whose states travel with the optimizer state.
 
