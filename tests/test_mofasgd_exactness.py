@@ -157,3 +157,14 @@ def test_projected_linear_backward_matches_dense_reference(name, shape):
         opt.zero_grad()
         ref.step(grad)
     assert_matches(layer.weight, opt, ref, tol=1e-8)
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
+@pytest.mark.parametrize("name", ["reciprocal_s", "nesterov_ones_wd", "clamped_max_value"])
+def test_capturable_step_matches_dense_reference(name, shape):
+    """capturable=True (Jacobi core SVD, device-side panel fallback, device-side skip) is the same algorithm."""
+    rank = 5 if shape == (4, 10) else 3
+    weight, _, ref = make_pair(shape, rank, True, **OPTIONS[name])
+    opt = MoFaSGD([weight], lr=0.05, rank=rank, capturable=True, **OPTIONS[name])
+    run_trajectory(weight, opt, ref, steps=20)
+    assert_matches(weight, opt, ref, tol=1e-8)

@@ -48,19 +48,20 @@ def _schedule(n: int, device: torch.device) -> tuple[tuple[torch.Tensor, torch.T
 
 
 def jacobi_svd(matrix: torch.Tensor, sweeps: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(U, S, Vh) of each n x n matrix of a batch (..., n, n), S descending, like ``torch.linalg.svd``.
+    """(U, S, Vh) of each k x n matrix of a batch (..., k, n), S descending, like ``linalg.svd(full_matrices=False)``.
 
-    U and V are orthogonal (a zero singular value's U column is completed by a Householder QR, which needs no host
-    read); signs and the order of equal singular values may differ from LAPACK's, as for any SVD. The op count is
-    fixed by n and `sweeps` (default :data:`DEFAULT_SWEEPS`), never by the data.
+    U and V are orthogonal (U through a Householder QR of A V / S, which needs no host read and completes the
+    columns of zero singular values); signs and the order of equal singular values may differ from LAPACK's, as
+    for any SVD. The op count is fixed by the shape and `sweeps` (default :data:`DEFAULT_SWEEPS`), never by the
+    data. A core that is not square of even size (a panel wider than tall makes it k x 2r) is padded with zeros.
     """
-    n = matrix.shape[-1]
-    if matrix.shape[-2] != n or n % 2:
-        raise ValueError(f"jacobi_svd factors square matrices of even size (2r x 2r), got {tuple(matrix.shape[-2:])}")
+    k, n = matrix.shape[-2:]
     sweeps = DEFAULT_SWEEPS.get(matrix.dtype, 10) if sweeps is None else sweeps
-    size = n
+    size = max(k, n) + max(k, n) % 2
     batch = matrix.shape[:-2]
-    a = matrix.reshape(-1, n, n)
+    a = matrix.reshape(-1, k, n)
+    if (k, n) != (size, size):  # zero rows and columns add zero singular values, and are never rotated in
+        a = torch.nn.functional.pad(a, (0, size - n, 0, size - k))
     v = torch.eye(size, dtype=a.dtype, device=a.device).expand(a.shape[0], size, size)
     tiny = torch.finfo(a.dtype).tiny
     half = size // 2
@@ -81,15 +82,17 @@ def jacobi_svd(matrix: torch.Tensor, sweeps: int | None = None) -> tuple[torch.T
             a = a @ rotation
             v = v @ rotation
     norms = torch.linalg.vector_norm(a, dim=-2)
-    order = norms.argsort(dim=-1, descending=True)
+    order = norms.argsort(dim=-1, descending=True, stable=True)  # equal norms keep their order: pads come last
     s = norms.gather(-1, order)
     a = a.gather(-1, order.unsqueeze(-2).expand_as(a))
     v = v.gather(-1, order.unsqueeze(-2).expand_as(v))
-    # U = A V / S. Where S is zero the column is replaced by a column of the identity and a Householder QR (which
-    # reads nothing back) makes it orthogonal to the others; zero singular values come last, so the rest keep theirs.
+    # U = A V / S, made orthonormal by a Householder QR (which reads nothing back): it removes the rounding of the
+    # small singular values' columns and, where S is zero, completes the basis from a column of the identity. The
+    # columns come in descending S, so each keeps its direction (up to the sign, restored from R's diagonal).
     alive = s.unsqueeze(-2) > tiny
-    u = a / s.clamp_min(tiny).unsqueeze(-2)
-    q, r = torch.linalg.qr(torch.where(alive, u, torch.eye(n, dtype=a.dtype, device=a.device)))
-    signs = torch.where(torch.diagonal(r, dim1=-2, dim2=-1) < 0, -1.0, 1.0).to(a.dtype)
-    u = torch.where(alive, u, q * signs.unsqueeze(-2))
-    return u.reshape(*batch, n, n), s.reshape(*batch, n), v.mT.reshape(*batch, n, n)
+    u = torch.where(alive, a / s.clamp_min(tiny).unsqueeze(-2), torch.eye(size, dtype=a.dtype, device=a.device))
+    q, r = torch.linalg.qr(u)
+    u = q * torch.where(torch.diagonal(r, dim1=-2, dim2=-1) < 0, -1.0, 1.0).to(a.dtype).unsqueeze(-2)
+    kept = min(k, n)
+    u, s, vh = u[:, :k, :kept], s[:, :kept], v.mT[:, :kept, :n]
+    return u.reshape(*batch, k, kept), s.reshape(*batch, kept), vh.reshape(*batch, kept, n)
