@@ -2,7 +2,7 @@
 
 Needs Debian's `chromium` and `chromium-driver` (`.ci/run` installs them) and selenium (the dev extras); nothing
 downloads a browser. The server listens on 127.0.0.1 only. Set MFSGD_WEBUI_SCREENSHOT=docs/webui_mfsgd.png to
-refresh the README's screenshot of the accordion.
+refresh the screenshot of the accordion in docs/webui.md.
 """
 
 import os

@@ -1,4 +1,4 @@
-"""The README's "Plain transformers / TRL" example runs as written, on the tiny model, and trains with MoFaSGD."""
+"""docs/python_api.md: the "Plain transformers / TRL" example runs as written and trains with MoFaSGD."""
 
 from __future__ import annotations
 
@@ -14,12 +14,13 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def _example() -> str:
-    section = REPO.joinpath("README.md").read_text(encoding="utf-8").split("## Plain transformers / TRL", 1)[1]
+    page = REPO.joinpath("docs", "python_api.md").read_text(encoding="utf-8")
+    section = page.split("## Plain transformers / TRL", 1)[1]
     return re.search(r"```python\n(.*?)```", section, re.S).group(1)
 
 
 @pytest.mark.slow
-def test_the_readme_transformers_example_trains_with_mofasgd(tiny_model, tmp_path):
+def test_the_documented_transformers_example_trains_with_mofasgd(tiny_model, tmp_path):
     (tmp_path / "models").mkdir()
     (tmp_path / "models" / "tiny-llama").symlink_to(tiny_model)
     (tmp_path / "data").symlink_to(REPO / "data")
