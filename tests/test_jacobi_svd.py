@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch.overrides import TorchFunctionMode
 
-from mofasgd.jacobi_svd import DEFAULT_SWEEPS, jacobi_svd
+from mofasgd.jacobi_svd import default_sweeps, jacobi_svd
 
 TOLERANCE = {torch.float32: 2e-5, torch.float64: 1e-12}
 
@@ -49,7 +49,8 @@ def test_top_singular_subspace_matches_lapack_on_a_momentum_core():
     for mine, ref in ((u[:, :r], a[:, :r]), (vh[:r].mT, ch[:r].mT)):
         overlap = (mine.mT @ ref).abs().diagonal()  # same directions up to sign
         torch.testing.assert_close(overlap, torch.ones(r), atol=1e-5, rtol=0)
-    torch.testing.assert_close(s, b, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(s[:r], b[:r], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(s, b, atol=1e-5 * b[0], rtol=0)  # all of them, relative to the largest
 
 
 class _Ops(TorchFunctionMode):
@@ -72,7 +73,7 @@ def test_the_op_sequence_does_not_depend_on_the_data():
         sequences.append(ops.names)
     assert sequences[0] == sequences[1] == sequences[2]
     assert not {"__bool__", "__float__", "__int__", "item", "tolist", "linalg_svd"} & set(sequences[0])
-    assert len(sequences[0]) > DEFAULT_SWEEPS[torch.float32] * 7  # every round of every sweep ran
+    assert len(sequences[0]) > default_sweeps(8, torch.float32) * 7  # every round of every sweep ran
 
 
 @pytest.mark.parametrize("shape", [(5, 5), (4, 8), (8, 4), (3, 6)], ids=lambda s: f"{s[0]}x{s[1]}")

@@ -13,13 +13,20 @@ tests/test_jacobi_svd.py (and by ``python -m benchmarks.jacobi_svd`` where that 
 
 from __future__ import annotations
 
+import math
 from functools import cache
 
 import torch
 
-# Sweeps for a core of each dtype: fp32 reaches its rounding level in 6-7 sweeps on random 16 x 16 .. 64 x 64 cores
-# (tests/test_jacobi_svd.py); fp64 needs one or two more.
-DEFAULT_SWEEPS = {torch.float32: 8, torch.float64: 10}
+
+def default_sweeps(size: int, dtype: torch.dtype) -> int:
+    """Sweeps that reach the dtype's rounding level on a size x size core: 7 up to 16 (rank 8), one more per doubling.
+
+    Measured (tests/test_jacobi_svd.py): fp32 cores need 6 sweeps at 16 (7 for singular values spread over four
+    decades, whose smallest converge last) and 8 at 64; MoFaSGD's own cores (a decaying momentum plus a gradient)
+    5 at 16; fp64 two more.
+    """
+    return 7 + max(0, math.ceil(math.log2(max(size, 1) / 16))) + (2 if dtype == torch.float64 else 0)
 
 
 @cache
@@ -36,14 +43,20 @@ def _round_robin(n: int) -> tuple[tuple[tuple[int, ...], tuple[int, ...]], ...]:
 
 @cache
 def _schedule(n: int, device: torch.device) -> tuple[tuple[torch.Tensor, torch.Tensor], ...]:
-    """Per round, flat indices into an n x n matrix: the Gram entries read, and where the rotation's c, -s, s, c go."""
+    """Per round: the flat indices of the Gram entries read, and the 0/1 matrix that places a rotation's entries.
+
+    The Gram entries are ||a_p||^2, ||a_q||^2 and <a_p, a_q> of each pair. The placing matrix (4 n/2 x n^2) puts
+    (c, -s, s, c) at R[p, p], R[q, p], R[p, q], R[q, q], so that A <- A R rotates columns p and q (one matmul
+    builds R).
+    """
     out = []
     for left, right in _round_robin(n):
         p, q = torch.tensor(left), torch.tensor(right)
-        gram = torch.cat([p * n + p, q * n + q, p * n + q])  # ||a_p||^2, ||a_q||^2, <a_p, a_q>
-        # R[p, p] = R[q, q] = c, R[q, p] = -s, R[p, q] = s: A <- A R rotates columns p and q
-        rotation = torch.cat([p * n + p, q * n + p, p * n + q, q * n + q])
-        out.append((gram.to(device), rotation.to(device)))
+        gram = torch.cat([p * n + p, q * n + q, p * n + q])
+        places = torch.cat([p * n + p, q * n + p, p * n + q, q * n + q])
+        scatter = torch.zeros(len(places), n * n)
+        scatter[torch.arange(len(places)), places] = 1.0
+        out.append((gram.to(device), scatter.to(device)))
     return tuple(out)
 
 
@@ -52,33 +65,29 @@ def jacobi_svd(matrix: torch.Tensor, sweeps: int | None = None) -> tuple[torch.T
 
     U and V are orthogonal (U through a Householder QR of A V / S, which needs no host read and completes the
     columns of zero singular values); signs and the order of equal singular values may differ from LAPACK's, as
-    for any SVD. The op count is fixed by the shape and `sweeps` (default :data:`DEFAULT_SWEEPS`), never by the
+    for any SVD. The op count is fixed by the shape and `sweeps` (default :func:`default_sweeps`), never by the
     data. A core that is not square of even size (a panel wider than tall makes it k x 2r) is padded with zeros.
     """
     k, n = matrix.shape[-2:]
-    sweeps = DEFAULT_SWEEPS.get(matrix.dtype, 10) if sweeps is None else sweeps
     size = max(k, n) + max(k, n) % 2
+    sweeps = default_sweeps(size, matrix.dtype) if sweeps is None else sweeps
     batch = matrix.shape[:-2]
     a = matrix.reshape(-1, k, n)
     if (k, n) != (size, size):  # zero rows and columns add zero singular values, and are never rotated in
         a = torch.nn.functional.pad(a, (0, size - n, 0, size - k))
     v = torch.eye(size, dtype=a.dtype, device=a.device).expand(a.shape[0], size, size)
     tiny = torch.finfo(a.dtype).tiny
-    half = size // 2
+    schedule = [(gram_at, scatter.to(a.dtype)) for gram_at, scatter in _schedule(size, a.device)]
     for _ in range(sweeps):
-        for gram_at, rotation_at in _schedule(size, a.device):
-            gram = (a.mT @ a).flatten(-2).index_select(-1, gram_at)
-            alpha, beta, gamma = gram[:, :half], gram[:, half : 2 * half], gram[:, 2 * half : 3 * half]
-            # the angle that zeroes the pair's inner product: tan(2 theta) = 2 gamma / (beta - alpha), smaller root
-            diff = beta - alpha
-            two_gamma = 2 * gamma
-            t = two_gamma * torch.copysign(torch.ones_like(diff), diff) / (diff.abs() + torch.hypot(diff, two_gamma))
-            t = torch.nan_to_num(t, nan=0.0)  # gamma = diff = 0 (both columns zero): no rotation
+        for gram_at, scatter in schedule:
+            alpha, beta, gamma = (a.mT @ a).flatten(-2).index_select(-1, gram_at).view(-1, 3, size // 2).unbind(1)
+            # the angle that zeroes the pair's inner product, tan(2 theta) = 2 gamma / (beta - alpha), by its smaller
+            # root t = 2 gamma / (d + sign(d) hypot(d, 2 gamma)); 0 / 0 (both columns zero) is no rotation
+            diff, two_gamma = beta - alpha, 2 * gamma
+            t = torch.nan_to_num(two_gamma / (diff + torch.copysign(torch.hypot(diff, two_gamma), diff)), nan=0.0)
             c = torch.rsqrt(1 + t * t)
             s = c * t
-            rotation = torch.zeros(a.shape[0], size * size, dtype=a.dtype, device=a.device)
-            rotation.index_copy_(-1, rotation_at, torch.cat([c, -s, s, c], dim=-1))
-            rotation = rotation.view(-1, size, size)
+            rotation = (torch.cat([c, -s, s, c], dim=-1) @ scatter).view(-1, size, size)
             a = a @ rotation
             v = v @ rotation
     norms = torch.linalg.vector_norm(a, dim=-2)
