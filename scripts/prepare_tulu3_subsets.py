@@ -34,10 +34,10 @@ The authors' fork groups the same sources into seven categories of its own, regi
 Usage::
 
     # GPU users with internet: the hub mixture (downloads ~1.4 GB once, or --streaming)
-    python scripts/prepare_tulu3_subsets.py --input allenai/tulu-3-sft-mixture --out data/tulu3_subsets \\
+    python -m scripts.prepare_tulu3_subsets --input allenai/tulu-3-sft-mixture --out data/tulu3_subsets \\
         --categories coding,math --dataset-info data/dataset_info.json
     # offline: a local file in the same schema (.jsonl, .json or .parquet)
-    python scripts/prepare_tulu3_subsets.py --input data/tulu3_demo.jsonl --out /tmp/tulu3_subsets
+    python -m scripts.prepare_tulu3_subsets --input data/tulu3_demo.jsonl --out /tmp/tulu3_subsets
 """
 
 import argparse

@@ -1,15 +1,13 @@
 import json
-import sys
 from pathlib import Path
 
 import pytest
 
+from scripts.make_demo_data import EVAL_FILE, TRAIN_FILE, main
+from scripts.prepare_tulu3_subsets import OTHER, source_category
+
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "data"
-sys.path.insert(0, str(ROOT / "scripts"))
-
-from make_demo_data import EVAL_FILE, TRAIN_FILE, main  # noqa: E402
-from prepare_tulu3_subsets import OTHER, source_category  # noqa: E402
 
 
 def _rows(path: Path) -> list[dict]:

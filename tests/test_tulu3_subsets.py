@@ -1,15 +1,10 @@
 import json
-import sys
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-FIXTURE = ROOT / "tests" / "fixtures" / "tulu3_mixture_sample.jsonl"
-sys.path.insert(0, str(ROOT / "scripts"))
-
-import prepare_tulu3_subsets  # noqa: E402
-from prepare_tulu3_subsets import (  # noqa: E402
+from scripts import prepare_tulu3_subsets
+from scripts.prepare_tulu3_subsets import (
     CATEGORIES,
     OTHER,
     SOURCE_CATEGORIES,
@@ -17,6 +12,9 @@ from prepare_tulu3_subsets import (  # noqa: E402
     main,
     source_category,
 )
+
+ROOT = Path(__file__).resolve().parents[1]
+FIXTURE = ROOT / "tests" / "fixtures" / "tulu3_mixture_sample.jsonl"
 
 # What the fixture holds, counted by hand from its sources.
 FIXTURE_COUNTS = {

@@ -73,7 +73,7 @@ LOCAL_ROWS = LocalRows()
 
 # Device types whose unsharded panels go through CholeskyQR2 (batched GEMMs and a batched 2r x 2r Cholesky)
 # instead of a batched Householder QR, which CUDA runs one matrix at a time. Chosen per device by measurement:
-# scripts/bench/layer_step.py --qr (results/layer_step_cuda.md). Sharded panels use CholeskyQR2 unless wide.
+# python -m benchmarks.layer_step --qr (results/layer_step_cuda.md). Sharded panels use CholeskyQR2 unless wide.
 CHOLESKY_QR_DEVICES: set[str] = {"cuda"}
 
 # CholeskyQR2 is accurate to O(eps) when cond(A) < ~eps^-1/2 (Yamamoto et al. 2015): ~4e3 in fp32. Panels whose
@@ -167,7 +167,7 @@ def effective_rank(rank: int, shape: torch.Size) -> int:
 
 # Devices where G^T U is formed as (U^T G)^T: on CPU BLAS the transposed-left product of a wide m x n matrix by a
 # thin m x r one takes a slow path (fp32, r = 8: 4.7x-13x slower on 4096 x 4096 .. 14336 x 4096, measured with
-# scripts/bench/optimizer_step.py --projection-forms); CUDA's GEMM takes transposes as flags, so it keeps G^T U.
+# python -m benchmarks.optimizer_step --projection-forms); CUDA's GEMM takes transposes as flags, so it keeps G^T U.
 _TRANSPOSE_OUTSIDE = {"cpu"}
 
 
