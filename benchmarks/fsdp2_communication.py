@@ -171,7 +171,7 @@ def _itemsize(dtype: str) -> int:
 
 # ---------------------------------------------------------------------------------------------------- measuring
 # CholeskyQR2's workers book under its name; comprehension frames (Python < 3.12) are looked through
-_SITE_ALIASES = {"cholesky_qr2_panels": "cholesky_qr2", "_householder_where": "cholesky_qr2"}
+_SITE_ALIASES = {"cholesky_qr2_panels": "cholesky_qr2", "householder_where": "cholesky_qr2"}
 _TRANSPARENT = {"<listcomp>", "<genexpr>", "<dictcomp>", "<setcomp>"}
 
 

@@ -137,15 +137,19 @@ def settle_panels(
     if not bool(bad.any()):
         return results
     return [
-        _householder_where(panel, rows, *result, bad[i]) if bool(bad[i].any()) else result
+        householder_where(panel, rows, *result, bad[i]) if bool(bad[i].any()) else result
         for i, (panel, rows, result) in enumerate(zip(panels, reductions, results))
     ]
 
 
-def _householder_where(
+def householder_where(
     panel: torch.Tensor, rows: RowReduction, q: torch.Tensor, r: torch.Tensor, gram: torch.Tensor, bad: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(Q, R, Gram) with the panels flagged in `bad` refactored by Householder QR of their gathered rows."""
+    """(Q, R, Gram) with the panels flagged in `bad` refactored by Householder QR of their gathered rows.
+
+    CholeskyQR2's fallback (:func:`settle_panels` calls it); the all-gather it issues is CholeskyQR2's
+    communication, as benchmarks/fsdp2_communication.py books it.
+    """
     batch_shape = q.shape[:-2]
     q, r = q.reshape(-1, *q.shape[-2:]), r.reshape(-1, *r.shape[-2:])
     which = bad.reshape(-1).nonzero().squeeze(1)  # gather only the ill-conditioned panels
