@@ -3,11 +3,13 @@ from pathlib import Path
 
 import pytest
 
+from llamafactory_mfsgd.tulu3_categories import REPORT
 from scripts.make_demo_data import EVAL_FILE, TRAIN_FILE, main
-from scripts.prepare_tulu3_subsets import OTHER, source_category
+from scripts.prepare_tulu3_subsets import OTHER
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "data"
+source_category = REPORT.category_of
 
 
 def _rows(path: Path) -> list[dict]:
