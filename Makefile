@@ -27,54 +27,54 @@ format: $(PY)
 	$(VENV)/bin/ruff check --fix .
 
 demo: $(PY)
-	$(PY) scripts/demo.py
+	$(PY) -m scripts.demo
 
 bench: $(PY)
-	$(PY) scripts/bench/optimizer_step.py --json results/optimizer_step.json | tee results/optimizer_step.md
+	$(PY) -m benchmarks.optimizer_step --json results/optimizer_step.json | tee results/optimizer_step.md
 
 bench-methods: $(PY)
-	$(PY) scripts/bench/compare_methods.py --results-dir results
+	$(PY) -m benchmarks.compare_methods --results-dir results
 
 bench-fidelity: $(PY)
-	$(PY) scripts/bench/momentum_fidelity.py --results-dir results
+	$(PY) -m benchmarks.momentum_fidelity --results-dir results
 
 bench-quality: $(PY)
-	OMP_NUM_THREADS=1 $(PY) scripts/bench/quality_sweep.py --results-dir results
+	OMP_NUM_THREADS=1 $(PY) -m benchmarks.quality_sweep --results-dir results
 
 bench-sft-quality: $(PY)
-	OMP_NUM_THREADS=1 $(PY) scripts/bench/sft_quality.py --results-dir results
+	OMP_NUM_THREADS=1 $(PY) -m benchmarks.sft_quality --results-dir results
 
 # The scale check on the 10 M base: every variant (resumable: finished runs are skipped); MoFaSGD's embeddings/head
 # at AdamW lr 1e-2 (the best side lr on the 1 M base), and one variant again at 1e-3 (the full grid's side lr).
 bench-sft-quality-10m: $(PY)
-	OMP_NUM_THREADS=1 $(PY) scripts/bench/sft_quality.py --base 10m --mfsgd-adamw-lr 0.01 \
+	OMP_NUM_THREADS=1 $(PY) -m benchmarks.sft_quality --base 10m --mfsgd-adamw-lr 0.01 \
 		--out outputs/sft_quality_10m --results-dir results/sft_quality_10m
-	OMP_NUM_THREADS=1 $(PY) scripts/bench/sft_quality.py --base 10m --variants mofasgd_inv_gradient_r32_fp32 \
+	OMP_NUM_THREADS=1 $(PY) -m benchmarks.sft_quality --base 10m --variants mofasgd_inv_gradient_r32_fp32 \
 		--mfsgd-adamw-lr 0.001 --out outputs/sft_quality_10m --results-dir results/sft_quality_10m/adamw_side_lr_0.001
 
 bench-accounting: $(PY)
-	$(PY) scripts/bench/llama_memory_accounting.py --out results/llama_memory_accounting --fsdp2-gpus 8
+	$(PY) -m benchmarks.llama_memory_accounting --out results/llama_memory_accounting --fsdp2-gpus 8
 
 bench-bf16: $(PY)
-	$(PY) scripts/bench/bf16_updates.py --results-dir results
+	$(PY) -m benchmarks.bf16_updates --results-dir results
 
 bench-init: $(PY)
-	$(PY) scripts/bench/init_svd.py --results-dir results
+	$(PY) -m benchmarks.init_svd --results-dir results
 
 gpu-check: $(PY)
-	$(PY) scripts/gpu_check.py --results-dir results
+	$(PY) -m scripts.gpu_check --results-dir results
 
 bench-ddp: $(PY)
-	$(PY) scripts/bench/ddp_communication.py | tee results/ddp_communication.md
+	$(PY) -m benchmarks.ddp_communication | tee results/ddp_communication.md
 
 nanogpt-cpu: $(PY)
-	$(PY) scripts/nanogpt/run.py --optimizer mfsgd --config-path scripts/nanogpt/cpu.yaml
+	$(PY) -m scripts.nanogpt.run --optimizer mfsgd --config-path scripts/nanogpt/cpu.yaml
 
 nanogpt-compare: $(PY)
-	$(PY) scripts/nanogpt/compare.py --config-path scripts/nanogpt/cpu.yaml
+	$(PY) -m scripts.nanogpt.compare --config-path scripts/nanogpt/cpu.yaml
 
 nanogpt-seeds: $(PY)
-	$(PY) scripts/nanogpt/seeds.py --config-path scripts/nanogpt/cpu.yaml --steps 200 --warmup 80 \
+	$(PY) -m scripts.nanogpt.seeds --config-path scripts/nanogpt/cpu.yaml --steps 200 --warmup 80 \
 		--config '{"train": {"batch_tokens": 2048, "val_tokens": 32768}}' --results-dir results
 
 clean:

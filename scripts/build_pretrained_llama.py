@@ -4,7 +4,7 @@ Corpus: the Python standard library's own `.py` sources (code, comments, docstri
 project has them), split into train and validation **by file** with the same hash as the NanoGPT offline corpus
 (``scripts/nanogpt/build_offline_corpus.py``), cut into ~2 KB pieces at line ends and shuffled with a fixed seed.
 The demo conversations (``data/tulu3_demo*.jsonl``) are **not** in it, nor in the tokenizer's training text: the
-SFT task of ``scripts/bench/sft_quality.py`` is held out from pre-training, and its chat-role tokens
+SFT task of ``benchmarks/sft_quality.py`` is held out from pre-training, and its chat-role tokens
 (``<|user|>``, ``<|assistant|>``) are seen first in SFT, as a base model's chat tokens are.
 
 Tokenizer: byte-level BPE trained on the training pieces, with the special tokens and Tulu-3 chat template of
@@ -21,8 +21,8 @@ Two sizes (``--size``): ``1m`` (1.26 M parameters, about 5 min on 2 cores; the b
 ``10m`` (10.4 M parameters, 3.7 M tokens, about 30 min on 2 cores; the base of the scale check). Any architecture
 or training flag given explicitly overrides the preset.
 
-    python scripts/build_pretrained_llama.py --out models/pretrained-llama --results-dir results
-    python scripts/build_pretrained_llama.py --size 10m --out models/pretrained-llama-10m
+    python -m scripts.build_pretrained_llama --out models/pretrained-llama --results-dir results
+    python -m scripts.build_pretrained_llama --size 10m --out models/pretrained-llama-10m
 """
 
 from __future__ import annotations
@@ -33,18 +33,15 @@ import math
 import os
 import platform
 import random
-import sys
 import time
 import zlib
 from pathlib import Path
 from typing import Any
 
-SCRIPTS = Path(__file__).resolve().parent
-REPO = SCRIPTS.parent
-sys.path.insert(0, str(SCRIPTS))
+from scripts.build_tiny_llama import build_model, train_tokenizer
+from scripts.nanogpt.build_offline_corpus import PIECE_BYTES, VAL_PERCENT, line_pieces, stdlib_sources
 
-from build_tiny_llama import build_model, train_tokenizer  # noqa: E402
-from nanogpt.build_offline_corpus import PIECE_BYTES, VAL_PERCENT, _pieces, stdlib_sources  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
 
 REPORT = "pretrain_report.json"
 
@@ -53,7 +50,7 @@ def split_sources(seed: int = 0) -> tuple[list[str], list[str]]:
     """Training and validation pieces of the stdlib sources (split by file, each list shuffled with `seed`)."""
     train, val = [], []
     for relative, path in stdlib_sources():
-        pieces = [p.decode("utf-8", errors="replace") for p in _pieces(path.read_bytes(), PIECE_BYTES)]
+        pieces = [p.decode("utf-8", errors="replace") for p in line_pieces(path.read_bytes(), PIECE_BYTES)]
         (val if zlib.crc32(relative.encode()) % 100 < VAL_PERCENT else train).extend(pieces)
     rng = random.Random(seed)
     rng.shuffle(train)

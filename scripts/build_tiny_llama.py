@@ -13,17 +13,17 @@ that LLaMA-Factory's ``llama3`` template works too without resizing the vocabula
 
 Usage::
 
-    python scripts/build_tiny_llama.py --out models/tiny-llama          # 0.24M parameters
+    python -m scripts.build_tiny_llama --out models/tiny-llama          # 0.24M parameters
     # bigger variants for CPU benchmarks (set model_name_or_path in a tiny_sft_*.yaml to them):
     # 3.4M parameters, 60 steps of tiny_sft_* in about 1.5 minutes per method on 2 busy CPU cores
-    python scripts/build_tiny_llama.py --out models/tiny-llama-256 --hidden 256 --layers 4 --intermediate 688
+    python -m scripts.build_tiny_llama --out models/tiny-llama-256 --hidden 256 --layers 4 --intermediate 688
     # 23M parameters, about 10 s per step there
-    python scripts/build_tiny_llama.py --out models/tiny-llama-512 --hidden 512 --layers 8 --intermediate 1408 \\
+    python -m scripts.build_tiny_llama --out models/tiny-llama-512 --hidden 512 --layers 8 --intermediate 1408 \\
         --heads 8
     # a tiny MoE instead (transformers 5's fused experts: mlp.experts.gate_up_proj is E x 2f x h; --intermediate is
     # each expert's width f), with the same tokenizer
-    python scripts/build_tiny_llama.py --out models/tiny-mixtral --arch mixtral --experts 4 --experts-per-token 2
-    python scripts/build_tiny_llama.py --out models/tiny-qwen3-moe --arch qwen3_moe --experts 4
+    python -m scripts.build_tiny_llama --out models/tiny-mixtral --arch mixtral --experts 4 --experts-per-token 2
+    python -m scripts.build_tiny_llama --out models/tiny-qwen3-moe --arch qwen3_moe --experts 4
 
 The vocabulary is capped at ``--vocab`` but stops growing when the corpus has no pair left to merge
 (905 tokens for the default demo data and ``--vocab 1024``); the model's ``vocab_size`` is the
@@ -37,7 +37,8 @@ import sys
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-DEFAULT_DATA = Path(__file__).resolve().parent.parent / "data" / "tulu3_demo.jsonl"
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_DATA = REPO / "data" / "tulu3_demo.jsonl"
 
 EOS_TOKEN = "<|endoftext|>"
 BOS_TOKEN = "<|begin_of_text|>"
@@ -198,8 +199,8 @@ def ensure_built(out: Path, *flags: str, env: dict[str, str] | None = None, quie
         if not quiet:
             print(f"building a tiny LLaMA into {out} ...", flush=True)
         output = subprocess.DEVNULL if quiet else None
-        command = [sys.executable, str(Path(__file__).resolve()), "--out", str(out), *flags]
-        subprocess.run(command, check=True, env=env, stdout=output, stderr=output)
+        command = [sys.executable, "-m", "scripts.build_tiny_llama", "--out", str(out.resolve()), *flags]
+        subprocess.run(command, check=True, cwd=REPO, env=env, stdout=output, stderr=output)
     return out
 
 

@@ -1,6 +1,6 @@
 """CPU demo: tiny LLaMA, local Tulu3-format data, MoFaSGD through the real LLaMA-Factory pipeline, in a few minutes.
 
-    python scripts/demo.py [--config configs/mfsgd/tiny_sft_mfsgd.yaml] [--out outputs/demo] [key=value ...]
+    python -m scripts.demo [--config configs/mfsgd/tiny_sft_mfsgd.yaml] [--out outputs/demo] [key=value ...]
 
 Any tiny config runs the same way, e.g. ``--config configs/mfsgd/tiny_dpo_mfsgd.yaml`` (pt, dpo, kto, rm:
 docs/stages.md).
@@ -18,7 +18,8 @@ import os
 from pathlib import Path
 
 import yaml
-from build_tiny_llama import ensure_built
+
+from scripts.build_tiny_llama import ensure_built
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -8,7 +8,7 @@ reports peak memory by category (from each run's memory_summary.json), median st
 step's share of it and the time from launch to the end of the first step. Snapshot PNGs are copied next to
 the table. On a machine without CUDA it says so in one line and exits 0.
 
-    python scripts/gpu_check.py [--steps 6] [--out outputs/gpu_check] [--results-dir results]
+    python -m scripts.gpu_check [--steps 6] [--out outputs/gpu_check] [--results-dir results]
 """
 
 from __future__ import annotations
@@ -23,16 +23,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent / "bench"))
-
-from lf_bench import (  # noqa: E402
-    MODEL_SIZES,
-    REPO,
-    ensure_model,
-    machine_description,
-    method_config,
-    run_training,
-)
+from benchmarks.harness import REPO, machine_description
+from benchmarks.lf_bench import MODEL_SIZES, ensure_model, method_config, run_training
 
 METHODS = ("adamw", "lora", "galore", "galore_fused", "mofasgd")
 # on request: MoFaSGD started from a randomized top-r SVD of each W (the fast start) instead of the exact one

@@ -11,7 +11,7 @@ task carries the ``source`` of a real mixture component of the same kind, which 
 
 Usage::
 
-    python scripts/make_demo_data.py --out-dir data [--num-train 400 --num-eval 60 --seed 0]
+    python -m scripts.make_demo_data --out-dir data [--num-train 400 --num-eval 60 --seed 0]
 """
 
 import argparse

@@ -13,7 +13,7 @@ their words):
 
 Usage::
 
-    python scripts/make_stage_data.py [--data-dir data] [--num-rows 128]
+    python -m scripts.make_stage_data [--data-dir data] [--num-rows 128]
 """
 
 import argparse

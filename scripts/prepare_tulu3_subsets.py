@@ -24,7 +24,8 @@ multilingual           tulu_v3.9_aya_100k
 science                tulu_v3.9_sciriff_10k
 =====================  ================================================================================
 
-Sources not in the table (other releases of the mixture rename components) fall back to keywords in
+The table, its keyword fall-backs and the splitter are those of ``llamafactory_mfsgd.tulu3_categories``
+(``REPORT``). Sources not in the table (other releases of the mixture rename components) fall back to keywords in
 their name (``math``/``gsm``/``algebra`` → math, ``code`` → coding, ``ifdata`` → instruction_following, ...), and
 to ``other`` when nothing matches.
 
@@ -34,140 +35,27 @@ The authors' fork groups the same sources into seven categories of its own, regi
 Usage::
 
     # GPU users with internet: the hub mixture (downloads ~1.4 GB once, or --streaming)
-    python scripts/prepare_tulu3_subsets.py --input allenai/tulu-3-sft-mixture --out data/tulu3_subsets \\
+    python -m scripts.prepare_tulu3_subsets --input allenai/tulu-3-sft-mixture --out data/tulu3_subsets \\
         --categories coding,math --dataset-info data/dataset_info.json
     # offline: a local file in the same schema (.jsonl, .json or .parquet)
-    python scripts/prepare_tulu3_subsets.py --input data/tulu3_demo.jsonl --out /tmp/tulu3_subsets
+    python -m scripts.prepare_tulu3_subsets --input data/tulu3_demo.jsonl --out /tmp/tulu3_subsets
 """
 
 import argparse
 import json
 import os
-from collections import Counter
-from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-from llamafactory_mfsgd.tulu3_mixture import sharegpt_entry as dataset_entry  # the dataset_info.json entry schema
+from llamafactory_mfsgd.tulu3_categories import REPORT, load_rows, split_rows
+from llamafactory_mfsgd.tulu3_categories import sharegpt_entry as dataset_entry  # the dataset_info.json entry schema
 
-SOURCE_CATEGORIES = {
-    "personahub_math_v5_regen_149960": "math",
-    "tulu-3-sft-personas-math-grade": "math",
-    "tulu_v3.9_open_math_2_gsm8k_50k": "math",
-    "numinamath_tir_math_decontaminated": "math",
-    "tulu_v3.9_personahub_math_interm_algebra_20k": "math",
-    "personahub_code_v2_34999": "coding",
-    "evol_codealpaca_heval_decontaminated": "coding",
-    "personahub_ifdata_manual_seed_v3_29980": "instruction_following",
-    "oasst1_converted": "general",
-    "no_robots_converted": "general",
-    "tulu_v3.9_wildchat_100k": "general",
-    "tulu_hard_coded_repeated_10": "general",
-    "flan_v2_converted": "knowledge",
-    "tulu_v3.9_table_gpt_5k": "knowledge",
-    "coconot_converted": "safety",
-    "tulu_v3.9_wildjailbreak_decontaminated_50k": "safety",
-    "tulu_v3.9_synthetic_finalresp_wildguardmixtrain_decontaminated_50k": "safety",
-    "tulu_v3.9_aya_100k": "multilingual",
-    "tulu_v3.9_sciriff_10k": "science",
-}
-
-# Checked in order, so the more specific names come first.
-KEYWORD_CATEGORIES = [
-    ("ifdata", "instruction_following"),
-    ("instruction-following", "instruction_following"),
-    ("jailbreak", "safety"),
-    ("wildguard", "safety"),
-    ("coconot", "safety"),
-    ("aya", "multilingual"),
-    ("sciriff", "science"),
-    ("math", "math"),
-    ("gsm", "math"),
-    ("algebra", "math"),
-    ("code", "coding"),
-    ("flan", "knowledge"),
-    ("table_gpt", "knowledge"),
-    ("wildchat", "general"),
-    ("oasst", "general"),
-    ("no_robots", "general"),
-    ("hard_coded", "general"),
-]
-
-CATEGORIES = sorted(set(SOURCE_CATEGORIES.values()))
-OTHER = "other"
-SCHEMA_KEYS = ("id", "messages", "source")
-LOCAL_FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
-
-
-def source_category(source: str) -> str:
-    """Map a mixture ``source`` (e.g. ``ai2-adapt-dev/personahub_code_v2_34999``) to its category."""
-    name = source.rsplit("/", 1)[-1]
-    if name in SOURCE_CATEGORIES:
-        return SOURCE_CATEGORIES[name]
-
-    lowered = name.lower()
-    for keyword, category in KEYWORD_CATEGORIES:
-        if keyword in lowered:
-            return category
-
-    return OTHER
+CATEGORIES = sorted(REPORT.sources)
+OTHER = REPORT.fallback
 
 
 def dataset_name(category: str) -> str:
     """The ``dataset_info.json`` key of a category subset, e.g. ``tulu3_coding``."""
     return f"tulu3_{category}"
-
-
-def iter_rows(source: str, split: str = "train", streaming: bool = False) -> Iterator[dict]:
-    """Yield the rows of a local ``.jsonl``/``.json``/``.parquet`` file, or of a hub dataset id."""
-    path = Path(source)
-    if path.is_file():
-        if path.suffix not in LOCAL_FORMATS:
-            raise ValueError(f"Unsupported file type {path.suffix!r}; expected one of {sorted(LOCAL_FORMATS)}.")
-
-        if path.suffix == ".parquet":
-            import pyarrow.parquet as pq
-
-            yield from pq.read_table(path).to_pylist()
-        else:
-            with open(path, encoding="utf-8") as f:
-                for line in f:
-                    if line.strip():
-                        yield json.loads(line)
-
-        return
-
-    from datasets import load_dataset
-
-    yield from load_dataset(source, split=split, streaming=streaming)
-
-
-def split_by_category(
-    rows: Iterable[dict], out_dir: Path, categories: list[str], max_per_category: int | None = None
-) -> dict[str, int]:
-    """Write the rows of the requested categories to ``out_dir/<category>.jsonl``; return the row counts.
-
-    Rows are written unchanged but restricted to the mixture's schema keys, in input order. Only
-    non-empty categories get a file; every requested category appears in the returned counts.
-    """
-    out_dir.mkdir(parents=True, exist_ok=True)
-    counts = Counter({category: 0 for category in categories})
-    files = {}
-    try:
-        for row in rows:
-            category = source_category(row["source"])
-            if category not in counts or counts[category] == max_per_category:
-                continue
-
-            if category not in files:
-                files[category] = open(out_dir / f"{category}.jsonl", "w", encoding="utf-8", newline="\n")
-
-            files[category].write(json.dumps({key: row[key] for key in SCHEMA_KEYS}, ensure_ascii=False) + "\n")
-            counts[category] += 1
-    finally:
-        for f in files.values():
-            f.close()
-
-    return dict(counts)
 
 
 def dataset_entries(out_dir: Path, counts: dict[str, int], dataset_dir: Path) -> dict[str, dict]:
@@ -222,9 +110,8 @@ def main(argv: list[str] | None = None) -> None:
     )
     args = parser.parse_args(argv)
 
-    counts = split_by_category(
-        iter_rows(args.input, args.split, args.streaming), args.out, args.categories, args.max_per_category
-    )
+    rows = load_rows(args.input, args.split, args.streaming)
+    counts = split_rows(rows, REPORT, args.out, args.categories, args.max_per_category)
     dataset_dir = args.dataset_info.parent if args.dataset_info else args.out.parent
     entries = dataset_entries(args.out, counts, dataset_dir)
 

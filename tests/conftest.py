@@ -18,15 +18,11 @@ for _key, _value in {
     os.environ.setdefault(_key, _value)
 
 
-import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO / "scripts"))
-
-from build_tiny_llama import ensure_built  # noqa: E402
+from scripts.build_tiny_llama import ensure_built  # noqa: E402
 
 
 def _build_tiny_model(tmp_path_factory, name: str, *extra: str) -> Path:

@@ -10,12 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts" / "bench"))
-
-import compare_methods  # noqa: E402
-import lf_bench  # noqa: E402
-import momentum_fidelity  # noqa: E402
-import quality_sweep  # noqa: E402
+from benchmarks import compare_methods, harness, lf_bench, momentum_fidelity, quality_sweep
 
 CATEGORIES = ["parameter", "optimizer_state", "input", "temporary", "activation", "gradient", "autograd_detail"]
 
@@ -107,7 +102,7 @@ def test_table_rows_split_step_peak_and_ratio_to_adamw(tmp_path):
     }
     markdown = compare_methods.render_markdown(table)
     assert "| mofasgd | 10 | 0.00 |" in markdown and "| 0.50 | 2.1000 | 2.4000 |" in markdown
-    files = lf_bench.save_results(
+    files = harness.save_results(
         table, "t", tmp_path, tmp_path / "results", compare_methods.render_markdown, compare_methods.plot
     )
     assert [p.name for p in files] == ["t.md", "t.json", "t.png"] and all(p.stat().st_size > 0 for p in files)
@@ -162,7 +157,7 @@ def test_sweep_picks_lowest_eval_loss_and_flags_grid_edges():
 
 
 def test_tiny_step_parts_times_each_part_and_bounds_the_ratio(capsys, monkeypatch):
-    import tiny_step_parts
+    from benchmarks import tiny_step_parts
 
     monkeypatch.setattr(sys, "argv", ["tiny_step_parts.py", "--blocks", "3", "--lf-adamw-ms", "20"])
     monkeypatch.setattr(tiny_step_parts, "solver_seconds", lambda cls, steps=200: 0.001)  # 1 ms, to check the sum
@@ -181,14 +176,13 @@ def test_tiny_step_parts_times_each_part_and_bounds_the_ratio(capsys, monkeypatc
 
 
 def test_bare_projecting_hooks_cost_backward_time():
-    import tiny_step_parts
+    from benchmarks import tiny_step_parts
 
     assert tiny_step_parts.bare_projection_seconds(blocks=4) > 0
 
 
 def test_tiny_step_parts_times_the_solver_calls_of_a_step():
-    import tiny_step_parts
-
+    from benchmarks import tiny_step_parts
     from mofasgd import MoFaSGD
 
     assert tiny_step_parts.solver_seconds(MoFaSGD, steps=8) > 0
@@ -197,7 +191,7 @@ def test_tiny_step_parts_times_the_solver_calls_of_a_step():
 
 
 def test_layer_step_counts_clipping_and_step_ops(capsys, monkeypatch):
-    import layer_step
+    from benchmarks import layer_step
 
     monkeypatch.setattr(sys, "argv", ["layer_step.py", "--ops", "--scale", "64", "--layers", "2"])
     layer_step.main()
@@ -211,7 +205,7 @@ def test_layer_step_counts_clipping_and_step_ops(capsys, monkeypatch):
 def test_linear_layer_bench_counts_half_the_backward_flops_on_the_projected_path():
     """The 8B-shaped layer benchmark at 1/64 width: every method builds and steps, and the projected backward's
     matrix products are dX only (about half of AdamW's dX + dW), the hook path's are dX + dW."""
-    import linear_layer_step as bench
+    from benchmarks import linear_layer_step as bench
 
     dims = (bench.HIDDEN // 64, bench.KV // 64, bench.FFN // 64)
     torch.manual_seed(0)

@@ -1,15 +1,15 @@
 import json
-import sys
 from pathlib import Path
 
 import pytest
 
+from llamafactory_mfsgd.tulu3_categories import REPORT
+from scripts.make_demo_data import EVAL_FILE, TRAIN_FILE, main
+from scripts.prepare_tulu3_subsets import OTHER
+
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "data"
-sys.path.insert(0, str(ROOT / "scripts"))
-
-from make_demo_data import EVAL_FILE, TRAIN_FILE, main  # noqa: E402
-from prepare_tulu3_subsets import OTHER, source_category  # noqa: E402
+source_category = REPORT.category_of
 
 
 def _rows(path: Path) -> list[dict]:

@@ -1,4 +1,4 @@
-"""scripts/bench/fsdp2_communication.py: what MoFaSGD communicates under FSDP2 equals the formula, call by call.
+"""benchmarks/fsdp2_communication.py: what MoFaSGD communicates under FSDP2 equals the formula, call by call.
 
 Two gloo processes step a tiny LLaMA layer; the collectives the optimizer issued in clip_grad_norm_ + step
 (booked by wrapping torch.distributed, audited with torch.profiler) must equal the formula exactly.
@@ -6,14 +6,9 @@ Two gloo processes step a tiny LLaMA layer; the collectives the optimizer issued
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts" / "bench"))
-
-import fsdp2_communication as comm  # noqa: E402
+from benchmarks import fsdp2_communication as comm
 
 pytestmark = pytest.mark.distributed
 HIDDEN, INTERMEDIATE, KV, RANK = 64, 160, 16, 4

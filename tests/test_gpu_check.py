@@ -8,16 +8,15 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO / "scripts"))
+from scripts import gpu_check
 
-import gpu_check  # noqa: E402
+REPO = Path(__file__).resolve().parent.parent
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU-only behaviour")
 def test_without_cuda_it_says_so_in_one_line_and_exits_0():
     proc = subprocess.run(
-        [sys.executable, str(REPO / "scripts" / "gpu_check.py")], capture_output=True, text=True, timeout=300
+        [sys.executable, "-m", "scripts.gpu_check"], cwd=REPO, capture_output=True, text=True, timeout=300
     )
     assert proc.returncode == 0
     lines = proc.stdout.strip().splitlines()

@@ -1,10 +1,7 @@
 """The meta-device accounting agrees with what the real optimizers hold on a real tiny LLaMA in bf16."""
 
-import importlib.util
 import json
-import sys
 import warnings
-from pathlib import Path
 
 import pytest
 import torch
@@ -14,22 +11,11 @@ from peft import LoraConfig, get_peft_model
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from benchmarks import llama_memory_accounting as acc
 from mofasgd import MoFaSGD
 
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "bench" / "llama_memory_accounting.py"
 RANK = 8
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-
-
-def load_script():
-    spec = importlib.util.spec_from_file_location("llama_memory_accounting", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses resolve string annotations through sys.modules
-    spec.loader.exec_module(module)
-    return module
-
-
-acc = load_script()
 
 
 def tiny_config(tied: bool, **changes) -> LlamaConfig:

@@ -1,18 +1,14 @@
 """The authors' NanoGPT commands and flat config keys run on ours, mapped onto the nested config, still strict."""
 
 import json
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 import yaml
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
-
-from nanogpt import run  # noqa: E402
-from nanogpt.config import load_config  # noqa: E402
-from nanogpt.optimizers import _hidden_optimizer  # noqa: E402
+from scripts.nanogpt import run
+from scripts.nanogpt.config import load_config
+from scripts.nanogpt.optimizers import _hidden_optimizer
 
 # The two commands of the authors' NanoGPT README (their --config JSON, keys and values as published).
 README_MFSGD = {

@@ -1,16 +1,13 @@
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
-
-from nanogpt import compare  # noqa: E402
-from nanogpt.build_offline_corpus import build_offline_corpus  # noqa: E402
-from nanogpt.data import read_shard  # noqa: E402
-from nanogpt.prepare_fineweb import write_token_shards  # noqa: E402
+from scripts.nanogpt import compare
+from scripts.nanogpt.build_offline_corpus import build_offline_corpus
+from scripts.nanogpt.data import read_shard
+from scripts.nanogpt.prepare_fineweb import write_token_shards
 
 
 def test_variants_parse_into_optimizer_and_typed_hidden_overrides():

@@ -1,13 +1,10 @@
 import json
-import sys
-from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
-
-from nanogpt import run  # noqa: E402
-from nanogpt.config import (  # noqa: E402
+from mofasgd import DEFAULTS as MOFASGD_DEFAULTS
+from scripts.nanogpt import run
+from scripts.nanogpt.config import (
     HIDDEN_DEFAULTS,
     OPTIMIZER_CONFIG_DIR,
     ScheduleConfig,
@@ -16,9 +13,7 @@ from nanogpt.config import (  # noqa: E402
     load_config,
     read_yaml,
 )
-from nanogpt.schedules import lr_factor  # noqa: E402
-
-from mofasgd import DEFAULTS as MOFASGD_DEFAULTS  # noqa: E402
+from scripts.nanogpt.schedules import lr_factor
 
 
 @pytest.mark.parametrize("optimizer", list(HIDDEN_DEFAULTS))

@@ -1,13 +1,8 @@
-import sys
-from pathlib import Path
-
 import numpy as np
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
-
-from nanogpt.build_offline_corpus import END_OF_DOCUMENT, build_offline_corpus  # noqa: E402
-from nanogpt.data import MAGIC, TokenLoader, ValidationSet, read_shard, shard_paths, write_shard  # noqa: E402
+from scripts.nanogpt.build_offline_corpus import END_OF_DOCUMENT, build_offline_corpus
+from scripts.nanogpt.data import MAGIC, TokenLoader, ValidationSet, read_shard, shard_paths, write_shard
 
 
 def test_shard_round_trips_tokens_and_header(tmp_path):

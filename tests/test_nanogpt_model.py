@@ -1,12 +1,7 @@
-import sys
-from pathlib import Path
-
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
-
-from nanogpt.config import ModelConfig  # noqa: E402
-from nanogpt.model import GPT, parameter_roles  # noqa: E402
+from scripts.nanogpt.config import ModelConfig
+from scripts.nanogpt.model import GPT, parameter_roles
 
 
 def tiny_model(**overrides):

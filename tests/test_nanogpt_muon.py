@@ -1,12 +1,7 @@
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
-
-from nanogpt.muon import Muon, orthogonalize  # noqa: E402
+from scripts.nanogpt.muon import Muon, orthogonalize
 
 
 @pytest.mark.parametrize("shape", [(64, 32), (32, 64), (48, 48)])

@@ -8,12 +8,11 @@ from pathlib import Path
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "scripts"))
+from scripts.nanogpt.build_offline_corpus import build_offline_corpus
+from scripts.nanogpt.config import HIDDEN_DEFAULTS, load_config
+from scripts.nanogpt.train import train
 
-from nanogpt.build_offline_corpus import build_offline_corpus  # noqa: E402
-from nanogpt.config import HIDDEN_DEFAULTS, load_config  # noqa: E402
-from nanogpt.train import train  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 FROZEN_ADAM = {"embed_lr": 0.0, "head_lr": 0.0, "scalar_lr": 0.0}
 
@@ -155,9 +154,10 @@ def test_two_processes_match_one_process_with_accumulation(optimizer, corpus, tm
     # One process with two micro-batches per step sees exactly the tokens two processes see together.
     single = train(tiny(optimizer, corpus, tmp_path / "one", train={"steps": 4, "val_every": 2}))
     config = json.dumps(tiny(optimizer, corpus, tmp_path / "two", train={"steps": 4, "val_every": 2}).to_dict())
-    command = [sys.executable, str(ROOT / "scripts" / "nanogpt" / "run.py"), "--optimizer", optimizer]
+    command = [sys.executable, "-m", "scripts.nanogpt.run", "--optimizer", optimizer]
     command += ["--config", config, "--num-gpus", "2"]
-    done = subprocess.run(command, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, env=env)
     assert done.returncode == 0, done.stdout + done.stderr
     two = json.loads(next((tmp_path / "two").glob("*/summary.json")).read_text())
     one_losses, two_losses = train_losses(read_log(single)), train_losses(read_log(two))

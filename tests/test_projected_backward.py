@@ -435,12 +435,8 @@ def test_two_process_ddp_on_the_projected_path_equals_one_process():
 def test_no_weight_sized_transient_in_the_backward_of_an_8b_proportioned_llama():
     """On the hook path each managed matrix's m x n gradient is allocated in backward; on the projected path no
     allocation is as large as any managed matrix, and the backward's transient peak is lower
-    (scripts/bench/projected_memory.py measures the same at other sizes)."""
-    import sys
-    from pathlib import Path
-
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts" / "bench"))
-    import projected_memory
+    (benchmarks/projected_memory.py measures the same at other sizes)."""
+    from benchmarks import projected_memory
 
     # 96 tokens: no activation has a managed matrix's size
     hook = projected_memory.backward_allocations(False, hidden=128, tokens=96, rank=8)

@@ -5,19 +5,15 @@ from __future__ import annotations
 
 import json
 import math
-import sys
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "scripts" / "bench"))
-sys.path.insert(0, str(ROOT / "scripts"))
+from benchmarks import lf_bench, sft_quality
+from scripts import build_pretrained_llama
+from scripts.nanogpt import seeds
 
-import build_pretrained_llama  # noqa: E402
-import lf_bench  # noqa: E402
-import sft_quality  # noqa: E402
-from nanogpt import seeds  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
 
 CENTER = 1e-3
 INITIAL = [1e-4, 3.16e-4, 1e-3, 3.16e-3, 1e-2]
@@ -202,9 +198,10 @@ def test_base_size_presets_fill_only_the_flags_not_given(tmp_path, monkeypatch):
     for preset in build_pretrained_llama.SIZES.values():  # head size 32, whole query groups
         assert preset["hidden"] // preset["heads"] == 32 and preset["heads"] % preset["kv_heads"] == 0
     commands = []
-    monkeypatch.setattr(sft_quality.subprocess, "run", lambda command, check: commands.append(command))
+    monkeypatch.setattr(sft_quality.subprocess, "run", lambda command, check, cwd: commands.append(command))
     sft_quality.ensure_pretrained(tmp_path / "base", "10m", None)
-    assert commands[0][2:] == ["--size", "10m", "--out", str(tmp_path / "base")]
+    assert commands[0][1:3] == ["-m", "scripts.build_pretrained_llama"]
+    assert commands[0][3:] == ["--size", "10m", "--out", str(tmp_path / "base")]
     assert sft_quality.BASES["10m"].name == "pretrained-llama-10m"
 
 

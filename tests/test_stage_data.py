@@ -1,16 +1,14 @@
 """The small datasets of the pt, dpo/rm and kto stages: regenerated as committed, read by LLaMA-Factory as meant."""
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
 
+from scripts.make_stage_data import KTO_FILE, PREF_FILE, SOURCE_FILE, TEXT_FILE, main
+
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "data"
-sys.path.insert(0, str(ROOT / "scripts"))
-
-from make_stage_data import KTO_FILE, PREF_FILE, SOURCE_FILE, TEXT_FILE, main  # noqa: E402
 
 
 def _rows(path: Path) -> list[dict]:

@@ -1,8 +1,6 @@
 """Stochastic rounding of bf16 updates (issue 10): unbiased, keeps the fp32 update, bounded memory, exact resume."""
 
 import os
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -10,13 +8,11 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
+from benchmarks import bf16_updates  # the benchmark's measurement, so test and results measure the same thing
 from llamafactory_mfsgd.launcher import exit_spawned_worker, free_port
 from memory_profiling import transient_peak_bytes
 from mofasgd import MoFaSGD, rounding
 from mofasgd.adamw_side import AdamSettings, adamw_update_fp32_
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts" / "bench"))
-import bf16_updates  # noqa: E402  (the benchmark's measurement, so test and results measure the same thing)
 
 
 def test_stochastic_rounding_is_unbiased_within_the_standard_error():

@@ -1,12 +1,9 @@
-import sys
 from pathlib import Path
 
 import pytest
+from lf_helpers import conversation, encode_with_template
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
-
-from build_tiny_llama import EOS_TOKEN, SPECIAL_TOKENS, build  # noqa: E402
-from lf_helpers import conversation, encode_with_template  # noqa: E402
+from scripts.build_tiny_llama import EOS_TOKEN, SPECIAL_TOKENS, build
 
 
 def _files(directory: Path) -> dict[str, bytes]:

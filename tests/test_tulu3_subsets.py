@@ -1,22 +1,16 @@
 import json
-import sys
 from pathlib import Path
 
 import pytest
 
+from llamafactory_mfsgd.tulu3_categories import AUTHORS, REPORT, load_rows, split_rows
+from scripts import prepare_tulu3_subsets
+from scripts.prepare_tulu3_subsets import CATEGORIES, OTHER, dataset_entry, main
+
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURE = ROOT / "tests" / "fixtures" / "tulu3_mixture_sample.jsonl"
-sys.path.insert(0, str(ROOT / "scripts"))
-
-import prepare_tulu3_subsets  # noqa: E402
-from prepare_tulu3_subsets import (  # noqa: E402
-    CATEGORIES,
-    OTHER,
-    SOURCE_CATEGORIES,
-    dataset_entry,
-    main,
-    source_category,
-)
+SOURCE_CATEGORIES = REPORT.source_category
+source_category = REPORT.category_of
 
 # What the fixture holds, counted by hand from its sources.
 FIXTURE_COUNTS = {
@@ -171,24 +165,67 @@ AUTHORS_FIXTURE_COUNTS = {
     ],
 )
 def test_authors_mapping_puts_each_source_in_its_category(source, category):
-    from llamafactory_mfsgd.tulu3_mixture import category_of
-
-    assert category_of(source) == category
+    assert AUTHORS.category_of(source) == category
 
 
 def test_authors_mapping_covers_the_same_sources_as_the_report_mapping():
-    from llamafactory_mfsgd.tulu3_mixture import SOURCE_CATEGORY
-
-    assert set(SOURCE_CATEGORY) == set(SOURCE_CATEGORIES)
+    assert set(AUTHORS.source_category) == set(SOURCE_CATEGORIES)
 
 
 def test_committed_dataset_info_registers_the_authors_names():
-    from llamafactory_mfsgd.tulu3_mixture import CATEGORY_SOURCES, dataset_entry
+    from llamafactory_mfsgd.tulu3_mixture import dataset_entry
 
     info = json.loads((ROOT / "data" / "dataset_info.json").read_text())
-    for category in CATEGORY_SOURCES:
+    for category in AUTHORS.sources:
         assert info[f"tulu3_mixture_{category}"] == dataset_entry(category)
-    assert set(CATEGORY_SOURCES) == set(AUTHORS_FIXTURE_COUNTS)
+    assert set(AUTHORS.sources) == set(AUTHORS_FIXTURE_COUNTS)
+
+
+# The fixture's row ids per category of each scheme, as the two splitters wrote them before they became one.
+REPORT_FIXTURE_IDS = {
+    "coding": ["sample_005", "sample_006", "sample_021"],
+    "general": ["sample_008", "sample_009", "sample_010", "sample_011"],
+    "instruction_following": ["sample_007"],
+    "knowledge": ["sample_012", "sample_013"],
+    "math": ["sample_000", "sample_001", "sample_002", "sample_003", "sample_004", "sample_019", "sample_020"],
+    "multilingual": ["sample_017"],
+    "other": ["sample_022"],
+    "safety": ["sample_014", "sample_015", "sample_016"],
+    "science": ["sample_018"],
+}
+AUTHORS_FIXTURE_IDS = {
+    "coding": ["sample_005", "sample_006"],
+    "general": ["sample_008", "sample_009", "sample_010", "sample_011"],
+    "knowledge_recall": ["sample_012", "sample_013", "sample_018"],
+    "math_reasoning": [
+        "sample_000",
+        "sample_001",
+        "sample_002",
+        "sample_003",
+        "sample_004",
+        "sample_019",
+        "sample_020",
+    ],
+    "multilingual": ["sample_017"],
+    "precise_if": ["sample_007"],
+    "safety_compliance": ["sample_014", "sample_015", "sample_016"],
+}
+
+
+@pytest.mark.parametrize(
+    ("scheme", "categories", "expected_ids"),
+    [(REPORT, CATEGORIES + [OTHER], REPORT_FIXTURE_IDS), (AUTHORS, None, AUTHORS_FIXTURE_IDS)],
+    ids=["report", "authors"],
+)
+def test_both_schemes_go_through_the_one_splitter_and_split_as_before(scheme, categories, expected_ids, tmp_path):
+    counts = split_rows(load_rows(str(FIXTURE)), scheme, tmp_path, categories)
+
+    assert counts == {category: len(ids) for category, ids in expected_ids.items()}
+    written = {path.stem: _rows(path) for path in tmp_path.glob("*.jsonl")}
+    assert {category: [row["id"] for row in rows] for category, rows in written.items()} == expected_ids
+    by_id = {row["id"]: row for row in _rows(FIXTURE)}
+    assert all(row == by_id[row["id"]] for rows in written.values() for row in rows)
+    assert not list(tmp_path.glob(".*partial"))
 
 
 @pytest.fixture()
@@ -208,14 +245,14 @@ def test_first_use_prepares_every_authors_subset_once_and_reuses_it(dataset_dir,
     out = dataset_dir / "tulu3_mixture"
     assert {path.stem: len(_rows(path)) for path in out.glob("*.jsonl")} == AUTHORS_FIXTURE_COUNTS
     for category in AUTHORS_FIXTURE_COUNTS:
-        expected = [row for row in _rows(FIXTURE) if tulu3_mixture.category_of(row["source"]) == category]
+        expected = [row for row in _rows(FIXTURE) if AUTHORS.category_of(row["source"]) == category]
         assert _rows(out / f"{category}.jsonl") == expected
     assert not list(out.glob(".*partial"))
 
     def no_second_load(*args, **kwargs):
         raise AssertionError("the mixture was loaded again")
 
-    monkeypatch.setattr(tulu3_mixture, "_load_mixture", no_second_load)
+    monkeypatch.setattr(tulu3_mixture, "load_rows", no_second_load)
     tulu3_mixture.ensure_subsets(["tulu3_mixture_coding", "tulu3_mixture_precise_if"], dataset_dir)
 
 

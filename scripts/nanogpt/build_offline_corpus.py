@@ -8,7 +8,7 @@ pieces of each split are shuffled with a fixed seed, so every batch and the firs
 mix many modules instead of reading one long file. The text depends on the Python version: compare
 losses only between runs on the same corpus.
 
-    python scripts/nanogpt/build_offline_corpus.py --out-dir outputs/nanogpt/data/stdlib_bytes
+    python -m scripts.nanogpt.build_offline_corpus --out-dir outputs/nanogpt/data/stdlib_bytes
 """
 
 from __future__ import annotations
@@ -23,10 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script: make `nanogpt` importable
-
-from nanogpt.config import resolve_path  # noqa: E402
-from nanogpt.data import write_shard  # noqa: E402
+from scripts.nanogpt.config import resolve_path
+from scripts.nanogpt.data import write_shard
 
 END_OF_DOCUMENT = 256
 DEFAULT_OUT_DIR = "outputs/nanogpt/data/stdlib_bytes"
@@ -46,7 +44,7 @@ def stdlib_sources() -> list[tuple[str, Path]]:
     return sorted(found)
 
 
-def _pieces(data: bytes, size: int) -> list[bytes]:
+def line_pieces(data: bytes, size: int) -> list[bytes]:
     """Cut text into consecutive pieces of at least `size` bytes (the last may be shorter), at line ends."""
     pieces, start = [], 0
     while start < len(data):
@@ -60,7 +58,7 @@ def _pieces(data: bytes, size: int) -> list[bytes]:
 def _write_split(
     files: list[Path], out_dir: Path, prefix: str, max_tokens: int | None, shard_tokens: int, rng: random.Random
 ) -> int:
-    pieces = [piece for path in files for piece in _pieces(path.read_bytes(), PIECE_BYTES)]
+    pieces = [piece for path in files for piece in line_pieces(path.read_bytes(), PIECE_BYTES)]
     rng.shuffle(pieces)
     data = np.frombuffer(b"".join(pieces), dtype=np.uint8).astype(np.uint16)
     ends = np.cumsum([len(piece) for piece in pieces])

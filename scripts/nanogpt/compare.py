@@ -1,7 +1,7 @@
 """Run several optimizers on the same model and token budget; print one table and draw one PNG.
 
-    python scripts/nanogpt/compare.py --config-path scripts/nanogpt/cpu.yaml          # the default line-up, CPU
-    python scripts/nanogpt/compare.py --variants mfsgd:rank=16 galore:rank=16 muon --num-gpus 8
+    python -m scripts.nanogpt.compare --config-path scripts/nanogpt/cpu.yaml          # the default line-up, CPU
+    python -m scripts.nanogpt.compare --variants mfsgd:rank=16 galore:rank=16 muon --num-gpus 8
 
 A variant is `optimizer[:key=value,...]`; the keys are that optimizer's `hidden` hyperparameters
 (values are read as YAML: 8, 0.001, true). Every variant shares the same layers (--config-path,
@@ -14,16 +14,13 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 from typing import Any
 
 import yaml
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script: make `nanogpt` importable
-
-from nanogpt import run  # noqa: E402
-from nanogpt.config import HIDDEN_DEFAULTS, resolve_path  # noqa: E402
-from nanogpt.plots import plot_comparison  # noqa: E402
+from scripts.nanogpt import run
+from scripts.nanogpt.config import HIDDEN_DEFAULTS, resolve_path
+from scripts.nanogpt.plots import plot_comparison
 
 DEFAULT_VARIANTS = ["mfsgd:rank=8", "mfsgd:rank=32", "galore:rank=8", "galore:rank=32", "adamw", "muon", "sgd"]
 

@@ -18,7 +18,7 @@ from typing import Any
 import yaml
 
 from mofasgd import DEFAULTS as MOFASGD_DEFAULTS
-from nanogpt.authors_keys import from_authors_keys
+from scripts.nanogpt.authors_keys import from_authors_keys
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 OPTIMIZER_CONFIG_DIR = REPO_ROOT / "configs" / "optimizers"

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from memory_profiling import MemoryRecorder
-from nanogpt.config import MemProfConfig
+from scripts.nanogpt.config import MemProfConfig
 
 logger = logging.getLogger("nanogpt")
 

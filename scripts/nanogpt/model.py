@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from nanogpt.config import ModelConfig
+from scripts.nanogpt.config import ModelConfig
 
 
 class Rotary(nn.Module):

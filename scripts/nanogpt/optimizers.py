@@ -17,8 +17,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from nanogpt.config import RunConfig
-from nanogpt.muon import Muon
+from scripts.nanogpt.config import RunConfig
+from scripts.nanogpt.muon import Muon
 
 
 def _adam_groups(roles: dict[str, list[nn.Parameter]], config: RunConfig) -> list[dict[str, Any]]:

@@ -1,7 +1,7 @@
 """Tokenise FineWeb with the GPT-2 tokenizer into `.bin` shards (needs internet: Hugging Face Hub + tiktoken).
 
     pip install datasets tiktoken          # both come with the project's dependencies
-    python scripts/nanogpt/prepare_fineweb.py --max-tokens 1_000_000_000   # ~2 GB of shards
+    python -m scripts.nanogpt.prepare_fineweb --max-tokens 1_000_000_000   # ~2 GB of shards
 
 Each document becomes <|endoftext|> followed by its GPT-2 tokens. The first shard is the
 validation split (fineweb_val_000000.bin), the rest are training shards (fineweb_train_000001.bin,
@@ -13,17 +13,14 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 from collections.abc import Iterable, Iterator
 from multiprocessing import Pool
 from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script: make `nanogpt` importable
-
-from nanogpt.config import resolve_path  # noqa: E402
-from nanogpt.data import write_shard  # noqa: E402
+from scripts.nanogpt.config import resolve_path
+from scripts.nanogpt.data import write_shard
 
 DEFAULT_OUT_DIR = "outputs/nanogpt/data/fineweb10B"
 _encoder = None

@@ -1,8 +1,8 @@
 """Launch one NanoGPT run: layer the configs, name the run, write its config, start the trainer.
 
-    python scripts/nanogpt/run.py --optimizer mfsgd                                   # paper-size run, FineWeb
-    python scripts/nanogpt/run.py --optimizer mfsgd --config-path scripts/nanogpt/cpu.yaml   # tiny, CPU, offline
-    python scripts/nanogpt/run.py --optimizer galore --config '{"hidden": {"rank": 8}}' --num-gpus 8
+    python -m scripts.nanogpt.run --optimizer mfsgd                                   # paper-size run, FineWeb
+    python -m scripts.nanogpt.run --optimizer mfsgd --config-path scripts/nanogpt/cpu.yaml   # tiny, CPU, offline
+    python -m scripts.nanogpt.run --optimizer galore --config '{"hidden": {"rank": 8}}' --num-gpus 8
 
 Layers, later ones winning: configs/optimizers/<optimizer>.yaml, --config-path YAML, --config JSON,
 then the shortcut flags (--width, --depth, --seq-len, --steps, --device, ...). With --num-gpus N > 1
@@ -20,12 +20,17 @@ from typing import Any
 
 import yaml
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script: make `nanogpt` importable
+from scripts.nanogpt.build_offline_corpus import DEFAULT_OUT_DIR, build_offline_corpus
+from scripts.nanogpt.config import (
+    HIDDEN_DEFAULTS,
+    REPO_ROOT,
+    RunConfig,
+    derive_run_name,
+    load_config,
+    resolve_path,
+)
 
-from nanogpt.build_offline_corpus import DEFAULT_OUT_DIR, build_offline_corpus  # noqa: E402
-from nanogpt.config import HIDDEN_DEFAULTS, RunConfig, derive_run_name, load_config, resolve_path  # noqa: E402
-
-TRAINER = Path(__file__).resolve().parent / "train.py"
+TRAINER = "scripts.nanogpt.train"  # run as a module from the repository root (REPO_ROOT)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -91,9 +96,9 @@ def resolve(args: argparse.Namespace) -> RunConfig:
 def launch_command(config_file: Path, num_gpus: int) -> list[str]:
     """The trainer's command line: plain Python for one process, torchrun (as a module) for several."""
     if num_gpus == 1:
-        return [sys.executable, str(TRAINER), "--config-file", str(config_file)]
+        return [sys.executable, "-m", TRAINER, "--config-file", str(config_file)]
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={num_gpus}"]
-    return [*torchrun, str(TRAINER), "--config-file", str(config_file)]
+    return [*torchrun, "-m", TRAINER, "--config-file", str(config_file)]
 
 
 def ensure_offline_corpus(config: RunConfig) -> None:
@@ -124,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     config_file.write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
     print(f"run {config.run_name} -> {run_dir}", flush=True)
     env = dict(os.environ, PYTHONUNBUFFERED="1")
-    return subprocess.run(command, env=env).returncode
+    return subprocess.run(command, cwd=REPO_ROOT, env=env).returncode
 
 
 if __name__ == "__main__":

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 
-from nanogpt.config import ScheduleConfig
+from scripts.nanogpt.config import ScheduleConfig
 
 
 def lr_factor(step: int, total_steps: int, schedule: ScheduleConfig) -> float:

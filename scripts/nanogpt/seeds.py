@@ -1,6 +1,6 @@
 """Several seeds of a few optimizers on the same token budget: one table of mean +- std, one PNG.
 
-    python scripts/nanogpt/seeds.py --config-path scripts/nanogpt/cpu.yaml --seeds 3 --results-dir results
+    python -m scripts.nanogpt.seeds --config-path scripts/nanogpt/cpu.yaml --seeds 3 --results-dir results
 
 A variant is written as for compare.py (`optimizer[:key=value,...]`); each runs once per seed (`train.seed`
 0..N-1, which sets the model initialisation and the data order), one after another, into --out-dir; finished
@@ -20,11 +20,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script: make `nanogpt` importable
-
-from nanogpt import run  # noqa: E402
-from nanogpt.compare import parse_variant, variant_label  # noqa: E402
-from nanogpt.config import resolve_path  # noqa: E402
+from scripts.nanogpt import run
+from scripts.nanogpt.compare import parse_variant, variant_label
+from scripts.nanogpt.config import resolve_path
 
 DEFAULT_VARIANTS = ["mfsgd:rank=32", "galore:rank=20", "adamw", "muon"]
 WARMUP_KEYS = {"mfsgd": "beta_warmup_steps", "muon": "momentum_warmup_steps"}

@@ -1,7 +1,7 @@
 """The NanoGPT trainer: one resolved config in, a run directory with log, plot, summary and checkpoints out.
 
-    python scripts/nanogpt/train.py --config-file outputs/nanogpt/<run>/config.yaml
-    torchrun --nproc_per_node 8 scripts/nanogpt/train.py --config-file ...
+    python -m scripts.nanogpt.train --config-file outputs/nanogpt/<run>/config.yaml
+    torchrun --nproc_per_node 8 -m scripts.nanogpt.train --config-file ...
 
 Usually started by run.py, which builds the config. Run directory contents:
 
@@ -22,7 +22,6 @@ import json
 import logging
 import os
 import platform
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -33,22 +32,19 @@ import yaml
 
 from llamafactory_mfsgd.launcher import exit_spawned_worker
 from memory_profiling import peak_rss_bytes
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script: make `nanogpt` importable
-
-from nanogpt.config import RunConfig, build_config, derive_run_name, read_yaml, resolve_path  # noqa: E402
-from nanogpt.data import TokenLoader, ValidationSet, shard_paths  # noqa: E402
-from nanogpt.memory_snapshot import CudaMemorySnapshot  # noqa: E402
-from nanogpt.model import GPT, parameter_roles  # noqa: E402
-from nanogpt.optimizers import (  # noqa: E402
+from scripts.nanogpt.config import RunConfig, build_config, derive_run_name, read_yaml, resolve_path
+from scripts.nanogpt.data import TokenLoader, ValidationSet, shard_paths
+from scripts.nanogpt.memory_snapshot import CudaMemorySnapshot
+from scripts.nanogpt.model import GPT, parameter_roles
+from scripts.nanogpt.optimizers import (
     build_optimizers,
     checkpoint_state,
     load_checkpoint_state,
     set_step_hyperparameters,
     state_bytes,
 )
-from nanogpt.plots import plot_run  # noqa: E402
-from nanogpt.schedules import lr_factor  # noqa: E402
+from scripts.nanogpt.plots import plot_run
+from scripts.nanogpt.schedules import lr_factor
 
 logger = logging.getLogger("nanogpt")
 

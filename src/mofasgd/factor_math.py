@@ -75,7 +75,7 @@ LOCAL_ROWS = LocalRows()
 
 # Device types whose unsharded panels go through CholeskyQR2 (batched GEMMs and a batched 2r x 2r Cholesky)
 # instead of a batched Householder QR, which CUDA runs one matrix at a time. Chosen per device by measurement:
-# scripts/bench/layer_step.py --qr (results/layer_step_cuda.md). Sharded panels use CholeskyQR2 unless wide.
+# python -m benchmarks.layer_step --qr (results/layer_step_cuda.md). Sharded panels use CholeskyQR2 unless wide.
 CHOLESKY_QR_DEVICES: set[str] = {"cuda"}
 
 # CholeskyQR2 is accurate to O(eps) when cond(A) < ~eps^-1/2 (Yamamoto et al. 2015): ~4e3 in fp32. Panels whose
@@ -139,15 +139,19 @@ def settle_panels(
     if not bool(bad.any()):
         return results
     return [
-        _householder_where(panel, rows, *result, bad[i]) if bool(bad[i].any()) else result
+        householder_where(panel, rows, *result, bad[i]) if bool(bad[i].any()) else result
         for i, (panel, rows, result) in enumerate(zip(panels, reductions, results))
     ]
 
 
-def _householder_where(
+def householder_where(
     panel: torch.Tensor, rows: RowReduction, q: torch.Tensor, r: torch.Tensor, gram: torch.Tensor, bad: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(Q, R, Gram) with the panels flagged in `bad` refactored by Householder QR of their gathered rows."""
+    """(Q, R, Gram) with the panels flagged in `bad` refactored by Householder QR of their gathered rows.
+
+    CholeskyQR2's fallback (:func:`settle_panels` calls it); the all-gather it issues is CholeskyQR2's
+    communication, as benchmarks/fsdp2_communication.py books it.
+    """
     batch_shape = q.shape[:-2]
     q, r = q.reshape(-1, *q.shape[-2:]), r.reshape(-1, *r.shape[-2:])
     which = bad.reshape(-1).nonzero().squeeze(1)  # gather only the ill-conditioned panels
@@ -169,7 +173,7 @@ def effective_rank(rank: int, shape: torch.Size) -> int:
 
 # Devices where G^T U is formed as (U^T G)^T: on CPU BLAS the transposed-left product of a wide m x n matrix by a
 # thin m x r one takes a slow path (fp32, r = 8: 4.7x-13x slower on 4096 x 4096 .. 14336 x 4096, measured with
-# scripts/bench/optimizer_step.py --projection-forms); CUDA's GEMM takes transposes as flags, so it keeps G^T U.
+# python -m benchmarks.optimizer_step --projection-forms); CUDA's GEMM takes transposes as flags, so it keeps G^T U.
 _TRANSPOSE_OUTSIDE = {"cpu"}
 
 

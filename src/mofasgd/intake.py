@@ -34,7 +34,7 @@ if TYPE_CHECKING:
 
 PENDING_KEYS = ("GV", "GtU")
 # An AdamW-side FSDP2 gradient whose buffer is this many times its size shares it with others: copied out (cheap).
-# scripts/bench/llama_memory_accounting.py models the same rule.
+# benchmarks/llama_memory_accounting.py models the same rule.
 SHARED_BUFFER_RATIO = 4
 
 

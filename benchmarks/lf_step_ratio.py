@@ -5,7 +5,7 @@ model size; a round runs every method once, in order, so drift on a shared machi
 each method's median over rounds of its median step time (optimizer steps ``--skip``.. of the run) and the ratios
 to AdamW and to LoRA.
 
-    python scripts/bench/lf_step_ratio.py [--size small] [--rounds 3] [--steps 40]
+    python -m benchmarks.lf_step_ratio [--size small] [--rounds 3] [--steps 40]
         [--methods adamw,lora,mofasgd_hook,mofasgd] [--json FILE]
 """
 
@@ -14,20 +14,10 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from lf_bench import (  # noqa: E402
-    MODEL_SIZES,
-    REPO,
-    ensure_model,
-    machine_description,
-    median_step_seconds,
-    method_config,
-    run_training,
-)
+from benchmarks.harness import REPO, machine_description
+from benchmarks.lf_bench import MODEL_SIZES, ensure_model, median_step_seconds, method_config, run_training
 
 
 def main() -> None:

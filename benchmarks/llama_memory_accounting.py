@@ -73,6 +73,7 @@ from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from mofasgd import MoFaSGD, split_for_mofasgd
+from mofasgd.intake import SHARED_BUFFER_RATIO
 
 BF16 = 2
 FP32 = 4
@@ -402,12 +403,13 @@ class _Unit:
     adamw_shards: list[int] = field(default_factory=list)  # this GPU's AdamW-side gradient shards (MoFaSGD runs)
 
 
-def kept_buffer_bytes(unit: _Unit, ratio: int = 4) -> int:
+def kept_buffer_bytes(unit: _Unit, ratio: int = SHARED_BUFFER_RATIO) -> int:
     """Gradient bytes a MoFaSGD unit holds beyond its AdamW-side shards.
 
     MoFaSGD copies an AdamW-side shard out of the unit's flat reduce-scatter buffer when the buffer is at least
-    `ratio` times its size (mofasgd.intake.SHARED_BUFFER_RATIO). If a larger AdamW-side shard stays a view
-    (the root's embeddings and LM head), the buffer lives on: its managed shards and the copies are extra.
+    `ratio` times its size (the optimizer's rule, mofasgd.intake.SHARED_BUFFER_RATIO). If a larger AdamW-side shard
+    stays a view (the root's embeddings and LM head), the buffer lives on: its managed shards and the copies are
+    extra.
     """
     buffer = unit.managed_shards + sum(unit.adamw_shards)
     copied = [b for b in unit.adamw_shards if buffer >= ratio * b]

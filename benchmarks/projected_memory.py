@@ -6,7 +6,7 @@ allocation events, memory_profiling.transient_peak_bytes) and the largest single
 largest managed matrix's fp32 bytes. On the hook path the m x n gradients pass through backward; on the projected
 path no weight-sized tensor is formed.
 
-    python scripts/bench/projected_memory.py [--hidden 128] [--tokens 96] [--rank 8]
+    python -m benchmarks.projected_memory [--hidden 128] [--tokens 96] [--rank 8]
 """
 
 from __future__ import annotations

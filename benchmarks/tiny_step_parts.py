@@ -12,7 +12,7 @@ The floor line is what MoFaSGD cannot avoid at this size whatever its bookkeepin
 form G V and G^T U and free the gradient. Divided by the step time of the real LLaMA-Factory run
 (``--lf-adamw-ms``) it bounds the train-step ratio to AdamW from below.
 
-    python scripts/bench/tiny_step_parts.py [--blocks 30] [--before ../old/src] [--lf-adamw-ms 22.5]
+    python -m benchmarks.tiny_step_parts [--blocks 30] [--before ../old/src] [--lf-adamw-ms 22.5]
 """
 
 from __future__ import annotations
@@ -20,10 +20,11 @@ from __future__ import annotations
 import argparse
 import collections
 import functools
-import importlib
+import importlib.util
 import statistics
 import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -37,15 +38,31 @@ SOLVERS = (("linalg", "qr"), ("linalg", "svd"), ("linalg", "cholesky_ex"))
 
 
 def load_mofasgd(src: str):
-    """Import the mofasgd package found under `src`, under its own name, then hide it so another can load."""
-    sys.path.insert(0, src)
+    """Import the mofasgd package under another checkout's `src`, beside the one this process imports.
+
+    Its modules load under their own names (mofasgd imports itself by absolute names) while any mofasgd modules
+    already loaded are set aside; afterwards they are renamed out of the way and the set-aside ones put back.
+    """
+    package = Path(src) / "mofasgd"
+    spec = importlib.util.spec_from_file_location(
+        "mofasgd", package / "__init__.py", submodule_search_locations=[str(package)]
+    )
+    ours = _take_mofasgd_modules()
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["mofasgd"] = module
     try:
-        module = importlib.import_module("mofasgd")
+        spec.loader.exec_module(module)
     finally:
-        sys.path.remove(src)
-    for name in [n for n in sys.modules if n == "mofasgd" or n.startswith("mofasgd.")]:
-        sys.modules[f"_bench_{src}_{name}"] = sys.modules.pop(name)
+        for name, loaded in _take_mofasgd_modules().items():
+            sys.modules[f"_bench_{src}_{name}"] = loaded
+        sys.modules.update(ours)
     return module
+
+
+def _take_mofasgd_modules() -> dict[str, object]:
+    """Remove the loaded mofasgd modules from sys.modules and return them by name."""
+    names = [n for n in sys.modules if n == "mofasgd" or n.startswith("mofasgd.")]
+    return {name: sys.modules.pop(name) for name in names}
 
 
 def stand_in_loss(mats: list[torch.Tensor], inputs: dict[tuple[int, ...], torch.Tensor]) -> torch.Tensor:

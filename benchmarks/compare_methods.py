@@ -19,7 +19,7 @@ For each model size, every method trains the same tiny LLaMA on the same data an
 Writes ``bench_methods_<size>.{md,json,png}`` into ``--out`` (and copies them to ``--results-dir`` if given);
 the runs themselves go to ``--out/<size>/``. Models are built into git-ignored ``models/`` paths if missing.
 
-    python scripts/bench/compare_methods.py [--sizes tiny small] [--steps 40] [--rank 8] [--results-dir results]
+    python -m benchmarks.compare_methods [--sizes tiny small] [--steps 40] [--rank 8] [--results-dir results]
 """
 
 from __future__ import annotations
@@ -29,21 +29,18 @@ import time
 from pathlib import Path
 from typing import Any
 
-from lf_bench import (
+from benchmarks.harness import REPO, machine_description, save_results
+from benchmarks.lf_bench import (
     METHODS,
     MODEL_SIZES,
-    REPO,
     RunResult,
     ensure_model,
     last_logged,
-    machine_description,
     median_step_seconds,
     method_config,
     run_training,
-    save_results,
     window_peak,
 )
-
 from memory_profiling import GROUPS, group_categories
 
 SKIP_STEPS = 2

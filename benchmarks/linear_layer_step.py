@@ -11,7 +11,7 @@ The layer is q, k, v, o (grouped-query widths), gate, up, down with a SiLU MLP; 
 elementwise mix of q with k + v (its FLOPs are not what is compared). Times are medians over repeats, methods taken
 in turns within each repeat so that drift on a shared machine hits them alike.
 
-    python scripts/bench/linear_layer_step.py [--tokens 512] [--scale 1] [--rank 8] [--repeats 3]
+    python -m benchmarks.linear_layer_step [--tokens 512] [--scale 1] [--rank 8] [--repeats 3]
         [--dtype float32|bfloat16] [--methods adamw,lora,mofasgd_hook,mofasgd_projected] [--json FILE]
 """
 

@@ -6,7 +6,7 @@ medians and the ratio. AdamW is torch's with its defaults (a for-loop on CPU, fo
 builds it. Only public API is used, so the same script measures an older checkout too (put its ``src`` first
 on PYTHONPATH) for a before/after comparison of the step engine.
 
-    python scripts/bench/layer_step.py [--rank 8] [--repeats 3] [--scale 1] [--layers 1] [--device cpu]
+    python -m benchmarks.layer_step [--rank 8] [--repeats 3] [--scale 1] [--layers 1] [--device cpu]
         [--dtype float32] [--chunk-elements N] [--qr householder|cholesky] [--profile] [--count-syncs] [--ops]
 
 ``--ops`` counts the host-side aten ops of one gradient clipping and one step, after two micro-batches, for
@@ -23,11 +23,11 @@ import time
 import warnings
 
 import torch
-from optimizer_step import sync  # this script's folder is on sys.path when it runs
 
 import mofasgd
 import mofasgd.factor_math
 import mofasgd.rounding
+from benchmarks.harness import sync
 from mofasgd import MoFaSGD
 
 # q, k, v, o, gate, up, down of one LLaMA-3.1-8B layer (out x in)

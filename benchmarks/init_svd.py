@@ -5,7 +5,7 @@ For each LLaMA-3.1-8B matrix shape: wall time of both on this machine, and how g
 two stand-ins for a pretrained weight: a Gaussian matrix (flat spectrum, the hardest case) and one with a
 power-law spectrum s_i ~ i^-0.5. The 8B total multiplies each shape's time by its count (224 matrices).
 
-    python scripts/bench/init_svd.py [--rank 8] [--results-dir results]
+    python -m benchmarks.init_svd [--rank 8] [--results-dir results]
 """
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from lf_bench import REPO, machine_description, save_results
 
+from benchmarks.harness import REPO, machine_description, save_results
 from mofasgd import factor_math as fm
 
 # LLaMA-3.1-8B: 32 layers of q, o (4096 x 4096), k, v (1024 x 4096), gate, up (14336 x 4096), down (4096 x 14336)
@@ -67,7 +67,7 @@ def render_markdown(result: dict[str, Any]) -> str:
         "# Fast start: exact vs randomized top-r SVD of W at initialisation",
         "",
         f"Rank {result['rank']}, fp32. Machine: {m['device']}, torch {m['torch']} ({m['torch_threads']} threads). "
-        "Command: `python scripts/bench/init_svd.py --results-dir results`.",
+        "Command: `python -m benchmarks.init_svd --results-dir results`.",
         "",
         "| shape | count in 8B | matrix | exact SVD | randomized | speed-up | sin θ (max) | S rel. error | "
         "Σ S captured |",

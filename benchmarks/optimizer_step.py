@@ -5,8 +5,8 @@ that both see the same machine load. Times are medians over --repeats steps afte
 MoFaSGD two times are given: step() alone, and the gradient projection done in the backward hook plus
 step() (the whole per-step optimizer cost, comparable to AdamW's step, which reads the full gradient).
 
-    python scripts/bench/optimizer_step.py [--shapes 4096x4096,4096x14336] [--ranks 8,16,32] [--device cpu]
-    python scripts/bench/optimizer_step.py --projection-forms   # G^T U vs (U^T G)^T, the hook's costly product
+    python -m benchmarks.optimizer_step [--shapes 4096x4096,4096x14336] [--ranks 8,16,32] [--device cpu]
+    python -m benchmarks.optimizer_step --projection-forms   # G^T U vs (U^T G)^T, the hook's costly product
 
 Only public API is used: a ``.grad`` set by hand is projected at ``step()`` exactly as the backward hook would
 (hook + step), and ``grad_norm()`` projects it beforehand when the step alone is timed.
@@ -18,26 +18,13 @@ import argparse
 import json
 import platform
 import statistics
-import time
 
 import torch
 
+from benchmarks.harness import timed
 from memory_profiling import transient_peak_bytes
 from mofasgd import MoFaSGD
 from mofasgd.memory import optimizer_state_bytes
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def timed(fn, device: torch.device) -> float:
-    sync(device)
-    start = time.perf_counter()
-    fn()
-    sync(device)
-    return time.perf_counter() - start
 
 
 def bench_pair(shape, rank, dtype, device, warmup, repeats):

@@ -7,7 +7,7 @@ checkpointing, 2 micro-batches of 4 x 64 tokens, clipping at 1.0), and the metho
 step, so drift hits them alike. Methods: AdamW (torch's), LoRA r8 on the seven projections (peft, as
 LLaMA-Factory builds it), MoFaSGD on the gradient-hook path, MoFaSGD with the projected Linear backward.
 
-    python scripts/bench/model_step_turns.py [--size small] [--steps 30] [--tokens 64] [--rank 8]
+    python -m benchmarks.model_step_turns [--size small] [--steps 30] [--tokens 64] [--rank 8]
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from mofasgd import MoFaSGD, split_for_mofasgd
 
-SIZES = {"tiny": (64, 256, 2), "small": (256, 688, 4)}  # hidden, intermediate, layers (scripts/bench/lf_bench.py)
+SIZES = {"tiny": (64, 256, 2), "small": (256, 688, 4)}  # hidden, intermediate, layers (benchmarks/lf_bench.py)
 PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 

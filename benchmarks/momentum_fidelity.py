@@ -14,7 +14,7 @@ no rank-r state can beat, the error of the best rank-r approximation of M_t (tru
 sqrt(sum_{i>r} sigma_i^2) / ||M_t||_F. MoFaSGD's gap above that floor comes from projecting each gradient on
 the tangent space of the current factors instead of keeping it whole.
 
-    python scripts/bench/momentum_fidelity.py [--steps 100] [--ranks 4 8] [--inits weight gradient] \\
+    python -m benchmarks.momentum_fidelity [--steps 100] [--ranks 4 8] [--inits weight gradient] \\
         [--out outputs/momentum_fidelity] [--results-dir results]
 """
 
@@ -28,12 +28,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from lf_bench import ensure_built, save_results
 
+from benchmarks.harness import REPO, save_results
 from mofasgd import MoFaSGD, split_for_mofasgd
 from mofasgd import factor_math as fm
+from scripts.build_tiny_llama import ensure_built
 
-REPO = Path(__file__).resolve().parents[2]
 DEFAULT_TRACKED = ("layers.0.self_attn.q_proj", "layers.1.self_attn.v_proj", "layers.1.mlp.down_proj")
 
 

@@ -7,7 +7,7 @@ its projections alike), with the shapes and dtypes of what it reduced. The measu
 the formulas (AdamW+DDP: every gradient, m n per matrix; MoFaSGD: (m + n) r + 1 per matrix plus the AdamW
 parameters' gradients through DDP), which then give the numbers for the real LLaMA-3.1-8B layer width.
 
-    python scripts/bench/ddp_communication.py [--hidden 1024 --intermediate 3584 --kv 256 --rank 8]
+    python -m benchmarks.ddp_communication [--hidden 1024 --intermediate 3584 --kv 256 --rank 8]
 """
 
 from __future__ import annotations
@@ -19,42 +19,13 @@ import os
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.profiler import ProfilerActivity, profile
 
+from benchmarks.llama_layer import LLAMA_8B, LlamaLayerMatrices, layer_matrix_shapes
 from llamafactory_mfsgd.launcher import free_port
 from mofasgd import MoFaSGD, split_for_mofasgd
 from mofasgd.data_parallel import ignore_managed_in_ddp
-
-LLAMA_8B = {"hidden": 4096, "intermediate": 14336, "kv": 1024}
-
-
-class LlamaLayerMatrices(nn.Module):
-    """The weights of one LLaMA decoder layer, wired into a cheap differentiable function (not attention)."""
-
-    def __init__(self, hidden: int, intermediate: int, kv: int) -> None:
-        super().__init__()
-        self.input_norm = nn.Parameter(torch.ones(hidden))
-        self.post_norm = nn.Parameter(torch.ones(hidden))
-        self.q_proj, self.o_proj = nn.Linear(hidden, hidden, bias=False), nn.Linear(hidden, hidden, bias=False)
-        self.k_proj, self.v_proj = nn.Linear(hidden, kv, bias=False), nn.Linear(hidden, kv, bias=False)
-        self.gate_proj = nn.Linear(hidden, intermediate, bias=False)
-        self.up_proj = nn.Linear(hidden, intermediate, bias=False)
-        self.down_proj = nn.Linear(intermediate, hidden, bias=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = x * self.input_norm
-        kv = self.k_proj(h).sum(-1, keepdim=True) + self.v_proj(h).sum(-1, keepdim=True)
-        h = x + self.o_proj(self.q_proj(h) * torch.tanh(kv))
-        g = h * self.post_norm
-        return h + self.down_proj(nn.functional.silu(self.gate_proj(g)) * self.up_proj(g))
-
-
-def layer_matrix_shapes(hidden: int, intermediate: int, kv: int) -> list[tuple[int, int]]:
-    """(out, in) of q, k, v, o, gate, up, down."""
-    h, i = hidden, intermediate
-    return [(h, h), (kv, h), (kv, h), (h, h), (i, h), (i, h), (h, i)]
 
 
 def expected_bytes(hidden: int, intermediate: int, kv: int, rank: int) -> dict[str, int]:

@@ -13,7 +13,7 @@ same bf16 weight path as on a GPU, no AMP, no fp32 master weights).
 Part 3, cost: step time of MoFaSGD and AdamW on a bf16 4096 x 4096 matrix with and without stochastic
 rounding, interleaved in one process.
 
-    python scripts/bench/bf16_updates.py [--results-dir results]
+    python -m benchmarks.bf16_updates [--results-dir results]
 """
 
 from __future__ import annotations
@@ -26,11 +26,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-import lf_bench
 import torch
-from lf_bench import REPO, ensure_model, last_logged, machine_description, method_config, run_training, save_results
 from torch import nn
 
+from benchmarks.harness import REPO, machine_description, save_lr_plot, save_results
+from benchmarks.lf_bench import ensure_model, last_logged, method_config, run_training
 from mofasgd import MoFaSGD
 
 SHAPE = (1024, 2816)
@@ -165,7 +165,7 @@ def render_markdown(result: dict[str, Any]) -> str:
         "# bf16 weights: how much of each update survives",
         "",
         f"Machine: {m['device']}, torch {m['torch']} ({m['torch_threads']} threads). Command: "
-        "`make bench-bf16` (`python scripts/bench/bf16_updates.py --results-dir results`).",
+        "`make bench-bf16` (`python -m benchmarks.bf16_updates --results-dir results`).",
         "",
         f"## One {SHAPE[0]} x {SHAPE[1]} matrix, {result['matrix_steps']} steps",
         "",
@@ -216,7 +216,7 @@ def plot(result: dict[str, Any], path: Path) -> Path:
         ax.plot([r["lr"] for r in rows], [r["nearest"] for r in rows], marker="o", ls="--", label=f"{name}, nearest")
         ax.plot([r["lr"] for r in rows], [r["stochastic"] for r in rows], marker="s", label=f"{name}, stochastic")
     title = f"bf16 weights, {SHAPE[0]} x {SHAPE[1]} matrix"
-    return lf_bench.save_lr_plot(fig, ax, path, "fraction of the fp32 update kept", title)
+    return save_lr_plot(fig, ax, path, "fraction of the fp32 update kept", title)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -4,35 +4,30 @@ A run goes through the real training path: a fresh interpreter (so the extension
 ``llamafactory-cli train``) runs ``llamafactory_mfsgd.train_entry.train`` (what ``python -m
 llamafactory_mfsgd.train_entry`` and ``run.py`` run) on the method's tiny YAML with overrides, plus one callback,
 :class:`StepTimer`, that records every optimizer step's wall-clock window (and, on CUDA, the allocator's
-peak during it) into a JSON file. The worker side is this module's ``__main__``::
+peak during it) into a JSON file. The worker side is this module's ``__main__``, run from the repository root::
 
-    python scripts/bench/lf_bench.py CONFIG.yaml TIMING.json
+    python -m benchmarks.lf_bench CONFIG.yaml TIMING.json
 """
 
 from __future__ import annotations
 
 import json
 import os
-import platform
-import shutil
 import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from benchmarks.harness import REPO
 from llamafactory_mfsgd.config_values import load_config
+from scripts.build_tiny_llama import ensure_built
 
-REPO = Path(__file__).resolve().parents[2]
 CONFIGS = REPO / "configs" / "mfsgd"
-sys.path.insert(0, str(REPO / "scripts"))  # the one tiny-model builder, scripts/build_tiny_llama.py
-
-from build_tiny_llama import ensure_built  # noqa: E402
 
 # Model sizes built by scripts/build_tiny_llama.py into git-ignored models/ paths.
 MODEL_SIZES: dict[str, dict[str, Any]] = {
@@ -131,7 +126,7 @@ def run_training(config: dict[str, Any], timeout: int = 3600) -> RunResult:
     log_path = output_dir / "bench_train.log"
     with open(log_path, "w") as log:
         proc = subprocess.run(
-            [sys.executable, str(Path(__file__).resolve()), str(config_path), str(timing_path)],
+            [sys.executable, "-m", "benchmarks.lf_bench", str(config_path), str(timing_path)],
             cwd=REPO,
             env=subprocess_env(),
             stdout=log,
@@ -178,20 +173,6 @@ def window_peak(timeline: dict[str, Any], begin_us: int, end_us: int) -> dict[st
     indices = [start] + [i for i, t in enumerate(times) if begin_us < t <= end_us]
     peak = max(indices, key=lambda i: sum(rows[i]))
     return {"total_bytes": sum(rows[peak]), "by_profiler_category": dict(zip(timeline["categories"], rows[peak]))}
-
-
-def machine_description() -> dict[str, Any]:
-    """The machine and software the numbers came from."""
-    import torch
-
-    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"CPU ({os.cpu_count()} cores)"
-    return {
-        "device": device,
-        "processor": platform.processor() or platform.machine(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "torch_threads": torch.get_num_threads(),
-    }
 
 
 def _timer_callback(path: Path) -> Any:
@@ -252,41 +233,7 @@ def _worker(config_path: str, timing_path: str) -> None:
     train(config_path, callbacks=[_timer_callback(Path(timing_path))])
 
 
-def save_lr_plot(fig: Any, ax: Any, path: Path, ylabel: str, title: str) -> Path:
-    """Finish a plot over learning rates (log x axis, labels, legend) and save it as a PNG at `path`."""
-    ax.set_xscale("log")
-    ax.set_xlabel("learning rate")
-    ax.set_ylabel(ylabel)
-    ax.set_title(title)
-    ax.legend(fontsize="small")
-    fig.savefig(path, format="png")
-    return path
-
-
-def save_results(
-    result: dict[str, Any],
-    stem: str,
-    out_dir: Path,
-    results_dir: str | Path | None,
-    render_markdown: Callable[[dict[str, Any]], str],
-    plot: Callable[[dict[str, Any], Path], Any],
-) -> list[Path]:
-    """Write `<stem>.md`, `.json` and `.png` into `out_dir`, copy them into `results_dir` if given, print the table."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    md, js, png = (out_dir / f"{stem}{ext}" for ext in (".md", ".json", ".png"))
-    md.write_text(render_markdown(result))
-    js.write_text(json.dumps(result, indent=2) + "\n")
-    plot(result, png)
-    files = [md, js, png]
-    if results_dir:
-        Path(results_dir).mkdir(parents=True, exist_ok=True)
-        for path in files:
-            shutil.copy(path, Path(results_dir) / path.name)
-    print(render_markdown(result))
-    return files
-
-
 if __name__ == "__main__":
     if len(sys.argv) != 3:
-        raise SystemExit("usage: python scripts/bench/lf_bench.py CONFIG.yaml TIMING.json")
+        raise SystemExit("usage: python -m benchmarks.lf_bench CONFIG.yaml TIMING.json")
     _worker(sys.argv[1], sys.argv[2])

@@ -9,7 +9,7 @@ initialisations (``mfsgd_init`` weight / gradient). For MoFaSGD the swept rate i
 ``learning_rate_mfsgd`` and ``learning_rate_adamw`` (embeddings, LM head and norms), as for AdamW and GaLore,
 whose single rate covers every parameter too. One seed; differences below the spread of the sweep are noise.
 
-    python scripts/bench/quality_sweep.py [--steps 60] [--rank 8] [--results-dir results]
+    python -m benchmarks.quality_sweep [--steps 60] [--rank 8] [--results-dir results]
 """
 
 from __future__ import annotations
@@ -19,16 +19,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from lf_bench import (
-    REPO,
-    ensure_model,
-    last_logged,
-    machine_description,
-    method_config,
-    run_training,
-    save_lr_plot,
-    save_results,
-)
+from benchmarks.harness import REPO, machine_description, save_lr_plot, save_results
+from benchmarks.lf_bench import ensure_model, last_logged, method_config, run_training
 
 LR_GRID = (3e-3, 1e-2, 3e-2)
 # Variant -> (method of lf_bench.METHODS, YAML overrides, learning-rate keys the swept rate goes to).

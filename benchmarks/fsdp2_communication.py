@@ -20,7 +20,7 @@ all-reduce's bytes per rank and (W - 1) / W of an all-gather's or a reduce-scatt
 The first step is reported apart (each rank all-gathers every W once, to factor it). The other steps must match
 the formula (formula_ledger) call by call, which then gives the numbers for the LLaMA-3.1-8B and 70B layers.
 
-    python scripts/bench/fsdp2_communication.py [--hidden 256 --intermediate 704 --kv 64 --rank 8] [--output F]
+    python -m benchmarks.fsdp2_communication [--hidden 256 --intermediate 704 --kv 64 --rank 8] [--output F]
 """
 
 from __future__ import annotations
@@ -36,10 +36,10 @@ from contextlib import contextmanager
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from ddp_communication import LLAMA_8B, LlamaLayerMatrices, layer_matrix_shapes
 from torch import nn
 from torch.profiler import ProfilerActivity, profile
 
+from benchmarks.llama_layer import LLAMA_8B, LlamaLayerMatrices, layer_matrix_shapes
 from llamafactory_mfsgd.launcher import exit_spawned_worker, free_port
 from mofasgd import MoFaSGD, split_for_mofasgd
 
@@ -71,7 +71,7 @@ Ledger = dict[tuple, list[int]]
 
 
 class GqaLayerMatrices(LlamaLayerMatrices):
-    """ddp_communication's layer with K and V used per feature (GQA-like: each kv feature serves hidden/kv ones).
+    """llama_layer's layer with K and V used per feature (GQA-like: each kv feature serves hidden/kv ones).
 
     There K and V enter only through a sum over their outputs, so their gradients are rank 1 and their
     [U | G V] panels rank-deficient every step: CholeskyQR2 would take its gathered fallback on every step,
@@ -171,7 +171,7 @@ def _itemsize(dtype: str) -> int:
 
 # ---------------------------------------------------------------------------------------------------- measuring
 # CholeskyQR2's workers book under its name; comprehension frames (Python < 3.12) are looked through
-_SITE_ALIASES = {"cholesky_qr2_panels": "cholesky_qr2", "_householder_where": "cholesky_qr2"}
+_SITE_ALIASES = {"cholesky_qr2_panels": "cholesky_qr2", "householder_where": "cholesky_qr2"}
 _TRANSPARENT = {"<listcomp>", "<genexpr>", "<dictcomp>", "<setcomp>"}
 
 
@@ -417,11 +417,11 @@ def report(measured: dict, args: argparse.Namespace, problems: list[str]) -> str
     lines = [
         "# MoFaSGD's own communication per step under FSDP2",
         "",
-        f"`python scripts/bench/fsdp2_communication.py --hidden {h} --intermediate {i} --kv {kv} --rank {r} "
+        f"`python -m benchmarks.fsdp2_communication --hidden {h} --intermediate {i} --kv {kv} --rank {r} "
         f"--steps {args.steps} --tokens {args.tokens}`",
         "",
         f"Machine: {os.cpu_count()}-core CPU ({platform.machine()}), 2 processes on the gloo backend, torch "
-        f"{torch.__version__}. One LLaMA decoder layer (hidden {h}, MLP {i}, kv {kv}: ddp_communication's "
+        f"{torch.__version__}. One LLaMA decoder layer (hidden {h}, MLP {i}, kv {kv}: llama_layer's "
         "LlamaLayerMatrices with K and V used per feature, since there K and V only enter through a sum of their "
         "outputs, which makes their gradients rank 1 and sends CholeskyQR2 to its gathered fallback every step; "
         "its seven matrices go to "

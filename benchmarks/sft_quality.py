@@ -28,8 +28,8 @@ rate is chosen on seed 0 alone, which favours it slightly.
 Resumable: each finished run leaves ``record.json`` in its directory and is skipped next time (failed runs too,
 unless ``--retry-failed``). Results: ``results/sft_quality.md``, ``.png`` and ``.json`` (a list of runs).
 
-    python scripts/bench/sft_quality.py --results-dir results                  # the full grid (hours on a CPU)
-    python scripts/bench/sft_quality.py --variants adamw_fp32 mofasgd_ones_weight_r8_fp32 --seeds 3
+    python -m benchmarks.sft_quality --results-dir results                  # the full grid (hours on a CPU)
+    python -m benchmarks.sft_quality --variants adamw_fp32 mofasgd_ones_weight_r8_fp32 --seeds 3
 """
 
 from __future__ import annotations
@@ -46,8 +46,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lf_bench import REPO, last_logged, machine_description, median_step_seconds, method_config, run_training
-
+from benchmarks.harness import REPO, machine_description
+from benchmarks.lf_bench import last_logged, median_step_seconds, method_config, run_training
 from mofasgd import ADAMW_STATES
 
 BASES = {"1m": REPO / "models" / "pretrained-llama", "10m": REPO / "models" / "pretrained-llama-10m"}
@@ -442,11 +442,10 @@ def ensure_pretrained(model_dir: Path, size: str, results_dir: str | None) -> No
         model_dir.with_name(model_dir.name + "-bf16") / "config.json"
     ).exists():
         return
-    builder = REPO / "scripts" / "build_pretrained_llama.py"
-    command = [sys.executable, str(builder), "--size", size, "--out", str(model_dir)]
+    command = [sys.executable, "-m", "scripts.build_pretrained_llama", "--size", size, "--out", str(model_dir)]
     if results_dir:
         command += ["--results-dir", results_dir]
-    subprocess.run(command, check=True)
+    subprocess.run(command, check=True, cwd=REPO)
 
 
 def main(argv: list[str] | None = None) -> None:
