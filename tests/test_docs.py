@@ -92,8 +92,6 @@ def test_the_python_modules_a_page_runs_exist(page):
                 continue
             parts = module.split(".")
             places = [REPO.joinpath(*parts).with_suffix(".py"), REPO.joinpath("src", *parts).with_suffix(".py")]
-            if parts[0] == "benchmarks" and not (REPO / "benchmarks").is_dir():
-                places.append(REPO / "scripts" / "bench" / f"{parts[-1]}.py")  # until scripts/bench/ moves there
             if not any(place.is_file() for place in places):
                 missing.append(module)
     assert not missing, f"{page.name} runs modules that do not exist: {missing}"
