@@ -182,3 +182,40 @@ def test_capturable_refuses_what_reads_the_host_at_every_step():
         MoFaSGD([{"params": matrices}, {"params": side, "mofasgd": False}], capturable=True, adamw_state="factored")
     with pytest.raises(ValueError, match="Invalid capturable"):
         MoFaSGD(matrices, capturable="yes")
+
+
+def test_a_scheduled_learning_rate_reaches_the_capturable_step():
+    """The learning rate is read from a device tensor that step() refills, so a scheduler's change takes effect."""
+    runs = []
+    for capturable in (False, True):
+        matrices, side = _model(torch.float32)
+        opt = _optimizer(matrices, side, capturable, weight_decay=0.1)
+        schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0 / (1 + step))
+        for step in range(5):
+            _backward(matrices, side, step)
+            opt.step()
+            schedule.step()
+            opt.zero_grad()
+        runs.append(matrices + side)
+    for p, q in zip(*runs):
+        torch.testing.assert_close(q, p, atol=2e-6, rtol=2e-5)
+
+
+def test_the_capturable_step_keeps_its_tensors_at_fixed_addresses():
+    """What a replayed CUDA graph needs: after warm-up, the factors, counters, moments and pending sums stay put."""
+    matrices, side = _model(torch.float32)
+    opt = _optimizer(matrices, side, True, nesterov=True)
+
+    def addresses():
+        tensors = [t for p in matrices + side for t in opt.state[p].values() if torch.is_tensor(t)]
+        return [t.data_ptr() for t in tensors + opt.intake.buffers() + list(opt._lrs.values())]
+
+    seen = []
+    for step in range(5):
+        _backward(matrices, side, step)
+        opt.clip_grad_norm_(1.0)
+        opt.step()
+        opt.zero_grad()
+        seen.append(addresses())
+    assert seen[2] == seen[3] == seen[4]
+    assert len(seen[4]) >= 4 * len(matrices) + 3 * len(side) + 1

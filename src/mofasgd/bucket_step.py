@@ -48,31 +48,56 @@ def finite_entries(gv: torch.Tensor, gtu: torch.Tensor, rows: fm.RowReduction | 
     return finite
 
 
-def bucket_direction(
-    U: torch.Tensor,
-    S: torch.Tensor,
-    V: torch.Tensor,
-    gv: torch.Tensor,
-    gtu: torch.Tensor,
-    beta: float | torch.Tensor,
-    settings: DirectionSettings,
-    rows: fm.RowReduction | None = None,
-    allowed: torch.Tensor | None = None,
-) -> BucketOutcome:
+class BucketInputs(NamedTuple):
+    """One bucket's stacked tensors and step values, as :func:`bucket_direction` takes them."""
+
+    U: torch.Tensor  # B x m x r
+    S: torch.Tensor  # B x r
+    V: torch.Tensor  # B x n x r
+    gv: torch.Tensor  # B x m x r
+    gtu: torch.Tensor  # B x n x r
+    beta: float | torch.Tensor  # a number, or B values
+    settings: DirectionSettings
+    rows: fm.RowReduction | None = None  # FSDP2: how row-sharded U and G V meet across ranks
+    allowed: torch.Tensor | None = None  # a device flag: false skips every matrix of the step
+
+
+def bucket_direction(inputs: BucketInputs) -> BucketOutcome:
     """One bucket's MoFaSGD math: SVD_r(beta M + G_hat), the direction and its per-direction scale.
 
-    `U`, `S`, `V` (B x m x r, B x r, B x n x r) are the factors, `gv`, `gtu` the projections; `beta` a number or B
-    values. A matrix whose projections are not finite (or every matrix, when the device flag `allowed` is false)
-    keeps its factors and gets a zero scale, decided on the device. `rows`: FSDP2's reduction of row-sharded U, G V.
+    A matrix whose projections are not finite (or every matrix, when the device flag `allowed` is false) keeps its
+    factors and gets a zero scale, decided on the device. Its inputs are not modified.
     """
+    return bucket_directions([inputs])[0]
+
+
+def bucket_directions(buckets: list[BucketInputs]) -> list[BucketOutcome]:
+    """:func:`bucket_direction` of several buckets; sync-free ones share one batched core SVD per core shape."""
+    stages = [_direction_stages(inputs) for inputs in buckets]
+    return fm.run_core_svds(stages) if stages and buckets[0].settings.sync_free else [_finish(s) for s in stages]
+
+
+def _finish(stages: fm.CoreStages) -> BucketOutcome:
+    try:
+        next(stages)
+    except StopIteration as done:
+        return done.value
+    raise AssertionError("an eager bucket step factors its cores itself")
+
+
+def _direction_stages(inputs: BucketInputs) -> fm.CoreStages:
+    """The bucket's math as stages: a sync-free step yields its cores (fm.run_core_svds), an eager one none."""
+    U, S, V, gv, gtu, beta, settings, rows, allowed = inputs
     finite = finite_entries(gv, gtu, rows)
     if allowed is not None:
         finite = finite & allowed
     skip = (~finite)[:, None, None]
     gv, gtu = gv.masked_fill(skip, 0), gtu.masked_fill(skip, 0)
-    new, direction = fm.momentum_step(
-        U, S, V, gv, gtu, beta, settings.rank, settings.nesterov, rows, sync_free=settings.sync_free
-    )
+    if settings.sync_free:
+        stages = fm.sync_free_momentum_stages(U, S, V, gv, gtu, beta, settings.rank, settings.nesterov, rows)
+        new, direction = yield from stages
+    else:
+        new, direction = fm.momentum_step(U, S, V, gv, gtu, beta, settings.rank, settings.nesterov, rows)
     keep = finite[:, None, None]
     new = fm.LowRank(torch.where(keep, new.U, U), torch.where(finite[:, None], new.S, S), torch.where(keep, new.V, V))
     scale = fm.step_scaling(direction.S, settings.eps, settings.max_value, settings.use_ones_for_nonzero_s)

@@ -10,8 +10,8 @@ be stepped together with one batched QR and one batched SVD per group.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import NamedTuple, Protocol
+from collections.abc import Callable, Generator
+from typing import Any, NamedTuple, Protocol
 
 import torch
 
@@ -386,17 +386,11 @@ def momentum_step(
     device anyway (it checks convergence on the host), so the read adds no wait of its own. Entries that need the
     fallback enter that SVD with a zero core, and are redone after it (rare: a zero or rank-deficient gradient).
 
-    ``sync_free``: nothing is read on the host. The fallback is decided on the device (every flagged panel's
-    Householder QR is computed and selected with ``torch.where``) and the cores are factored by
-    :func:`mofasgd.jacobi_svd.jacobi_svd`, a fixed sequence of ops that a CUDA graph can capture.
+    ``sync_free``: nothing is read on the host (:func:`sync_free_momentum_stages`, with its cores factored here).
     """
-    factors = panel_factors(U, V, gv, gtu, rows)
     if sync_free:
-        factors = settle_panel_factors_on_device(factors)
-        core = core_of(factors, S, beta)
-        new = truncate(core.q_u, core.q_v, core.core, rank, svd=jacobi_svd)
-        direction = nesterov_direction(core, new, beta, rank, rows, svd=jacobi_svd) if nesterov else new
-        return new, direction
+        return run_core_svds([sync_free_momentum_stages(U, S, V, gv, gtu, beta, rank, nesterov, rows)])[0]
+    factors = panel_factors(U, V, gv, gtu, rows)
     unsettled = factors.unsettled_entries()
     core = core_of(factors, S, beta)
     if unsettled is not None:  # a failed Cholesky may leave non-finite numbers, which the SVD must not see
@@ -410,31 +404,106 @@ def momentum_step(
 
 
 Svd = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+# A computation that yields each small core it needs factored, receives its (U, S, Vh), and returns a result.
+CoreStages = Generator[torch.Tensor, tuple[torch.Tensor, torch.Tensor, torch.Tensor], Any]
+
+
+def sync_free_momentum_stages(
+    U: torch.Tensor,
+    S: torch.Tensor,
+    V: torch.Tensor,
+    gv: torch.Tensor,
+    gtu: torch.Tensor,
+    beta: float | torch.Tensor,
+    rank: int,
+    nesterov: bool = False,
+    rows: RowReduction | None = None,
+) -> CoreStages:
+    """:func:`momentum_step` with nothing read on the host, as stages that yield their 2r x 2r cores.
+
+    The panel fallback is decided on the device (:func:`settle_panel_factors_on_device`); the cores are yielded,
+    so that :func:`run_core_svds` factors the cores of every bucket of a step in one sync-free batched SVD (the
+    core is 2r x 2r whatever the matrix shape). Returns (new factors, direction).
+    """
+    factors = settle_panel_factors_on_device(panel_factors(U, V, gv, gtu, rows))
+    core = core_of(factors, S, beta)
+    new = _truncated(core.q_u, core.q_v, (yield core.core), rank)
+    if not nesterov:
+        return new, new
+    lookahead = _lookahead(core, new, beta, rows)
+    return new, _truncated(core.q_u, core.q_v, (yield lookahead), rank)
+
+
+def run_core_svds(stages: list[CoreStages], svd: Svd | None = None) -> list[Any]:
+    """Drive computations in lockstep, factoring the cores they yield together: one SVD per (shape, dtype, device).
+
+    `svd` defaults to :func:`mofasgd.jacobi_svd.jacobi_svd` (sync-free). Returns each computation's result.
+    """
+    svd = jacobi_svd if svd is None else svd
+    results: list[Any] = [None] * len(stages)
+    waiting: dict[int, torch.Tensor] = {}
+    for i, stage in enumerate(stages):
+        try:
+            waiting[i] = next(stage)
+        except StopIteration as done:
+            results[i] = done.value
+    while waiting:
+        groups: dict[tuple, list[int]] = {}
+        for i, core in waiting.items():
+            groups.setdefault((tuple(core.shape[-2:]), core.dtype, core.device), []).append(i)
+        answers: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        for members in groups.values():
+            cores = [waiting[i] for i in members]
+            batch = [core.shape[:-2].numel() for core in cores]
+            u, s, vh = svd(torch.cat([core.reshape(-1, *core.shape[-2:]) for core in cores]))
+            pieces = zip(*(t.split(batch) for t in (u, s, vh)))
+            for i, core, (pu, ps, pvh) in zip(members, cores, pieces):
+                lead = core.shape[:-2]
+                answers[i] = (
+                    pu.reshape(*lead, *pu.shape[1:]),
+                    ps.reshape(*lead, -1),
+                    pvh.reshape(*lead, *pvh.shape[1:]),
+                )
+        waiting = {}
+        for i, answer in answers.items():
+            try:
+                waiting[i] = stages[i].send(answer)
+            except StopIteration as done:
+                results[i] = done.value
+    return results
 
 
 def _lapack_svd(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return torch.linalg.svd(matrix, full_matrices=False)
 
 
-def truncate(q_u: torch.Tensor, q_v: torch.Tensor, core: torch.Tensor, rank: int, svd: Svd = _lapack_svd) -> LowRank:
-    """Best rank-`rank` approximation of Q_U core Q_V^T (Eckart-Young), via the SVD of the small core."""
-    a, s, bt = svd(core)
+def _truncated(
+    q_u: torch.Tensor, q_v: torch.Tensor, svd_of_core: tuple[torch.Tensor, torch.Tensor, torch.Tensor], rank: int
+) -> LowRank:
+    """The top-`rank` factors of Q_U core Q_V^T from the core's SVD (a, s, b^T)."""
+    a, s, bt = svd_of_core
     return LowRank(q_u @ a[..., :rank], s[..., :rank].clone(), q_v @ bt[..., :rank, :].mT)
 
 
-def nesterov_direction(
-    core: MomentumCore,
-    new: LowRank,
-    beta: float | torch.Tensor,
-    rank: int,
-    rows: RowReduction | None = None,
-    svd: Svd = _lapack_svd,
-) -> LowRank:
-    """SVD_r(beta M_new + G_hat), formed inside span(Q_U) x span(Q_V) where both terms live."""
+def truncate(q_u: torch.Tensor, q_v: torch.Tensor, core: torch.Tensor, rank: int) -> LowRank:
+    """Best rank-`rank` approximation of Q_U core Q_V^T (Eckart-Young), via the SVD of the small core."""
+    return _truncated(q_u, q_v, _lapack_svd(core), rank)
+
+
+def _lookahead(
+    core: MomentumCore, new: LowRank, beta: float | torch.Tensor, rows: RowReduction | None
+) -> torch.Tensor:
+    """The core of beta M_new + G_hat in the bases Q_U, Q_V, where both terms live."""
     a = core.q_u.mT @ new.U if rows is None else rows.sum(core.q_u.mT @ new.U)
     b = core.q_v.mT @ new.V
-    lookahead = (a * (_as_scale(beta, new.S) * new.S).unsqueeze(-2)) @ b.mT + core.grad_core
-    return truncate(core.q_u, core.q_v, lookahead, rank, svd)
+    return (a * (_as_scale(beta, new.S) * new.S).unsqueeze(-2)) @ b.mT + core.grad_core
+
+
+def nesterov_direction(
+    core: MomentumCore, new: LowRank, beta: float | torch.Tensor, rank: int, rows: RowReduction | None = None
+) -> LowRank:
+    """SVD_r(beta M_new + G_hat), formed inside span(Q_U) x span(Q_V) where both terms live."""
+    return truncate(core.q_u, core.q_v, _lookahead(core, new, beta, rows), rank)
 
 
 def step_scaling(S: torch.Tensor, eps: float, max_value: float, use_ones: bool) -> torch.Tensor:

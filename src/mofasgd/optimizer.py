@@ -14,7 +14,14 @@ from mofasgd import data_parallel as dp
 from mofasgd import factor_math as fm
 from mofasgd import projected_linear, sharding
 from mofasgd.adamw_side import AdamSettings, adamw_update_fp32_, factored_adam_update_
-from mofasgd.bucket_step import DirectionSettings, bucket_direction, update_matrix_
+from mofasgd.bucket_step import (
+    BucketInputs,
+    BucketOutcome,
+    DirectionSettings,
+    bucket_direction,
+    bucket_directions,
+    update_matrix_,
+)
 from mofasgd.intake import PENDING_KEYS, GradientIntake, experts_of
 from mofasgd.memory import optimizer_state_bytes
 from mofasgd.rounding import GeneratorBank, supports_stochastic_rounding
@@ -93,6 +100,11 @@ class _Bucket(NamedTuple):
     gv: torch.Tensor  # B x m x r
     gtu: torch.Tensor  # B x n x r
     rows: sharding.RowGroup | None  # FSDP2: how the rows of U and G V meet across ranks
+
+
+def _shares_storage(stack: torch.Tensor, first: torch.Tensor) -> bool:
+    """Whether a bucket's stack is a view over the first entry's own memory (not a fresh copy of the entries)."""
+    return stack.untyped_storage().data_ptr() == first.untyped_storage().data_ptr()
 
 
 def _stacked(tensors: list[torch.Tensor], experts: int | None = None) -> torch.Tensor:
@@ -279,6 +291,7 @@ class MoFaSGD(torch.optim.Optimizer):
         self._nonfinite: torch.Tensor | None = None
         self._nonfinite_total = 0
         self._skipped_steps: torch.Tensor | None = None  # capturable: whole steps skipped, counted on the device
+        self._lrs: dict[tuple[int, torch.device], torch.Tensor] = {}  # capturable: learning rates as device tensors
         self._finite_norm = False  # clip_grad_norm_ read a finite norm of what the next step consumes
         self._warned_vanishing = False  # the vanishing-gradient warning of pop_diagnostics is given once
         self._sharded = False  # any managed matrix is an FSDP2 DTensor
@@ -421,6 +434,7 @@ class MoFaSGD(torch.optim.Optimizer):
         self.__dict__.setdefault("_diagnostics", None)
         self.__dict__.setdefault("_nonfinite", None)
         self.__dict__.setdefault("_skipped_steps", None)
+        self.__dict__.setdefault("_lrs", {})
         self.__dict__.setdefault("_nonfinite_total", 0)
         self.__dict__.setdefault("_finite_norm", False)
         self.__dict__.setdefault("_warned_vanishing", False)
@@ -910,6 +924,7 @@ class MoFaSGD(torch.optim.Optimizer):
                 loss = closure()
         self._synchronize_pending()
         if self.capturable:
+            self._load_learning_rates()
             self._step_on_device()
             return loss
         finite_norm, self._finite_norm = self._finite_norm, False
@@ -940,12 +955,19 @@ class MoFaSGD(torch.optim.Optimizer):
             return
         device = sums[0].device
         allowed = torch.isfinite(torch.stack([t.to(device, torch.float32) for t in sums]).sum())
+        # every bucket's math first, so that all their cores go through one batched sync-free SVD per core shape
+        work = [(gi, b) for gi, g in enumerate(self.param_groups) if g["mofasgd"] for b in self._buckets(gi)]
+        inputs = [self._bucket_inputs(self.param_groups[gi], bucket, allowed) for gi, bucket in work]
+        outcomes = dict(zip(range(len(work)), bucket_directions(inputs)))
         finite = []
-        for gi, group in enumerate(self.param_groups):
-            if group["mofasgd"]:
-                finite += self._matrix_steps(gi, allowed)
-            else:
+        for gi, group in enumerate(self.param_groups):  # then the updates, in group order (the rounding bits' order)
+            if not group["mofasgd"]:
                 self._adamw_step(group, allowed=allowed)
+                continue
+            for index, (owner, bucket) in enumerate(work):
+                if owner == gi:
+                    finite.append(self._bucket_step(group, bucket, allowed, outcomes[index]))
+            self.intake.consumed(gi)
         self._count_nonfinite([flags | ~allowed for flags in finite])  # a whole-step skip is counted apart
         skipped = (~allowed).to(torch.float32)
         self._skipped_steps = skipped if self._skipped_steps is None else self._skipped_steps + skipped
@@ -1077,8 +1099,28 @@ class MoFaSGD(torch.optim.Optimizer):
         self.intake.consumed(group_index)
         return finite
 
+    def _bucket_inputs(self, group: dict[str, Any], bucket: _Bucket, allowed: torch.Tensor | None) -> BucketInputs:
+        """What the functional core needs for one bucket: its stacked tensors, beta and the group's settings."""
+        floor = group["min_gradient_support"]
+        settings = DirectionSettings(
+            rank=bucket.U.shape[-1],
+            nesterov=group["nesterov"],
+            eps=group["eps"],
+            max_value=group["max_value"],
+            use_ones_for_nonzero_s=group["use_ones_for_nonzero_s"],
+            min_gradient_support=floor,
+            want_support=floor > 0 or self._diagnostics is not None,
+            sync_free=self.capturable,
+        )
+        beta = self._bucket_beta(group, bucket.states, bucket.U)
+        return BucketInputs(bucket.U, bucket.S, bucket.V, bucket.gv, bucket.gtu, beta, settings, bucket.rows, allowed)
+
     def _bucket_step(
-        self, group: dict[str, Any], bucket: _Bucket, allowed: torch.Tensor | None = None
+        self,
+        group: dict[str, Any],
+        bucket: _Bucket,
+        allowed: torch.Tensor | None = None,
+        outcome: BucketOutcome | None = None,
     ) -> torch.Tensor:
         """One MoFaSGD step for the matrices of one bucket (FSDP2 shards of one local shape with `bucket.rows`).
 
@@ -1088,20 +1130,10 @@ class MoFaSGD(torch.optim.Optimizer):
         device flag `allowed` is false) keeps its factors and weight, decided on the device; its step counter still
         advances. Diagnostics read the math's outputs around the weight update. Returns the per-matrix flags.
         """
-        params, states, U, S, V, gv, gtu, rows = bucket
+        params, U, V = bucket.params, bucket.U, bucket.V
+        if outcome is None:
+            outcome = bucket_direction(self._bucket_inputs(group, bucket, allowed))
         floor = group["min_gradient_support"]
-        settings = DirectionSettings(
-            rank=U.shape[-1],
-            nesterov=group["nesterov"],
-            eps=group["eps"],
-            max_value=group["max_value"],
-            use_ones_for_nonzero_s=group["use_ones_for_nonzero_s"],
-            min_gradient_support=floor,
-            want_support=floor > 0 or self._diagnostics is not None,
-            sync_free=self.capturable,
-        )
-        beta = self._bucket_beta(group, states, U)
-        outcome = bucket_direction(U, S, V, gv, gtu, beta, settings, rows, allowed)
         finite, direction, scale = outcome.finite, outcome.direction, outcome.scale
         if self._diagnostics is not None and outcome.support is not None:  # the strongest direction's support
             stepping = direction.S[:, 0] > group["eps"]
@@ -1110,10 +1142,14 @@ class MoFaSGD(torch.optim.Optimizer):
         lr = group["lr"]
         generator = self._rounding_generator(params[0], group)  # a bucket shares one device and dtype
         dtype = torch.float32 if generator is not None else params[0].dtype  # the update's arithmetic
+        alpha: float | torch.Tensor = -lr * group["eta1"]
+        if allowed is not None:  # capturable: the learning rate is read from its device tensor, folded into U
+            lr = self._lr_tensor(group, U.device)
+            scale, alpha = scale * (-lr * group["eta1"]), 1.0
         # per-matrix views taken once per bucket (one op each, instead of an indexing op per matrix and tensor)
         lefts = (direction.U * scale.unsqueeze(-2)).to(dtype).unbind(0)
         rights_t = direction.V.mT.to(dtype).unbind(0)
-        decays = self._bucket_decay(group, finite, dtype)
+        decays = self._bucket_decay(group, finite, dtype, lr)
         whole_gradient = self._consumes_whole_gradient(group)
         new = outcome.factors
         for i, param in enumerate(params):
@@ -1126,9 +1162,9 @@ class MoFaSGD(torch.optim.Optimizer):
             before = None
             if self._diagnostics is not None:
                 one = fm.LowRank(direction.U[i], direction.S[i], direction.V[i])
-                before = self._diagnostics_before(p, one, scale[i], lr, group)
+                before = self._diagnostics_before(p, one, outcome.scale[i], group["lr"], group)
             decay = None if decays is None else decays[i]
-            update_matrix_(p, lefts[i], rights_t[i], -lr * group["eta1"], decay, complement, generator)
+            update_matrix_(p, lefts[i], rights_t[i], alpha, decay, complement, generator)
             self._diagnostics_after(p, before)
         self._store_factors(bucket, new, allowed)
         return finite
@@ -1155,11 +1191,23 @@ class MoFaSGD(torch.optim.Optimizer):
         (capturable) the counters live on the factors' device and advance only where the step was allowed.
         """
         states = list({id(state): state for state in bucket.states}.values())
+        if allowed is not None and all(_shares_storage(t, states[0][k]) for t, k in zip(bucket[2:5], "USV")):
+            # capturable: the stacks are views of the factors themselves, kept at fixed addresses (a replayed
+            # graph reads and writes the same memory every step)
+            for stack, fresh in zip(bucket[2:5], new):
+                stack.copy_(fresh)
+            MoFaSGD._count_step(states, allowed)
+            return
         stacks = states[0]["U"].dim() == 3
         pieces = [t.split(len(bucket.states) // len(states)) if stacks else t.unbind(0) for t in new]
         for state, u, s, v in zip(states, *pieces):
             state["U"] = u if bucket.rows is None else sharding.wrap_rows_like(u, state["U"])
             state["S"], state["V"] = s, v
+        MoFaSGD._count_step(states, allowed)
+
+    @staticmethod
+    def _count_step(states: list[dict[str, Any]], allowed: torch.Tensor | None) -> None:
+        """Advance the step counters (capturable: on the factors' device, and only where the step was allowed)."""
         if allowed is None:
             torch._foreach_add_([state["step"] for state in states], 1.0)
             return
@@ -1170,13 +1218,30 @@ class MoFaSGD(torch.optim.Optimizer):
 
     @staticmethod
     def _bucket_decay(
-        group: dict[str, Any], finite: torch.Tensor, dtype: torch.dtype
+        group: dict[str, Any], finite: torch.Tensor, dtype: torch.dtype, lr: float | torch.Tensor
     ) -> tuple[torch.Tensor, ...] | None:
         """Per matrix, the weight-decay factor 1 - lr wd as a `dtype` device scalar (1 if skipped), or None."""
         if group["weight_decay"] == 0:
             return None
-        decay = torch.full_like(finite, 1.0 - group["lr"] * group["weight_decay"], dtype=dtype)
+        if torch.is_tensor(lr):  # capturable: from the learning rate's device tensor
+            return torch.where(finite, 1.0 - lr * group["weight_decay"], 1.0).to(dtype).unbind(0)
+        decay = torch.full_like(finite, 1.0 - lr * group["weight_decay"], dtype=dtype)
         return decay.masked_fill_(~finite, 1.0).unbind(0)
+
+    def _lr_tensor(self, group: dict[str, Any], device: torch.device) -> torch.Tensor:
+        """capturable: the group's learning rate as a 0-d fp32 tensor on `device` (filled by :meth:`step`)."""
+        key = (self.param_groups.index(group), device)
+        if key not in self._lrs:
+            self._lrs[key] = torch.full((), float(group["lr"]), dtype=torch.float32, device=device)
+        return self._lrs[key]
+
+    def _load_learning_rates(self) -> None:
+        """capturable: write each group's current learning rate (a scheduler may have changed it) into its tensors.
+
+        The writes are fills from a Python number (no host read); a captured step must run them before each replay.
+        """
+        for (index, _), tensor in self._lrs.items():
+            tensor.fill_(float(self.param_groups[index]["lr"]))
 
     def _count_nonfinite(self, finite: list[torch.Tensor]) -> None:
         """Add the matrices this step skipped for non-finite gradients to a device counter (read at the next sync).
@@ -1245,6 +1310,9 @@ class MoFaSGD(torch.optim.Optimizer):
             # FSDP2: the moments are DTensors sharded like p (so checkpoints shard them); the math is elementwise,
             # so it runs on the local shards
             exp_avg, exp_avg_sq = sharding.local(state["exp_avg"]), sharding.local(state["exp_avg_sq"])
+            settings = AdamSettings.of(group)
+            if allowed is not None:  # capturable: the learning rate from its device tensor
+                settings = settings._replace(lr=self._lr_tensor(group, p.device))
             if generator is not None:
                 state["step"] += 1 if allowed is None else allowed.to(torch.float32)
                 adamw_update_fp32_(
@@ -1253,7 +1321,7 @@ class MoFaSGD(torch.optim.Optimizer):
                     exp_avg,
                     exp_avg_sq,
                     int(state["step"].item()) if allowed is None else state["step"],
-                    AdamSettings.of(group),
+                    settings,
                     generator,
                     allowed,
                 )
@@ -1275,7 +1343,7 @@ class MoFaSGD(torch.optim.Optimizer):
             amsgrad=False,
             beta1=beta1,
             beta2=beta2,
-            lr=group["lr"],
+            lr=group["lr"] if allowed is None else self._lr_tensor(group, params[0].device),
             weight_decay=group["weight_decay"],
             eps=group["adam_eps"],
             maximize=False,
