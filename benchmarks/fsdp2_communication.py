@@ -7,7 +7,7 @@ optimizer's collectives are measured from outside it, twice:
 
 * a ledger: ``torch.distributed``'s collective functions are wrapped while a phase runs, and each call is booked
   under the innermost ``mofasgd`` function that issued it (``synchronize`` (the intake's), ``grad_norm``,
-  ``_bucket_step``, ``cholesky_qr2``, ``nesterov_direction``) and, below ``_bucket_step``, under the global shape
+  ``finite_entries``, ``cholesky_qr2``, ``nesterov_direction``) and, below ``_bucket_step``, under the global shape
   of the matrices that bucket steps (read from that frame; nothing in the optimizer is patched);
 * an audit: torch.profiler records every collective the gloo process group runs, however it was issued (DTensor
   redistributions use functional collectives, which bypass those Python functions), and the ledger has to
@@ -127,7 +127,7 @@ def formula_ledger(
         buckets.setdefault(shape, []).append(index)
     for shape, members in buckets.items():
         count, r = len(members), ranks[members[0]]
-        add(("_bucket_step", "all_reduce", "float32", shape), count)
+        add(("finite_entries", "all_reduce", "float32", shape), count)
         for _ in range(2):
             add(("cholesky_qr2", "all_reduce", "float32", shape), count * (2 * r) ** 2)
         bad = sum(i in zero_grad for i in members)
@@ -171,7 +171,11 @@ def _itemsize(dtype: str) -> int:
 
 # ---------------------------------------------------------------------------------------------------- measuring
 # CholeskyQR2's workers book under its name; comprehension frames (Python < 3.12) are looked through
-_SITE_ALIASES = {"cholesky_qr2_panels": "cholesky_qr2", "householder_where": "cholesky_qr2"}
+_SITE_ALIASES = {
+    "cholesky_qr2_panels": "cholesky_qr2",
+    "householder_where": "cholesky_qr2",
+    "_lookahead": "nesterov_direction",
+}
 _TRANSPARENT = {"<listcomp>", "<genexpr>", "<dictcomp>", "<setcomp>"}
 
 

@@ -291,7 +291,9 @@ class MoFaSGD(torch.optim.Optimizer):
         self._nonfinite: torch.Tensor | None = None
         self._nonfinite_total = 0
         self._skipped_steps: torch.Tensor | None = None  # capturable: whole steps skipped, counted on the device
-        self._lrs: dict[tuple[int, torch.device], torch.Tensor] = {}  # capturable: learning rates as device tensors
+        self._lrs: dict[
+            tuple[int, torch.device, torch.dtype], torch.Tensor
+        ] = {}  # capturable: learning rates as device tensors
         self._finite_norm = False  # clip_grad_norm_ read a finite norm of what the next step consumes
         self._warned_vanishing = False  # the vanishing-gradient warning of pop_diagnostics is given once
         self._sharded = False  # any managed matrix is an FSDP2 DTensor
@@ -1144,7 +1146,7 @@ class MoFaSGD(torch.optim.Optimizer):
         dtype = torch.float32 if generator is not None else params[0].dtype  # the update's arithmetic
         alpha: float | torch.Tensor = -lr * group["eta1"]
         if allowed is not None:  # capturable: the learning rate is read from its device tensor, folded into U
-            lr = self._lr_tensor(group, U.device)
+            lr = self._lr_tensor(group, U.device, U.dtype)
             scale, alpha = scale * (-lr * group["eta1"]), 1.0
         # per-matrix views taken once per bucket (one op each, instead of an indexing op per matrix and tensor)
         lefts = (direction.U * scale.unsqueeze(-2)).to(dtype).unbind(0)
@@ -1228,11 +1230,15 @@ class MoFaSGD(torch.optim.Optimizer):
         decay = torch.full_like(finite, 1.0 - lr * group["weight_decay"], dtype=dtype)
         return decay.masked_fill_(~finite, 1.0).unbind(0)
 
-    def _lr_tensor(self, group: dict[str, Any], device: torch.device) -> torch.Tensor:
-        """capturable: the group's learning rate as a 0-d fp32 tensor on `device` (filled by :meth:`step`)."""
-        key = (self.param_groups.index(group), device)
+    def _lr_tensor(self, group: dict[str, Any], device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        """capturable: the group's learning rate as a 0-d tensor on `device` (filled by :meth:`step`).
+
+        fp64 for fp64 arithmetic (an fp32 learning rate would be off by 1e-8 relative), else fp32.
+        """
+        dtype = torch.float64 if dtype == torch.float64 else torch.float32
+        key = (self.param_groups.index(group), device, dtype)
         if key not in self._lrs:
-            self._lrs[key] = torch.full((), float(group["lr"]), dtype=torch.float32, device=device)
+            self._lrs[key] = torch.full((), float(group["lr"]), dtype=dtype, device=device)
         return self._lrs[key]
 
     def _load_learning_rates(self) -> None:
@@ -1240,7 +1246,7 @@ class MoFaSGD(torch.optim.Optimizer):
 
         The writes are fills from a Python number (no host read); a captured step must run them before each replay.
         """
-        for (index, _), tensor in self._lrs.items():
+        for (index, _, _), tensor in self._lrs.items():
             tensor.fill_(float(self.param_groups[index]["lr"]))
 
     def _count_nonfinite(self, finite: list[torch.Tensor]) -> None:
@@ -1312,7 +1318,7 @@ class MoFaSGD(torch.optim.Optimizer):
             exp_avg, exp_avg_sq = sharding.local(state["exp_avg"]), sharding.local(state["exp_avg_sq"])
             settings = AdamSettings.of(group)
             if allowed is not None:  # capturable: the learning rate from its device tensor
-                settings = settings._replace(lr=self._lr_tensor(group, p.device))
+                settings = settings._replace(lr=self._lr_tensor(group, p.device, torch.float32))
             if generator is not None:
                 state["step"] += 1 if allowed is None else allowed.to(torch.float32)
                 adamw_update_fp32_(
@@ -1343,7 +1349,7 @@ class MoFaSGD(torch.optim.Optimizer):
             amsgrad=False,
             beta1=beta1,
             beta2=beta2,
-            lr=group["lr"] if allowed is None else self._lr_tensor(group, params[0].device),
+            lr=group["lr"] if allowed is None else self._lr_tensor(group, params[0].device, params[0].dtype),
             weight_decay=group["weight_decay"],
             eps=group["adam_eps"],
             maximize=False,
