@@ -16,7 +16,6 @@ import difflib
 import json
 import math
 import os
-import re
 import types
 import typing
 from collections.abc import Mapping
@@ -24,8 +23,9 @@ from dataclasses import MISSING, dataclass, field, fields
 from functools import cache
 from typing import Any, Literal
 
-from mofasgd import ADAMW_STATES, INITS, check_options
+from mofasgd import ADAMW_STATES, INITS, OptionError, validate
 from mofasgd import DEFAULTS as OPTIMIZER_DEFAULTS
+from mofasgd.options import OPTION, check_engine
 
 from .activation import env_flag
 from .baselines import BaselineArguments, validate_baseline_values
@@ -36,9 +36,9 @@ from .config_values import describe, is_set, parse_scalar
 FROM_TRAINING_ARGUMENTS = ("lr", "weight_decay", "adam_betas", "adam_eps", "data_parallel", "seed")
 
 
-def _option(name: str, description: str) -> Any:
-    """A field for MoFaSGD's constructor option `name`, with the optimizer's default."""
-    return field(default=OPTIMIZER_DEFAULTS[name], metadata={"help": description})
+def _option(name: str) -> Any:
+    """A field for MoFaSGD's constructor option `name`: its default and help (mofasgd.options)."""
+    return field(default=OPTION[name].default, metadata={"help": OPTION[name].help})
 
 
 @dataclass
@@ -58,53 +58,23 @@ class MfsgdArguments:
             "help": "Learning rate of the AdamW parameters: embeddings, LM head, norms (default: `learning_rate`)."
         },
     )
-    mfsgd_rank: int = _option("rank", "Rank r of the factored momentum.")
-    mfsgd_beta: float = _option("beta", "Momentum decay beta in [0, 1).")
-    mfsgd_beta_start: float | None = _option(
-        "beta_start", "Start of the linear beta warm-up (needs mfsgd_beta_warmup_steps)."
-    )
-    mfsgd_beta_end: float | None = _option("beta_end", "End of the linear beta warm-up.")
-    mfsgd_beta_warmup_steps: int = _option(
-        "beta_warmup_steps", "Steps of linear beta warm-up from mfsgd_beta_start to mfsgd_beta_end (0: off)."
-    )
-    mfsgd_eta1: float = _option("eta1", "Scale of the low-rank momentum step.")
-    mfsgd_eta2: float = _option(
-        "eta2", "Scale of the gradient's orthogonal-complement step; > 0 needs `mfsgd_fused: false`."
-    )
-    mfsgd_eps: float = _option("eps", "Singular values <= eps take no step.")
-    mfsgd_max_value: float = _option("max_value", "Clamp of 1/S in the reciprocal-S step.")
-    mfsgd_min_gradient_support: float = _option(
-        "min_gradient_support",
-        "Opt-in guard of the 1/S step (0: off, the authors' step): scale a direction's step down where the gradient "
-        "sustains less than this share of its momentum (||G_hat|| < share (1 - beta) S), so a vanishing gradient "
-        "does not make the step grow as S decays. 0.01 measured harmless on normal runs (docs/algorithm.md).",
-    )
-    mfsgd_use_ones_for_nonzero_s: bool = _option(
-        "use_ones_for_nonzero_s", "Spectrally normalised step U V^T (the paper's) instead of U diag(1/S) V^T."
-    )
-    mfsgd_use_current_projection: bool = _option(
-        "use_current_projection", "Use the new factors (not the previous ones) for the eta2 complement."
-    )
-    mfsgd_nesterov: bool = _option("nesterov", "Nesterov look-ahead step SVD_r(beta M + G_hat).")
-    mfsgd_init: Literal[INITS] = _option(
-        "init",
-        "Factor initialisation: `weight` (exact top-r SVD of W, the authors'), `weight_randomized` "
-        "(randomized top-r SVD of W: a fast start) or `gradient` (subspaces of the first gradient).",
-    )
-    mfsgd_fused: bool = _option(
-        "fused", "Project gradients in a backward hook and free them at once (LoRA-like memory)."
-    )
-    mfsgd_fused_adamw_side: bool = _option(
-        "fused_adamw_side",
-        "Update the AdamW-side matrices (embeddings, LM head) in their gradient hooks, at the last micro-batch, so "
-        "their gradients never coexist. Clipping then uses the previous step's coefficient for them.",
-    )
-    mfsgd_projected_backward: bool = _option(
-        "projected_backward",
-        "Train the MoFaSGD weights of nn.Linear layers through a backward that forms only G V and G^T U: no "
-        "weight gradient, no weight-gradient GEMM (faster). `false`: every matrix takes the gradient hook. The "
-        "start-up log says per matrix which path it takes and why.",
-    )
+    mfsgd_rank: int = _option("rank")
+    mfsgd_beta: float = _option("beta")
+    mfsgd_beta_start: float | None = _option("beta_start")
+    mfsgd_beta_end: float | None = _option("beta_end")
+    mfsgd_beta_warmup_steps: int = _option("beta_warmup_steps")
+    mfsgd_eta1: float = _option("eta1")
+    mfsgd_eta2: float = _option("eta2")
+    mfsgd_eps: float = _option("eps")
+    mfsgd_max_value: float = _option("max_value")
+    mfsgd_min_gradient_support: float = _option("min_gradient_support")
+    mfsgd_use_ones_for_nonzero_s: bool = _option("use_ones_for_nonzero_s")
+    mfsgd_use_current_projection: bool = _option("use_current_projection")
+    mfsgd_nesterov: bool = _option("nesterov")
+    mfsgd_init: Literal[INITS] = _option("init")
+    mfsgd_fused: bool = _option("fused")
+    mfsgd_fused_adamw_side: bool = _option("fused_adamw_side")
+    mfsgd_projected_backward: bool = _option("projected_backward")
     mfsgd_target: str = field(
         default="all",
         metadata={
@@ -113,12 +83,7 @@ class MfsgdArguments:
             "routers join only when named: `all,embed_tokens,lm_head` (LoRA-level memory), `all,gate`."
         },
     )
-    mfsgd_adamw_state: Literal[ADAMW_STATES] = _option(
-        "adamw_state",
-        "State of the AdamW-side matrices (embeddings, LM head): `full` (AdamW's two moments, the authors'), "
-        "`factored` (Adafactor's factored second moment, O(m + n), plus AdamW's first moment) or "
-        "`factored_no_momentum` (factored second moment only). Norms and biases keep AdamW's moments.",
-    )
+    mfsgd_adamw_state: Literal[ADAMW_STATES] = _option("adamw_state")
     mfsgd_adamw_side: Literal["authors", "compact"] | None = field(
         default=None,
         metadata={
@@ -127,11 +92,7 @@ class MfsgdArguments:
             "`false` (the authors' AdamW side). Unset: the two keys as given."
         },
     )
-    mfsgd_stochastic_rounding: bool | None = _option(
-        "stochastic_rounding",
-        "Round bf16 weight updates stochastically (unbiased) instead of to nearest; null: on for bf16 "
-        "weights (pure_bf16), `false` for round-to-nearest runs. fp32 weights are never affected.",
-    )
+    mfsgd_stochastic_rounding: bool | None = _option("stochastic_rounding")
 
 
 # `mfsgd_<option>` key -> MoFaSGD constructor option, for every option a key sets.
@@ -275,48 +236,42 @@ def _bad(key: str, value: Any, expected: str) -> ValueError:
     return ValueError(f"Invalid `{key}: {value!r}` in the MoFaSGD config: expected {expected}.")
 
 
-# Option values under which the optimizer range-checks every option on its own: it checks the warm-up bounds only
-# with a warm-up, and accepts eta2 > 0 only unfused (that pairing is checked with the real values afterwards).
-_EVERY_RANGE_CHECKED = {"beta_start": 0.0, "beta_end": 0.0, "beta_warmup_steps": 1, "fused": False}
-# MoFaSGD's message for one bad value: "Invalid <option> (<where>): <value>; expected <what>".
-_EXPECTED = re.compile(r"^Invalid [^;]*; (expected .+)$", re.DOTALL)
-
-
-def _optimizer_refusal(options: dict[str, Any]) -> str | None:
-    """MoFaSGD's own reason to refuse `options` (its ValueError message), or None when it accepts them."""
-    try:
-        check_options(**options)
-    except ValueError as error:
-        return str(error)
-    return None
-
-
 def _check_with_optimizer(args: Any) -> None:
-    """Check the MoFaSGD keys with the optimizer's own validation: each key alone, then all of them together."""
+    """Check the MoFaSGD keys with the optimizer's own rules (mofasgd.options): each value, then all together."""
     option_of_key = {"learning_rate_mfsgd": "lr", **OPTION_OF_KEY}
     for key, option in {**option_of_key, "learning_rate_adamw": "lr"}.items():  # AdamW groups: the same lr rule
         value = getattr(args, key)
         if value is None:  # unset: the default learning rate, no warm-up, or stochastic rounding's automatic choice
             continue
-        alone = {**_EVERY_RANGE_CHECKED, option: value}
-        if option == "fused_adamw_side":  # needs fused=True: a cross-field rule, checked with all keys below
-            alone["fused"] = True
-        refusal = _optimizer_refusal(alone)
-        if refusal:
-            match = _EXPECTED.match(refusal)
-            raise ValueError(f"Invalid `{key}: {value!r}` in the MoFaSGD config: {match[1] if match else refusal}.")
+        try:
+            OPTION[option].check(value)
+        except OptionError as error:
+            raise ValueError(f"Invalid `{key}: {value!r}` in the MoFaSGD config: {error.expected}.") from None
     options = optimizer_options(args)
     if args.learning_rate_mfsgd is not None:
         options["lr"] = args.learning_rate_mfsgd
-    refusal = _optimizer_refusal(options)
-    if refusal:
-        named = ", ".join(f"`{key}`" for key, option in option_of_key.items() if _mentions(refusal, option))
-        raise ValueError(f"Invalid MoFaSGD config: {refusal}" + (f" (the keys {named})." if named else "."))
+    try:
+        validate(options)
+    except OptionError as error:
+        key_of = {option: key for key, option in option_of_key.items()}
+        named = ", ".join(f"`{key_of[option]}`" for option in error.options if option in key_of)
+        raise ValueError(f"Invalid MoFaSGD config: {error}" + (f" (the keys {named})." if named else ".")) from None
 
 
-def _mentions(message: str, option: str) -> bool:
-    """Whether `message` names the option `option` (as a word of its own)."""
-    return re.search(rf"(?<![\w`]){re.escape(option)}(?![\w`])", message) is not None
+def _yaml_spelling(option: str, value: Any) -> str:
+    """`` `mfsgd_init: weight` ``: an option as the YAML key that sets it (Python's spelling for the others)."""
+    key = f"mfsgd_{option}"
+    return f"`{key}: {_yaml(value)}`" if key in OPTION_OF_KEY else f"`{option}={value!r}`"
+
+
+def _check_engine_rules(args: Any, engine: str) -> None:
+    """Refuse the `mfsgd_*` values `engine` does not run (mofasgd.options.ENGINE_RULES), in the YAML's words."""
+    try:
+        check_engine(optimizer_options(args), engine)
+    except OptionError as error:
+        value = getattr(args, f"mfsgd_{error.option}")
+        note = "(also what `mfsgd_adamw_side: compact` sets)" if error.option == "adamw_state" else ""
+        raise ValueError(error.rule.message(value, _yaml_spelling, note)) from None
 
 
 # `mfsgd_adamw_side` presets -> the (mfsgd_adamw_state, mfsgd_fused_adamw_side) they stand for
@@ -496,19 +451,6 @@ def validate_engine_keys(values: dict[str, Any]) -> None:
                 "optimizer flattened 1-D shards, so no weight matrix is left to factor. Set `fsdp_version: 2` in "
                 f"`fsdp_config`, or remove `fsdp:`; {_SCALE_OUT}."
             )
-        preset = ADAMW_SIDE_PRESETS.get(values.get("mfsgd_adamw_side"), ("full", False))[0]
-        state = values.get("mfsgd_adamw_state", preset)
-        if state != "full":
-            raise ValueError(
-                f"`mfsgd_adamw_state: {state}` (also what `mfsgd_adamw_side: compact` sets) does not run under FSDP2 "
-                "yet: the factored second moment's row and column means would span the ranks' shards. Use "
-                "`mfsgd_adamw_state: full` (`mfsgd_fused_adamw_side: true` works under FSDP2)."
-            )
-        if values.get("mfsgd_fused") is False:
-            raise ValueError(
-                "`mfsgd_fused: false` does not run under FSDP2: the sharded step consumes each gradient shard's "
-                "projections in its hook. Set `mfsgd_fused: true` (and `mfsgd_eta2: 0`), or train on DDP."
-            )
 
 
 def validate_with_training_args(finetuning_args: Any, training_args: Any) -> None:
@@ -533,6 +475,8 @@ def validate_with_training_args(finetuning_args: Any, training_args: Any) -> Non
             "`fp16: true` scales the loss, and fused MoFaSGD consumes gradients before the scaler can unscale "
             "them. Use `bf16: true` / `pure_bf16: true`, or set `mfsgd_fused: false`."
         )
+    if training_args.fsdp:  # FSDP1 was refused with the engine keys: this is FSDP2
+        _check_engine_rules(finetuning_args, "fsdp2")
     if training_args.fsdp and not _fsdp_applies():
         raise ValueError(
             "`fsdp:` is set, but accelerate applies FSDP on GPUs only: these CPU processes would silently train "
@@ -551,11 +495,6 @@ def validate_with_training_args(finetuning_args: Any, training_args: Any) -> Non
             "`mfsgd_stochastic_rounding: true` has no effect here (true -> no rounding): without `pure_bf16: true` "
             "LLaMA-Factory trains fp32 weights, and MoFaSGD adds their updates in fp32 without rounding. Set "
             "`pure_bf16: true` to train bf16 weights (then rounding is on by default), or remove the key."
-        )
-    if training_args.fsdp and finetuning_args.mfsgd_init == "gradient":  # DDP averages the first gradient's sketch
-        raise ValueError(
-            "`mfsgd_init: gradient` does not run under FSDP2 (each rank holds rows of the first gradient, not the "
-            "whole of it); use `mfsgd_init: weight` or `weight_randomized`, or train on DDP, where it works."
         )
     check_checkpoint_engine(training_args.resume_from_checkpoint, bool(training_args.fsdp))
 
