@@ -8,7 +8,8 @@ from dataclasses import asdict
 import pytest
 import torch
 
-from llamafactory_mfsgd.arguments import OPTION_OF_KEY, MfsgdArguments, validate_with_training_args
+from llamafactory_mfsgd.arguments import OPTION_OF_KEY, MfsgdArguments
+from llamafactory_mfsgd.checks import validate_with_training_args
 from mofasgd import DEFAULTS, OPTIONS, MoFaSGD, OptionError, validate
 from mofasgd.options import ENGINE_RULES, OPTION, check_engine, markdown_table
 

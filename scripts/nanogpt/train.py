@@ -31,7 +31,7 @@ import torch
 import torch.distributed as dist
 import yaml
 
-from llamafactory_mfsgd.launcher import exit_spawned_worker
+from llamafactory_mfsgd.gloo_exit import exit_spawned_worker
 from memory_profiling import peak_rss_bytes
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script: make `nanogpt` importable

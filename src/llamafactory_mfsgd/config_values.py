@@ -99,3 +99,16 @@ def describe(value: Any) -> str:
     if isinstance(value, dict):
         return "a mapping"
     return f"a {type(value).__name__}"
+
+
+def raw_values(raw: dict[str, Any] | list[str]) -> dict[str, Any]:
+    """Top-level keys and values of a parsed YAML/JSON config, or of a `--key value` / `--key=value` command line."""
+    if isinstance(raw, dict):
+        return raw
+    values: dict[str, Any] = {}
+    for i, token in enumerate(raw):
+        if token.startswith("--"):
+            key, sep, value = token[2:].partition("=")
+            has_next = i + 1 < len(raw) and not raw[i + 1].startswith("--")
+            values[key] = value if sep else (raw[i + 1] if has_next else True)
+    return values

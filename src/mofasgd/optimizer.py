@@ -17,6 +17,7 @@ from mofasgd.adamw_side import AdamSettings, adamw_update_fp32_, factored_adam_u
 from mofasgd.intake import PENDING_KEYS, GradientIntake, experts_of
 from mofasgd.memory import optimizer_state_bytes
 from mofasgd.options import DEFAULTS, OPTION, OptionError, validate
+from mofasgd.resume import routing_layout
 from mofasgd.rounding import GeneratorBank, supports_stochastic_rounding, update_in_fp32_
 
 logger = logging.getLogger("mofasgd")
@@ -474,10 +475,7 @@ class MoFaSGD(torch.optim.Optimizer):
                 "saved it, or start MoFaSGD without resuming the optimizer state."
             )
 
-        def layout(groups: list[dict[str, Any]]) -> list[tuple[bool, int]]:
-            return [(bool(g["mofasgd"]), len(g["params"])) for g in groups]
-
-        if layout(saved_groups) != layout(self.param_groups):
+        if routing_layout(saved_groups) != routing_layout(self.param_groups):
 
             def describe(groups: list[dict[str, Any]]) -> str:
                 managed = sum(len(g["params"]) for g in groups if g["mofasgd"])
