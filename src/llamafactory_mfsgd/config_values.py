@@ -4,7 +4,7 @@
 are PyYAML's SafeLoader (YAML 1.1 booleans ``true/false/yes/no/on/off``, ``null``/``~``) plus exponent floats
 without a dot (``1e-5``). ``python run.py`` and the extension's own checks use the same rules through this
 module, so a value means the same thing on every path. Quoted text (``"no"``, ``"0.01"``) stays text and is
-refused for boolean and numeric keys by :func:`llamafactory_mfsgd.arguments.check_extension_types`.
+refused for boolean and numeric keys by :func:`llamafactory_mfsgd.key_types.check_extension_types`.
 Environment switches (`LLAMAFACTORY_MFSGD=0`, ...) follow :func:`llamafactory_mfsgd.activation.env_flag`.
 This module imports only the standard library and PyYAML.
 """

@@ -1,6 +1,6 @@
 """The patch of LLaMA-Factory's ``hparams.parser``: FinetuningArguments gains our keys, parsing gains our checks.
 
-The extended FinetuningArguments runs :func:`.arguments.validate_extension_values` in ``__post_init__``;
+The extended FinetuningArguments runs :func:`.checks.validate_extension_values` in ``__post_init__``;
 ``get_train_args`` checks the raw config first (spelling, types before any coercion, the AdamW-side preset, keys a
 MoFaSGD run would ignore, engines), then the parsed arguments against the training arguments. The CPU emulation
 switches (:mod:`.cpu_emulation`) are applied here. With the extension switched off, :func:`guard_parser` refuses
