@@ -40,7 +40,8 @@ from torch import nn
 from torch.profiler import ProfilerActivity, profile
 
 from benchmarks.llama_layer import LLAMA_8B, LlamaLayerMatrices, layer_matrix_shapes
-from llamafactory_mfsgd.launcher import exit_spawned_worker, free_port
+from llamafactory_mfsgd.gloo_exit import exit_spawned_worker
+from llamafactory_mfsgd.launcher import free_port
 from mofasgd import MoFaSGD, split_for_mofasgd
 
 LLAMA_70B = {"hidden": 8192, "intermediate": 28672, "kv": 1024}

@@ -12,7 +12,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from llamafactory_mfsgd.launcher import exit_spawned_worker, free_port
+from llamafactory_mfsgd.gloo_exit import exit_spawned_worker
+from llamafactory_mfsgd.launcher import free_port
 
 
 def _rank_entry(rank: int, world: int, port: int, body: Callable, out_path: str, args: tuple) -> None:

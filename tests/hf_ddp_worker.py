@@ -27,7 +27,7 @@ def main(kind: str, model_dir: str, output_dir: str, result: str) -> None:
         torch.save({"weights": weights, "data_parallel": optimizer.data_parallel, "world": world}, result)
     sys.stdout.flush()
     sys.stderr.flush()
-    os._exit(0)  # gloo's worker threads may still free a collective: skip finalization (launcher.exit_spawned_worker)
+    os._exit(0)  # gloo's worker threads may still free a collective: skip finalization (gloo_exit.exit_spawned_worker)
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ import torch
 from hf_trainers import make_trainer
 from torch.distributed.tensor import DTensor
 
-from llamafactory_mfsgd.patches import allow_cpu_fsdp2
+from llamafactory_mfsgd.cpu_emulation import allow_cpu_fsdp2
 from mofasgd.integrations.transformers import enable_mofasgd
 
 FSDP2 = {
@@ -48,7 +48,7 @@ def main(kind: str, model_dir: str, output_dir: str, result: str, resume_from: s
         )
     sys.stdout.flush()
     sys.stderr.flush()
-    os._exit(0)  # gloo's worker threads may still free a collective: skip finalization (launcher.exit_spawned_worker)
+    os._exit(0)  # gloo's worker threads may still free a collective: skip finalization (gloo_exit.exit_spawned_worker)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
-from llamafactory_mfsgd.launcher import exit_spawned_worker, free_port
+from llamafactory_mfsgd.gloo_exit import exit_spawned_worker
+from llamafactory_mfsgd.launcher import free_port
 from mofasgd import MoFaSGD, split_for_mofasgd
 from mofasgd import factor_math as fm
 

@@ -15,7 +15,7 @@ from llamafactory.hparams import get_train_args
 from omegaconf import OmegaConf
 from transformers import Trainer
 
-from llamafactory_mfsgd import launcher, patches
+from llamafactory_mfsgd import launcher, lf_tuner
 from llamafactory_mfsgd.memory_snapshot import MemorySnapshotSession
 from mofasgd import MoFaSGD
 
@@ -226,7 +226,7 @@ def test_well_typed_values_still_parse(base, change):
 
 def test_memory_session_refuses_a_quoted_boolean(tmp_path):
     with pytest.raises(ValueError, match="`profile_memory_from_start: 'yes'`"):
-        patches._memory_session({"profile_memory_from_start": "yes", "output_dir": str(tmp_path)})
+        lf_tuner._memory_session({"profile_memory_from_start": "yes", "output_dir": str(tmp_path)})
 
 
 def test_run_py_reads_scalars_like_llamafactory_cli():
@@ -322,7 +322,7 @@ def test_memory_session_accepts_null_stops(tmp_path, monkeypatch):
         "profile_memory_max_entries": None,
         "output_dir": str(tmp_path),
     }
-    session = patches._memory_session(values)
+    session = lf_tuner._memory_session(values)
     assert (session.stop_step, session.stop_accumulation_step, session.max_entries) == (1, 0, 1_000_000)
     direct = MemorySnapshotSession(str(tmp_path), stop_step=None, stop_accumulation_step=None, device="cpu")
     assert (direct.stop_step, direct.stop_accumulation_step) == (1, 0)
@@ -439,7 +439,7 @@ def test_cli_resume_with_edited_hyperparameters_uses_and_logs_the_new_values(tin
 
 
 def _init_check(init, fsdp, monkeypatch):
-    from llamafactory_mfsgd.arguments import validate_with_training_args
+    from llamafactory_mfsgd.checks import validate_with_training_args
 
     monkeypatch.setenv("MFSGD_CPU_FSDP2", "1")
     from dataclasses import asdict

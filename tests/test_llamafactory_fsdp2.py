@@ -164,13 +164,14 @@ import os
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
 from accelerate.utils import FullyShardedDataParallelPlugin
-import llamafactory_mfsgd.patches as patches
+import llamafactory_mfsgd.cpu_emulation as cpu_emulation
+import llamafactory_mfsgd.gloo_exit as gloo_exit
 
 def say(line):  # one write per line: the two ranks share the pipe (print may write a line in pieces)
     os.write(1, (line + "\\n").encode())
 
-patches._let_gloo_workers_finish = lambda: say("DRAINED")  # what the atexit handler runs
-patches.allow_cpu_fsdp2()
+gloo_exit._let_gloo_workers_finish = lambda: say("DRAINED")  # what the atexit handler runs
+cpu_emulation.allow_cpu_fsdp2()
 for _ in range(2):  # a second state must not add a second wait
     state = Accelerator(fsdp_plugin=FullyShardedDataParallelPlugin(fsdp_version=2)).state
 say("PROBE " + state.distributed_type.name)
@@ -204,14 +205,14 @@ GLOO_DRAIN_PROBE = """
 import os
 import sys
 import torch.distributed as dist
-import llamafactory_mfsgd.patches as patches
+import llamafactory_mfsgd.gloo_exit as gloo_exit
 
 # each rank writes whole lines to its own file: two ranks printing to one pipe interleave their words
 log = open(os.path.join(sys.argv[1], "rank" + os.environ["RANK"] + ".log"), "w", buffering=1)
-patches._let_gloo_workers_finish = lambda: log.write("DRAINED\\n")
-log.write(f"BEFORE {patches.drain_gloo_at_exit()}\\n")  # no process group yet: nothing registered
+gloo_exit._let_gloo_workers_finish = lambda: log.write("DRAINED\\n")
+log.write(f"BEFORE {gloo_exit.drain_gloo_at_exit()}\\n")  # no process group yet: nothing registered
 dist.init_process_group("gloo")
-log.write(f"AFTER {patches.drain_gloo_at_exit()} {patches.drain_gloo_at_exit()}\\n")
+log.write(f"AFTER {gloo_exit.drain_gloo_at_exit()} {gloo_exit.drain_gloo_at_exit()}\\n")
 dist.destroy_process_group()
 """
 

@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 from transformers import MixtralConfig, MixtralForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM
 
 from llamafactory_mfsgd.optimizer_factory import create_mfsgd_optimizer
-from llamafactory_mfsgd.optimizer_state import read_states
+from mofasgd.inspect_state import read_states
 
 EXPERTS, RANK = 4, 4
 SHAPES = dict(

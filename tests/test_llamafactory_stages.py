@@ -42,7 +42,7 @@ def test_every_stage_trainer_builds_our_optimizer_and_inherits_the_trainer_patch
     create_custom_optimizer (their `log` overrides end in Trainer.log: the runs below log MoFaSGD's diagnostics)."""
     import importlib
 
-    assert trainer_utils.create_custom_optimizer.__module__ == "llamafactory_mfsgd.patches"
+    assert trainer_utils.create_custom_optimizer.__module__ == "llamafactory_mfsgd.lf_trainer_utils"
     assert getattr(Trainer, "__mfsgd_patched__", False) and getattr(Trainer, "__mfsgd_resume_patched__", False)
     for stage, cls in _stage_trainer_classes().items():
         module = importlib.import_module(cls.__module__)

@@ -354,7 +354,7 @@ def fsdp2_worker(rank, world, port, out_dir):
     from torch.distributed.fsdp import fully_shard
     from torch.distributed.tensor import DTensor
 
-    from llamafactory_mfsgd.launcher import exit_spawned_worker
+    from llamafactory_mfsgd.gloo_exit import exit_spawned_worker
     from mofasgd import split_for_mofasgd
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))

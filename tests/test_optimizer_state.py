@@ -6,8 +6,8 @@ import pytest
 import torch
 from lf_helpers import assert_ok, run_cli, tiny_config
 
-from llamafactory_mfsgd.optimizer_state import effective_rank, main, read_states
 from mofasgd import MoFaSGD
+from mofasgd.inspect_state import effective_rank, main, read_states
 
 
 @pytest.mark.parametrize(

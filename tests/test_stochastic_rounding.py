@@ -9,7 +9,8 @@ import torch.multiprocessing as mp
 from torch import nn
 
 from benchmarks import bf16_updates  # the benchmark's measurement, so test and results measure the same thing
-from llamafactory_mfsgd.launcher import exit_spawned_worker, free_port
+from llamafactory_mfsgd.gloo_exit import exit_spawned_worker
+from llamafactory_mfsgd.launcher import free_port
 from memory_profiling import transient_peak_bytes
 from mofasgd import MoFaSGD, rounding
 from mofasgd.adamw_side import AdamSettings, adamw_update_fp32_

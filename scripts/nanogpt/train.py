@@ -30,7 +30,7 @@ import torch
 import torch.distributed as dist
 import yaml
 
-from llamafactory_mfsgd.launcher import exit_spawned_worker
+from llamafactory_mfsgd.gloo_exit import exit_spawned_worker
 from memory_profiling import peak_rss_bytes
 from scripts.nanogpt.config import RunConfig, build_config, derive_run_name, read_yaml, resolve_path
 from scripts.nanogpt.data import TokenLoader, ValidationSet, shard_paths

@@ -19,25 +19,26 @@ from types import ModuleType
 DISABLE_ENV = "LLAMAFACTORY_MFSGD"
 
 # The whole plan: llamafactory module -> the functions (`module.function` in llamafactory_mfsgd) applied to it,
-# in order, right after it executes. The Trainer patches and the upstream workarounds ride on trainer_utils,
+# in order, right after it executes; each target has its module (lf_<target>.py, webui.py for LlamaBoard's). The
+# Trainer patches and the upstream workarounds ride on trainer_utils,
 # which every LLaMA-Factory training run imports before it builds a trainer; the `webui` ones build MoFaSGD into
 # LlamaBoard (`llamafactory-cli webui`).
 TARGETS = {
-    "llamafactory.hparams.parser": ("patches.patch_parser",),
-    "llamafactory.data.template": ("patches.patch_template",),
+    "llamafactory.hparams.parser": ("lf_parser.patch_parser",),
+    "llamafactory.data.template": ("lf_template.patch_template",),
     "llamafactory.train.trainer_utils": (
-        "patches.patch_trainer_utils",
+        "lf_trainer_utils.patch_trainer_utils",
         "hf_trainer.patch_trainer",
         "compat.apply_workarounds",
     ),
-    "llamafactory.train.tuner": ("patches.patch_tuner",),
+    "llamafactory.train.tuner": ("lf_tuner.patch_tuner",),
     "llamafactory.webui.locales": ("webui.patch_locales",),
     "llamafactory.webui.common": ("webui.patch_common",),
     "llamafactory.webui.components.train": ("webui.patch_train_tab",),
     "llamafactory.webui.runner": ("webui.patch_runner",),
 }
 DISABLED_TARGETS = {
-    "llamafactory.hparams.parser": ("patches.guard_parser",),
+    "llamafactory.hparams.parser": ("lf_parser.guard_parser",),
     "llamafactory.webui.runner": ("webui.guard_runner",),
 }
 
@@ -46,7 +47,7 @@ def env_flag(name: str, default: bool) -> bool:
     """An environment switch: unset or empty gives `default`; `0`, `false`, `no`, `off` (any case) are off.
 
     Anything else is on. The one rule for the extension's switches: ``LLAMAFACTORY_MFSGD`` (here),
-    ``MFSGD_DEBUG_EMPTY_CACHE`` (cuda_cache), ``MFSGD_CPU_PURE_BF16`` and ``MFSGD_CPU_FSDP2`` (patches). Config
+    ``MFSGD_DEBUG_EMPTY_CACHE`` (cuda_cache), ``MFSGD_CPU_PURE_BF16`` and ``MFSGD_CPU_FSDP2`` (cpu_emulation). Config
     values have their own rule, YAML's (:mod:`llamafactory_mfsgd.config_values`); this one lives here because the
     start-up hook may import only the standard library.
     """

@@ -1,44 +1,30 @@
 """YAML keys added to LLaMA-Factory's FinetuningArguments: MoFaSGD (`use_mfsgd`, `mfsgd_*`), profiling, fused GaLore.
 
 The key names follow the authors' LLaMA-Factory fork so their configs run unchanged: that is why the keys say
-`mfsgd` and the optimizer package says `mofasgd`. Every `mfsgd_<option>` key is the optimizer's constructor option
-`<option>` (`mofasgd.DEFAULTS`, the one table): its default comes from there, :func:`optimizer_options` hands the
-values to the optimizer, and their ranges are checked by the optimizer's own validation. Checks that need only
-these values run in ``__post_init__`` (parse time); checks that also need the training arguments (DeepSpeed,
-FSDP, fp16, world size) run in :func:`validate_with_training_args`, also at parse time. Every key's value is
-type-checked by :func:`check_extension_types` against its annotation, on the raw config before LLaMA-Factory's
-parser can coerce it.
+`mfsgd` and the optimizer package says `mofasgd`. Every `mfsgd_<option>` key is the optimizer's option `<option>`
+(:mod:`mofasgd.options`, the one table): its default and help come from there, :func:`optimizer_options` hands the
+values to the optimizer. The keys are checked elsewhere: their types and spelling on the raw config
+(:mod:`.key_types`), their values and engines at parse time (:mod:`.checks`).
 """
 
 from __future__ import annotations
 
-import difflib
-import json
-import math
-import os
-import re
-import types
-import typing
-from collections.abc import Mapping
-from dataclasses import MISSING, dataclass, field, fields
-from functools import cache
+from dataclasses import dataclass, field, fields
 from typing import Any, Literal
 
-from mofasgd import ADAMW_STATES, INITS, check_options
-from mofasgd import DEFAULTS as OPTIMIZER_DEFAULTS
+from mofasgd import ADAMW_STATES, DEFAULTS, INITS
+from mofasgd.options import OPTION
 
-from .activation import env_flag
-from .baselines import BaselineArguments, validate_baseline_values
-from .config_values import describe, is_set, parse_scalar
+from .baselines import BaselineArguments
 
 # MoFaSGD options that no `mfsgd_*` key sets: the run's training arguments give them (`learning_rate_mfsgd` or
 # `learning_rate`, `weight_decay`, `adam_beta1/2`, `adam_epsilon`, the world size, `seed`).
 FROM_TRAINING_ARGUMENTS = ("lr", "weight_decay", "adam_betas", "adam_eps", "data_parallel", "seed")
 
 
-def _option(name: str, description: str) -> Any:
-    """A field for MoFaSGD's constructor option `name`, with the optimizer's default."""
-    return field(default=OPTIMIZER_DEFAULTS[name], metadata={"help": description})
+def _option(name: str) -> Any:
+    """A field for MoFaSGD's constructor option `name`: its default and help (mofasgd.options)."""
+    return field(default=OPTION[name].default, metadata={"help": OPTION[name].help})
 
 
 @dataclass
@@ -58,53 +44,23 @@ class MfsgdArguments:
             "help": "Learning rate of the AdamW parameters: embeddings, LM head, norms (default: `learning_rate`)."
         },
     )
-    mfsgd_rank: int = _option("rank", "Rank r of the factored momentum.")
-    mfsgd_beta: float = _option("beta", "Momentum decay beta in [0, 1).")
-    mfsgd_beta_start: float | None = _option(
-        "beta_start", "Start of the linear beta warm-up (needs mfsgd_beta_warmup_steps)."
-    )
-    mfsgd_beta_end: float | None = _option("beta_end", "End of the linear beta warm-up.")
-    mfsgd_beta_warmup_steps: int = _option(
-        "beta_warmup_steps", "Steps of linear beta warm-up from mfsgd_beta_start to mfsgd_beta_end (0: off)."
-    )
-    mfsgd_eta1: float = _option("eta1", "Scale of the low-rank momentum step.")
-    mfsgd_eta2: float = _option(
-        "eta2", "Scale of the gradient's orthogonal-complement step; > 0 needs `mfsgd_fused: false`."
-    )
-    mfsgd_eps: float = _option("eps", "Singular values <= eps take no step.")
-    mfsgd_max_value: float = _option("max_value", "Clamp of 1/S in the reciprocal-S step.")
-    mfsgd_min_gradient_support: float = _option(
-        "min_gradient_support",
-        "Opt-in guard of the 1/S step (0: off, the authors' step): scale a direction's step down where the gradient "
-        "sustains less than this share of its momentum (||G_hat|| < share (1 - beta) S), so a vanishing gradient "
-        "does not make the step grow as S decays. 0.01 measured harmless on normal runs (docs/algorithm.md).",
-    )
-    mfsgd_use_ones_for_nonzero_s: bool = _option(
-        "use_ones_for_nonzero_s", "Spectrally normalised step U V^T (the paper's) instead of U diag(1/S) V^T."
-    )
-    mfsgd_use_current_projection: bool = _option(
-        "use_current_projection", "Use the new factors (not the previous ones) for the eta2 complement."
-    )
-    mfsgd_nesterov: bool = _option("nesterov", "Nesterov look-ahead step SVD_r(beta M + G_hat).")
-    mfsgd_init: Literal[INITS] = _option(
-        "init",
-        "Factor initialisation: `weight` (exact top-r SVD of W, the authors'), `weight_randomized` "
-        "(randomized top-r SVD of W: a fast start) or `gradient` (subspaces of the first gradient).",
-    )
-    mfsgd_fused: bool = _option(
-        "fused", "Project gradients in a backward hook and free them at once (LoRA-like memory)."
-    )
-    mfsgd_fused_adamw_side: bool = _option(
-        "fused_adamw_side",
-        "Update the AdamW-side matrices (embeddings, LM head) in their gradient hooks, at the last micro-batch, so "
-        "their gradients never coexist. Clipping then uses the previous step's coefficient for them.",
-    )
-    mfsgd_projected_backward: bool = _option(
-        "projected_backward",
-        "Train the MoFaSGD weights of nn.Linear layers through a backward that forms only G V and G^T U: no "
-        "weight gradient, no weight-gradient GEMM (faster). `false`: every matrix takes the gradient hook. The "
-        "start-up log says per matrix which path it takes and why.",
-    )
+    mfsgd_rank: int = _option("rank")
+    mfsgd_beta: float = _option("beta")
+    mfsgd_beta_start: float | None = _option("beta_start")
+    mfsgd_beta_end: float | None = _option("beta_end")
+    mfsgd_beta_warmup_steps: int = _option("beta_warmup_steps")
+    mfsgd_eta1: float = _option("eta1")
+    mfsgd_eta2: float = _option("eta2")
+    mfsgd_eps: float = _option("eps")
+    mfsgd_max_value: float = _option("max_value")
+    mfsgd_min_gradient_support: float = _option("min_gradient_support")
+    mfsgd_use_ones_for_nonzero_s: bool = _option("use_ones_for_nonzero_s")
+    mfsgd_use_current_projection: bool = _option("use_current_projection")
+    mfsgd_nesterov: bool = _option("nesterov")
+    mfsgd_init: Literal[INITS] = _option("init")
+    mfsgd_fused: bool = _option("fused")
+    mfsgd_fused_adamw_side: bool = _option("fused_adamw_side")
+    mfsgd_projected_backward: bool = _option("projected_backward")
     mfsgd_target: str = field(
         default="all",
         metadata={
@@ -113,12 +69,7 @@ class MfsgdArguments:
             "routers join only when named: `all,embed_tokens,lm_head` (LoRA-level memory), `all,gate`."
         },
     )
-    mfsgd_adamw_state: Literal[ADAMW_STATES] = _option(
-        "adamw_state",
-        "State of the AdamW-side matrices (embeddings, LM head): `full` (AdamW's two moments, the authors'), "
-        "`factored` (Adafactor's factored second moment, O(m + n), plus AdamW's first moment) or "
-        "`factored_no_momentum` (factored second moment only). Norms and biases keep AdamW's moments.",
-    )
+    mfsgd_adamw_state: Literal[ADAMW_STATES] = _option("adamw_state")
     mfsgd_adamw_side: Literal["authors", "compact"] | None = field(
         default=None,
         metadata={
@@ -127,16 +78,12 @@ class MfsgdArguments:
             "`false` (the authors' AdamW side). Unset: the two keys as given."
         },
     )
-    mfsgd_stochastic_rounding: bool | None = _option(
-        "stochastic_rounding",
-        "Round bf16 weight updates stochastically (unbiased) instead of to nearest; null: on for bf16 "
-        "weights (pure_bf16), `false` for round-to-nearest runs. fp32 weights are never affected.",
-    )
+    mfsgd_stochastic_rounding: bool | None = _option("stochastic_rounding")
 
 
 # `mfsgd_<option>` key -> MoFaSGD constructor option, for every option a key sets.
 OPTION_OF_KEY = {
-    f"mfsgd_{name}": name for name in OPTIMIZER_DEFAULTS if f"mfsgd_{name}" in {f.name for f in fields(MfsgdArguments)}
+    f"mfsgd_{name}": name for name in DEFAULTS if f"mfsgd_{name}" in {f.name for f in fields(MfsgdArguments)}
 }
 
 
@@ -182,470 +129,5 @@ def extension_field_names() -> set[str]:
     return {f.name for cls in EXTENSION_DATACLASSES for f in fields(cls)}
 
 
-@cache
-def _extension_fields() -> dict[str, tuple[Any, Any]]:
-    """Every extension key with its resolved type annotation and its default."""
-    out = {}
-    for cls in EXTENSION_DATACLASSES:
-        hints = typing.get_type_hints(cls)
-        for f in fields(cls):
-            out[f.name] = (hints[f.name], f.default if f.default is not MISSING else None)
-    return out
-
-
-def _split_optional(annotation: Any) -> tuple[Any, bool]:
-    """`X | None` -> (X, True); `X` -> (X, False); unions of several types -> (None, ...) (not checked)."""
-    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
-        args = typing.get_args(annotation)
-        rest = [a for a in args if a is not type(None)]
-        return (rest[0] if len(rest) == 1 else None), len(rest) < len(args)
-    return annotation, False
-
-
-def _type_problem(key: str, value: Any, annotation: Any, default: Any) -> str | None:
-    """What `key` takes and how to write it, if `value` does not fit `annotation`; None if it fits."""
-    kind, optional = _split_optional(annotation)
-    if value is None:
-        return None if optional else f"cannot be null: write a value, e.g. `{key}: {_yaml(default)}`"
-    null = " (or null for the default)" if optional else ""
-    quoted = " (remove the quotes)" if isinstance(value, str) and not isinstance(parse_scalar(value), str) else ""
-    if kind is bool:
-        if isinstance(value, bool):
-            return None
-        return f"takes a boolean{null}: write `{key}: true` or `{key}: false`, unquoted{quoted}"
-    if kind is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return None
-        example = default if isinstance(default, int) and not isinstance(default, bool) else 1
-        return f"takes an integer{null}: write it unquoted, e.g. `{key}: {example}`{quoted}"
-    if kind is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return None
-        example = _yaml(default) if isinstance(default, float) else "1.0e-5"
-        return f"takes a number{null}: write it unquoted, e.g. `{key}: {example}`{quoted}"
-    if typing.get_origin(kind) is Literal:
-        choices = typing.get_args(kind)
-        if value in choices and type(value) is type(choices[0]):
-            return None
-        return f"takes one of {', '.join(_yaml(c) for c in choices)}{null}"
-    if kind is str:
-        if isinstance(value, str):
-            return None
-        return f"takes text{null}, e.g. `{key}: {_yaml(default)}` (several names: one comma-separated string)"
-    return None  # other annotations: left to LLaMA-Factory's parser
-
-
-def _yaml(value: Any) -> str:
-    return "null" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
-
-
-def check_extension_types(values: Mapping[str, Any], command_line: bool = False) -> dict[str, Any]:
-    """Refuse an extension key whose value has the wrong type, before anything coerces it; return the values.
-
-    Booleans must be YAML booleans (not `"no"`, `"false"`, 1), integers integers (not booleans or text),
-    numbers integers or floats (not text), choices one of the choices; keys typed `X | None` accept null.
-    With ``command_line=True`` (a `--key value` list) the text of non-text keys is first read as YAML reads it
-    unquoted (:func:`config_values.parse_scalar`), and the returned dict holds those values.
-
-    Raises:
-        ValueError: naming the key, the value and how to write it.
-    """
-    checked = dict(values)
-    for key, (annotation, default) in _extension_fields().items():
-        if key not in checked:
-            continue
-        value = checked[key]
-        if command_line and isinstance(value, str) and _split_optional(annotation)[0] is not str:
-            checked[key] = value = parse_scalar(value)
-        problem = _type_problem(key, value, annotation, default)
-        if problem:
-            raise ValueError(f"`{key}: {value!r}` in the training config is {describe(value)}, but `{key}` {problem}.")
-    return checked
-
-
-def fill_null_defaults(args: Any) -> Any:
-    """Replace null extension values by their defaults (a key declared `X | None` with a non-null default)."""
-    for key, (_, default) in _extension_fields().items():
-        if hasattr(args, key) and getattr(args, key) is None and default is not None:
-            setattr(args, key, default)
-    return args
-
-
-def _bad(key: str, value: Any, expected: str) -> ValueError:
-    return ValueError(f"Invalid `{key}: {value!r}` in the MoFaSGD config: expected {expected}.")
-
-
-# Option values under which the optimizer range-checks every option on its own: it checks the warm-up bounds only
-# with a warm-up, and accepts eta2 > 0 only unfused (that pairing is checked with the real values afterwards).
-_EVERY_RANGE_CHECKED = {"beta_start": 0.0, "beta_end": 0.0, "beta_warmup_steps": 1, "fused": False}
-# MoFaSGD's message for one bad value: "Invalid <option> (<where>): <value>; expected <what>".
-_EXPECTED = re.compile(r"^Invalid [^;]*; (expected .+)$", re.DOTALL)
-
-
-def _optimizer_refusal(options: dict[str, Any]) -> str | None:
-    """MoFaSGD's own reason to refuse `options` (its ValueError message), or None when it accepts them."""
-    try:
-        check_options(**options)
-    except ValueError as error:
-        return str(error)
-    return None
-
-
-def _check_with_optimizer(args: Any) -> None:
-    """Check the MoFaSGD keys with the optimizer's own validation: each key alone, then all of them together."""
-    option_of_key = {"learning_rate_mfsgd": "lr", **OPTION_OF_KEY}
-    for key, option in {**option_of_key, "learning_rate_adamw": "lr"}.items():  # AdamW groups: the same lr rule
-        value = getattr(args, key)
-        if value is None:  # unset: the default learning rate, no warm-up, or stochastic rounding's automatic choice
-            continue
-        alone = {**_EVERY_RANGE_CHECKED, option: value}
-        if option == "fused_adamw_side":  # needs fused=True: a cross-field rule, checked with all keys below
-            alone["fused"] = True
-        refusal = _optimizer_refusal(alone)
-        if refusal:
-            match = _EXPECTED.match(refusal)
-            raise ValueError(f"Invalid `{key}: {value!r}` in the MoFaSGD config: {match[1] if match else refusal}.")
-    options = optimizer_options(args)
-    if args.learning_rate_mfsgd is not None:
-        options["lr"] = args.learning_rate_mfsgd
-    refusal = _optimizer_refusal(options)
-    if refusal:
-        named = ", ".join(f"`{key}`" for key, option in option_of_key.items() if _mentions(refusal, option))
-        raise ValueError(f"Invalid MoFaSGD config: {refusal}" + (f" (the keys {named})." if named else "."))
-
-
-def _mentions(message: str, option: str) -> bool:
-    """Whether `message` names the option `option` (as a word of its own)."""
-    return re.search(rf"(?<![\w`]){re.escape(option)}(?![\w`])", message) is not None
-
-
 # `mfsgd_adamw_side` presets -> the (mfsgd_adamw_state, mfsgd_fused_adamw_side) they stand for
 ADAMW_SIDE_PRESETS = {"authors": ("full", False), "compact": ("factored_no_momentum", True)}
-
-
-def apply_adamw_side_preset(args: Any) -> None:
-    """Set `mfsgd_adamw_state` / `mfsgd_fused_adamw_side` from `mfsgd_adamw_side`; refuse a contradicting key."""
-    preset = getattr(args, "mfsgd_adamw_side", None)
-    if preset is None:
-        return
-    wanted = ADAMW_SIDE_PRESETS[preset]
-    current = (args.mfsgd_adamw_state, args.mfsgd_fused_adamw_side)
-    defaults = (OPTIMIZER_DEFAULTS["adamw_state"], OPTIMIZER_DEFAULTS["fused_adamw_side"])
-    if current not in (wanted, defaults):
-        raise ValueError(
-            f"`mfsgd_adamw_side: {preset}` means `mfsgd_adamw_state: {wanted[0]}` and `mfsgd_fused_adamw_side: "
-            f"{str(wanted[1]).lower()}`, but the config also sets {current[0]} / {str(current[1]).lower()}. Use the "
-            "preset or the two keys, not both."
-        )
-    args.mfsgd_adamw_state, args.mfsgd_fused_adamw_side = wanted
-
-
-# LLaMA-Factory stages whose trainers build their optimizer through create_custom_optimizer inside the HF Trainer
-# loop (each is trained end to end in tests/test_llamafactory_stages.py)
-MFSGD_STAGES = ("pt", "sft", "rm", "dpo", "kto")
-
-
-def _ppo_refusal() -> str:
-    """Why `use_mfsgd` with `stage: ppo` is refused, and what to train instead."""
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        trl = f"trl {version('trl')} is installed"
-    except PackageNotFoundError:
-        trl = "trl is not installed"
-    return (
-        "`use_mfsgd: true` cannot train `stage: ppo`: LLaMA-Factory 0.9.5's PPO trainer is written for the old TRL "
-        f"API (trl 0.8.6-0.9.6: `PPOTrainer.step`, `trl.core.logprobs_from_logits`), while LLaMA-Factory itself needs "
-        f"trl >= 0.18 ({trl}), so its PPO stage does not run here with any optimizer; and its PPO loop steps and "
-        "clips the optimizer outside the HF Trainer loop whose gradient-norm, clipping and resume MoFaSGD extends. "
-        "Train the policy with `stage: dpo` or `stage: kto` on preference data instead (both take `use_mfsgd: true`, "
-        "as does `stage: rm` for a reward model)."
-    )
-
-
-def validate_extension_values(args: Any) -> None:
-    """Check the extension's own keys (called from FinetuningArguments.__post_init__)."""
-    check_extension_types({key: getattr(args, key) for key in _extension_fields() if hasattr(args, key)})
-    fill_null_defaults(args)
-    apply_adamw_side_preset(args)
-    validate_baseline_values(args)
-    if args.galore_fused and not args.use_galore:
-        raise ValueError("`galore_fused: true` needs `use_galore: true`.")
-    if args.galore_fused and args.galore_layerwise:
-        raise ValueError("`galore_fused: true` replaces `galore_layerwise`; set `galore_layerwise: false`.")
-    if args.profile_memory_stop_step < 1:
-        raise _bad("profile_memory_stop_step", args.profile_memory_stop_step, "an integer >= 1")
-    if args.profile_memory_stop_accumulation_step < 0:
-        raise _bad(
-            "profile_memory_stop_accumulation_step", args.profile_memory_stop_accumulation_step, "an integer >= 0"
-        )
-    if args.profile_memory_max_entries < 1:
-        raise _bad("profile_memory_max_entries", args.profile_memory_max_entries, "an integer >= 1")
-    if not args.use_mfsgd:
-        return
-    if args.finetuning_type != "full":
-        raise ValueError(
-            f"`use_mfsgd: true` trains every weight and cannot be combined with `finetuning_type: "
-            f"{args.finetuning_type}`; set `finetuning_type: full` (or drop use_mfsgd to train LoRA/freeze)."
-        )
-    others = [k for k in ("use_galore", "use_apollo", "use_badam", "use_adam_mini", "use_muon") if getattr(args, k)]
-    if others:
-        raise ValueError(f"`use_mfsgd: true` cannot be combined with {', '.join(f'`{k}: true`' for k in others)}.")
-    if args.stage == "ppo":
-        raise ValueError(_ppo_refusal())
-    if args.stage not in MFSGD_STAGES:
-        raise ValueError(
-            f"`use_mfsgd: true` is not supported for `stage: {args.stage}` (use {', '.join(MFSGD_STAGES)})."
-        )
-    _check_with_optimizer(args)
-    if not args.mfsgd_target.strip():
-        raise _bad("mfsgd_target", args.mfsgd_target, "`all` or comma-separated module names")
-
-
-def _fsdp_version(fsdp_config: Any) -> str:
-    """The FSDP version a raw `fsdp_config` asks for ("1" unless it says 2), read like transformers does."""
-    if isinstance(fsdp_config, str) and os.path.isfile(fsdp_config):
-        with open(fsdp_config, encoding="utf-8") as handle:
-            fsdp_config = json.load(handle)
-    fsdp_config = fsdp_config if isinstance(fsdp_config, dict) else {}
-    return str(fsdp_config.get("fsdp_version", fsdp_config.get("version", 1)))
-
-
-_SCALE_OUT = (
-    "MoFaSGD runs on FSDP2 (`fsdp: full_shard auto_wrap` with `fsdp_config: {fsdp_version: 2, "
-    "transformer_layer_cls_to_wrap: [LlamaDecoderLayer]}`: weights stay row-sharded matrices, U is sharded like "
-    "them) or on plain DDP (`python run.py CFG --ngpus N` or `FORCE_TORCHRUN=1 llamafactory-cli train CFG`)"
-)
-
-
-def check_adamw_side_preset_keys(values: dict[str, Any]) -> None:
-    """Refuse `mfsgd_adamw_side` written beside either key it sets, even one equal to its default.
-
-    Parsed arguments cannot tell a key set to its default from an unset one, so only the raw config can refuse
-    `mfsgd_adamw_side: compact` with `mfsgd_adamw_state: full`; `apply_adamw_side_preset` covers the rest.
-    """
-    if not is_set(values.get("use_mfsgd")):
-        return
-    both = [key for key in ("mfsgd_adamw_state", "mfsgd_fused_adamw_side") if key in values]
-    if values.get("mfsgd_adamw_side") is not None and both:
-        raise ValueError(
-            f"`mfsgd_adamw_side: {values['mfsgd_adamw_side']}` is a preset of `mfsgd_adamw_state` and "
-            f"`mfsgd_fused_adamw_side`; the config also sets {', '.join(f'`{k}`' for k in both)}. Use the preset or "
-            "the two keys, not both."
-        )
-
-
-def _warn(message: str) -> None:
-    """A parse-time warning through LLaMA-Factory's logger (imported here: run.py reads configs without it)."""
-    from llamafactory.extras.logging import get_logger
-
-    get_logger("llamafactory.mfsgd").warning_rank0(message)
-
-
-def check_unused_keys(values: dict[str, Any]) -> None:
-    """Keys a MoFaSGD run would ignore: `optim:` (warned) and β warm-up bounds without a warm-up (refused).
-
-    Only the raw config tells a key written as its default from one left out, so these run before parsing.
-    `mfsgd_beta_start`/`_end` without `mfsgd_beta_warmup_steps` are refused: they do nothing, and the missing key is
-    the likely mistake. Written beside `mfsgd_beta_warmup_steps: 0` (the warm-up switched off on purpose) they get
-    a warning.
-    """
-    if not is_set(values.get("use_mfsgd")):
-        return
-    if "optim" in values:
-        _warn(
-            f"`optim: {values['optim']}` is ignored (optim: {values['optim']} -> MoFaSGD): `use_mfsgd: true` trains "
-            "with MoFaSGD, whose AdamW side (embeddings, LM head, norms) is torch's AdamW, set by "
-            "`learning_rate_adamw`, `adam_beta1`/`adam_beta2`, `adam_epsilon` and `mfsgd_adamw_state`. Remove "
-            "`optim:` from the config."
-        )
-    bounds = {key: values[key] for key in ("mfsgd_beta_start", "mfsgd_beta_end") if values.get(key) is not None}
-    if not bounds:
-        return
-    written = ", ".join(f"`{key}: {value}`" for key, value in bounds.items())
-    if "mfsgd_beta_warmup_steps" not in values:
-        raise ValueError(
-            f"{written} set a linear beta warm-up, but the config has no `mfsgd_beta_warmup_steps`, so beta would "
-            "stay `mfsgd_beta` throughout. Add `mfsgd_beta_warmup_steps: N` (the warm-up's length in optimizer "
-            "steps), or remove the warm-up keys."
-        )
-    if values["mfsgd_beta_warmup_steps"] == 0:
-        start = values.get("mfsgd_beta_start", OPTIMIZER_DEFAULTS["beta_start"])
-        end = values.get("mfsgd_beta_end", OPTIMIZER_DEFAULTS["beta_end"])
-        beta = values.get("mfsgd_beta", OPTIMIZER_DEFAULTS["beta"])
-        _warn(
-            f"`mfsgd_beta_warmup_steps: 0` switches the beta warm-up off: {written} are unused (warm-up {start} -> "
-            f"{end} not applied), and beta stays `mfsgd_beta` = {beta} throughout."
-        )
-
-
-def validate_engine_keys(values: dict[str, Any]) -> None:
-    """Refuse engines MoFaSGD cannot factor under, before the training arguments are built (DeepSpeed inits there)."""
-    if not is_set(values.get("use_mfsgd")):
-        return
-    if is_set(values.get("deepspeed")):
-        raise ValueError(
-            "`use_mfsgd: true` does not run under DeepSpeed: ZeRO hands the optimizer flattened 1-D shards, so no "
-            f"weight matrix is left to factor. Remove `deepspeed:`; {_SCALE_OUT}."
-        )
-    if is_set(values.get("fsdp")) or is_set(values.get("fsdp_config")):
-        version = _fsdp_version(values.get("fsdp_config"))
-        if version != "2":
-            raise ValueError(
-                f"`use_mfsgd: true` does not run under FSDP{version} (`fsdp_version: {version}`): FSDP1 hands the "
-                "optimizer flattened 1-D shards, so no weight matrix is left to factor. Set `fsdp_version: 2` in "
-                f"`fsdp_config`, or remove `fsdp:`; {_SCALE_OUT}."
-            )
-        preset = ADAMW_SIDE_PRESETS.get(values.get("mfsgd_adamw_side"), ("full", False))[0]
-        state = values.get("mfsgd_adamw_state", preset)
-        if state != "full":
-            raise ValueError(
-                f"`mfsgd_adamw_state: {state}` (also what `mfsgd_adamw_side: compact` sets) does not run under FSDP2 "
-                "yet: the factored second moment's row and column means would span the ranks' shards. Use "
-                "`mfsgd_adamw_state: full` (`mfsgd_fused_adamw_side: true` works under FSDP2)."
-            )
-        if values.get("mfsgd_fused") is False:
-            raise ValueError(
-                "`mfsgd_fused: false` does not run under FSDP2: the sharded step consumes each gradient shard's "
-                "projections in its hook. Set `mfsgd_fused: true` (and `mfsgd_eta2: 0`), or train on DDP."
-            )
-
-
-def validate_with_training_args(finetuning_args: Any, training_args: Any) -> None:
-    """Cross-checks against the HF training arguments, at parse time, one clear error each."""
-    if finetuning_args.galore_fused:
-        if training_args.world_size > 1:
-            raise ValueError("`galore_fused: true` runs in a single process; drop it for multi-GPU GaLore runs.")
-        if training_args.optim != "adamw_torch":
-            raise ValueError(
-                f"`galore_fused: true` fuses GaLore-AdamW only; set `optim: adamw_torch` (got {training_args.optim})."
-            )
-        if training_args.fp16:
-            raise ValueError(
-                "`fp16: true` scales the loss, and `galore_fused: true` updates each weight in its gradient hook, "
-                "before the scaler can unscale the gradient. Use `bf16: true` / `pure_bf16: true`, or drop "
-                "`galore_fused`."
-            )
-    if not finetuning_args.use_mfsgd:
-        return
-    if training_args.fp16 and finetuning_args.mfsgd_fused:
-        raise ValueError(
-            "`fp16: true` scales the loss, and fused MoFaSGD consumes gradients before the scaler can unscale "
-            "them. Use `bf16: true` / `pure_bf16: true`, or set `mfsgd_fused: false`."
-        )
-    if training_args.fsdp and not _fsdp_applies():
-        raise ValueError(
-            "`fsdp:` is set, but accelerate applies FSDP on GPUs only: these CPU processes would silently train "
-            "with DDP instead. Remove `fsdp:`/`fsdp_config:` for CPU runs (MoFaSGD then averages its projections over "
-            "DDP), or set MFSGD_CPU_FSDP2=1 to run FSDP2 on CPU processes (gloo) for testing."
-        )
-    frozen = _why_every_matrix_is_frozen(finetuning_args, training_args.max_grad_norm)
-    if frozen:
-        reason, fix = frozen
-        raise ValueError(
-            f"{reason}, so every MoFaSGD matrix would stay frozen (only weight decay would touch it) while the run "
-            f"looks normal. {fix}. To train only the other parameters on purpose, use `finetuning_type: freeze`."
-        )
-    if finetuning_args.mfsgd_stochastic_rounding and not finetuning_args.pure_bf16:
-        _warn(
-            "`mfsgd_stochastic_rounding: true` has no effect here (true -> no rounding): without `pure_bf16: true` "
-            "LLaMA-Factory trains fp32 weights, and MoFaSGD adds their updates in fp32 without rounding. Set "
-            "`pure_bf16: true` to train bf16 weights (then rounding is on by default), or remove the key."
-        )
-    if training_args.fsdp and finetuning_args.mfsgd_init == "gradient":  # DDP averages the first gradient's sketch
-        raise ValueError(
-            "`mfsgd_init: gradient` does not run under FSDP2 (each rank holds rows of the first gradient, not the "
-            "whole of it); use `mfsgd_init: weight` or `weight_randomized`, or train on DDP, where it works."
-        )
-    check_checkpoint_engine(training_args.resume_from_checkpoint, bool(training_args.fsdp))
-
-
-def _why_every_matrix_is_frozen(args: Any, max_grad_norm: float) -> tuple[str, str] | None:
-    """Why the MoFaSGD step of every matrix is zero with these settings (the first key at fault) and the fix, or None.
-
-    With `mfsgd_eta2: 0` a matrix moves only along eta1 U diag(s_hat) V^T. Refused rather than warned: such a run
-    trains the AdamW side alone while its log looks like a MoFaSGD run, and no setting needs it (`finetuning_type:
-    freeze` freezes matrices on purpose). The eps bound: clipping keeps each step's tangent gradient below
-    `max_grad_norm` (Frobenius, so spectral too), and M <- SVD_r(beta M + G_hat) then keeps S_1 below
-    beta^t S_1(0) + max_grad_norm / (1 - beta); once the initial weight's share has decayed no S exceeds eps.
-    """
-    if args.mfsgd_eta2 > 0:  # the complement step moves the matrices whatever the low-rank step does
-        return None
-    if args.mfsgd_eta1 == 0:
-        return (
-            f"`mfsgd_eta1: {args.mfsgd_eta1}` (with `mfsgd_eta2: {args.mfsgd_eta2}`) scales every MoFaSGD step to "
-            "zero",
-            f"Set `mfsgd_eta1: {OPTIMIZER_DEFAULTS['eta1']}` (the default)",
-        )
-    if args.mfsgd_max_value == 0 and not args.mfsgd_use_ones_for_nonzero_s:
-        return (
-            f"`mfsgd_max_value: {args.mfsgd_max_value}` makes every step scale min(1/S, max_value) zero (the "
-            "reciprocal-S step, `mfsgd_use_ones_for_nonzero_s: false`)",
-            f"Set `mfsgd_max_value: {OPTIMIZER_DEFAULTS['max_value']:g}` (the default) or "
-            "`mfsgd_use_ones_for_nonzero_s: true`",
-        )
-    warmup = args.mfsgd_beta_warmup_steps > 0
-    beta = max(args.mfsgd_beta_start, args.mfsgd_beta_end) if warmup else args.mfsgd_beta
-    ceiling = max_grad_norm / (1 - beta) if max_grad_norm and max_grad_norm > 0 else math.inf
-    if args.mfsgd_eps >= ceiling:
-        bound = (
-            f"with `max_grad_norm: {max_grad_norm}` and beta <= {beta:g} the momentum's singular values stay below "
-            f"max_grad_norm / (1 - beta) = {ceiling:g} once the initial weight's share has decayed (by beta per step)"
-            if math.isfinite(ceiling)
-            else "eps is infinite"
-        )
-        return (
-            f"`mfsgd_eps: {args.mfsgd_eps}` drops every direction of the momentum: singular values <= eps take no "
-            f"step, and {bound}",
-            f"Use a small eps such as `mfsgd_eps: {OPTIMIZER_DEFAULTS['eps']:g}` (the default)",
-        )
-    return None
-
-
-# what accelerate writes for a sharded (DCP) FSDP checkpoint of the model
-_FSDP_SHARDED_MODEL_DIR = "pytorch_model_fsdp_0"
-
-
-def check_checkpoint_engine(checkpoint: str | None, fsdp: bool) -> None:
-    """Refuse resuming across engines: sharded FSDP2 checkpoints resume under FSDP2, the others without FSDP.
-
-    accelerate saves FSDP2 runs as DCP shards (``pytorch_model_fsdp_0/``, ``optimizer_0/``); the plain Trainer
-    finds no weights file there, and FSDP2 finds no shards in a DDP or single-process checkpoint.
-    """
-    if not checkpoint or not os.path.isdir(checkpoint):
-        return
-    names = os.listdir(checkpoint)
-    sharded = _FSDP_SHARDED_MODEL_DIR in names and not {"model.safetensors", "pytorch_model.bin"} & set(names)
-    saved_by_fsdp = any(name.startswith("pytorch_model_fsdp") for name in names)
-    if sharded and not fsdp:
-        raise ValueError(
-            f"`resume_from_checkpoint: {checkpoint}` was saved under FSDP2 as sharded DCP files "
-            f"({_FSDP_SHARDED_MODEL_DIR}/, optimizer_0/): resume it with the same `fsdp:`/`fsdp_config:` keys "
-            "(any number of GPUs: DCP reshards). To continue without FSDP, merge the weights with `accelerate "
-            f"merge-weights {checkpoint}/{_FSDP_SHARDED_MODEL_DIR} MERGED_DIR` and start a new run from them "
-            "(`model_name_or_path`), with a fresh optimizer state."
-        )
-    if fsdp and not saved_by_fsdp:
-        raise ValueError(
-            f"`resume_from_checkpoint: {checkpoint}` was saved without FSDP (no {_FSDP_SHARDED_MODEL_DIR}/), but "
-            "this run uses FSDP2. Resume it without `fsdp:`, or start the FSDP2 run from its weights "
-            f"(`model_name_or_path: {checkpoint}`) with a fresh optimizer state."
-        )
-
-
-def _fsdp_applies() -> bool:
-    """Whether accelerate will shard with FSDP here: on CUDA, or on CPU processes with MFSGD_CPU_FSDP2=1."""
-    import torch
-
-    return torch.cuda.is_available() or env_flag("MFSGD_CPU_FSDP2", default=False)
-
-
-def check_key_spelling(keys: list[str], known: set[str]) -> None:
-    """Refuse misspelt extension keys (mfsgd_*, profile_memory_*, learning_rate_*), naming the closest key."""
-    prefixes = ("mfsgd_", "use_mfsgd", "profile_memory_", "learning_rate_", "galore_fused")
-    ours = sorted(k for k in known if k.startswith(prefixes))
-    for key in keys:
-        if key.startswith(prefixes) and key not in known:
-            close = difflib.get_close_matches(key, ours, n=1, cutoff=0.5)
-            hint = f" Did you mean `{close[0]}`?" if close else f" Known keys: {', '.join(ours)}."
-            raise ValueError(f"Unknown key `{key}` in the training config.{hint}")

@@ -4,7 +4,7 @@
 are PyYAML's SafeLoader (YAML 1.1 booleans ``true/false/yes/no/on/off``, ``null``/``~``) plus exponent floats
 without a dot (``1e-5``). ``python run.py`` and the extension's own checks use the same rules through this
 module, so a value means the same thing on every path. Quoted text (``"no"``, ``"0.01"``) stays text and is
-refused for boolean and numeric keys by :func:`llamafactory_mfsgd.arguments.check_extension_types`.
+refused for boolean and numeric keys by :func:`llamafactory_mfsgd.key_types.check_extension_types`.
 Environment switches (`LLAMAFACTORY_MFSGD=0`, ...) follow :func:`llamafactory_mfsgd.activation.env_flag`.
 This module imports only the standard library and PyYAML.
 """
@@ -99,3 +99,16 @@ def describe(value: Any) -> str:
     if isinstance(value, dict):
         return "a mapping"
     return f"a {type(value).__name__}"
+
+
+def raw_values(raw: dict[str, Any] | list[str]) -> dict[str, Any]:
+    """Top-level keys and values of a parsed YAML/JSON config, or of a `--key value` / `--key=value` command line."""
+    if isinstance(raw, dict):
+        return raw
+    values: dict[str, Any] = {}
+    for i, token in enumerate(raw):
+        if token.startswith("--"):
+            key, sep, value = token[2:].partition("=")
+            has_next = i + 1 < len(raw) and not raw[i + 1].startswith("--")
+            values[key] = value if sep else (raw[i + 1] if has_next else True)
+    return values

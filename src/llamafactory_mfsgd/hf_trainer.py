@@ -20,7 +20,7 @@ import os
 from types import ModuleType
 from typing import Any
 
-from mofasgd.resume import load_fsdp2_sharded_state, scheduler_follows_running_lrs
+from mofasgd.resume import load_fsdp2_sharded_state, routing_layout, scheduler_follows_running_lrs
 
 from .compat import require, require_source
 from .diagnostics import add_diagnostics, unwrap_optimizer
@@ -133,10 +133,7 @@ def resume_mismatch(
     if not (saved_mofasgd and running_mofasgd):
         return None
 
-    def layout(groups):
-        return [(bool(g.get("mofasgd")), len(g.get("params", []))) for g in groups]
-
-    if layout(saved_groups) == layout(running_groups):
+    if routing_layout(saved_groups) == routing_layout(running_groups):
         return None
     target = f" (this run: `mfsgd_target: {mfsgd_target}`)" if mfsgd_target is not None else ""
     return (

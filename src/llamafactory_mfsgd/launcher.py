@@ -23,9 +23,9 @@ import yaml
 
 from mofasgd import DEFAULTS
 
-from .arguments import check_extension_types
 from .config_values import load_config, parse_scalar
 from .cuda_cache import ENV as CUDA_CACHE_ENV
+from .key_types import check_extension_types
 
 USAGE = (
     "python run.py CONFIG.yaml [--ngpus N] [--base_output_dir DIR] [--enable_mfsgd_debug_empty_cache] [key=value ...]"
@@ -91,19 +91,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def exit_spawned_worker() -> None:
-    """End a gloo worker (spawned, or one of torchrun's) after its work succeeded: exit without finalization.
-
-    gloo's worker threads free a finished collective (an FSDP2 all-gather, say) a little after the caller's wait
-    returns; when that lands after finalization has begun, the thread dies inside a destructor and the process
-    aborts ("terminate called without an active exception", about 1 FSDP2 run in 10 here, torch 2.14). Call it
-    after ``destroy_process_group`` and only on success, so that an exception still reaches ``mp.spawn``.
-    """
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
 
 
 def torchrun_command(config_path: Path, ngpus: int) -> list[str]:

@@ -29,18 +29,10 @@ from typing import Any
 from mofasgd import DEFAULTS, INITS
 
 from .activation import DISABLE_ENV
-from .arguments import (
-    ADAMW_SIDE_PRESETS,
-    MfsgdArguments,
-    check_adamw_side_preset_keys,
-    check_extension_types,
-    check_key_spelling,
-    check_unused_keys,
-    extension_field_names,
-    validate_engine_keys,
-    validate_with_training_args,
-)
+from .arguments import ADAMW_SIDE_PRESETS, MfsgdArguments, extension_field_names
+from .checks import check_adamw_side_preset_keys, check_unused_keys, validate_engine_keys, validate_with_training_args
 from .compat import require, require_source
+from .key_types import check_extension_types, check_key_spelling
 from .webui_locales import LOCALES
 
 TAB = "mfsgd_tab"
@@ -249,7 +241,7 @@ def _training_view(values: dict[str, Any]) -> SimpleNamespace:
 def check_board_args(args: dict[str, Any]) -> None:
     """Run the extension's parse-time checks on the arguments LlamaBoard would launch with.
 
-    The checks of :func:`llamafactory_mfsgd.patches.patch_parser`'s ``get_train_args``, in its order, on the
+    The checks of :func:`llamafactory_mfsgd.lf_parser.patch_parser`'s ``get_train_args``, in its order, on the
     finetuning arguments (built as the parser builds them) and a device-independent view of the training ones.
 
     Raises:

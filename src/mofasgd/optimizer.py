@@ -24,16 +24,12 @@ from mofasgd.bucket_step import (
 )
 from mofasgd.intake import PENDING_KEYS, GradientIntake, experts_of
 from mofasgd.memory import optimizer_state_bytes
+from mofasgd.options import DEFAULTS, OPTION, OptionError, validate
+from mofasgd.resume import routing_layout
 from mofasgd.rounding import GeneratorBank, supports_stochastic_rounding
 
 logger = logging.getLogger("mofasgd")
 
-# weight: exact top-r SVD of W (the authors'); weight_randomized: randomized top-r SVD of W (fast start);
-# gradient: randomized subspaces of the first gradient, S = 0.
-_INITS = ("weight", "weight_randomized", "gradient")
-# AdamW-side state of matrices: full moments (torch's AdamW), a factored second moment (Adafactor's, O(m + n)),
-# or a factored second moment and no first moment. Vectors (norms, biases) always keep full AdamW moments.
-ADAMW_STATES = ("full", "factored", "factored_no_momentum")
 _GROUP_KEYS_NOT_HYPERPARAMS = {"params", "name", "param_names", "initial_lr"}
 _PENDING = PENDING_KEYS
 _FACTOR_KEYS = ("U", "S", "V", *_PENDING)
@@ -49,21 +45,6 @@ _SIDE_CLIP_KEY = "mofasgd_side_clip_coef"  # fused_adamw_side: the coefficient t
 _VANISHING_SUPPORT = 1e-3
 # Largest |U^T U - I| entry accepted for loaded fp32 factors (fresh QR factors are ~1e-6 off).
 _ORTHONORMAL_TOL = {torch.float32: 1e-3, torch.float64: 1e-8}
-
-
-def _check_range(name: str, value: Any, low: float, high: float | None = None, high_open: bool = False) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ValueError(f"Invalid {name}: {value!r}; expected a number, not {type(value).__name__}")
-    ok = value >= low and (high is None or (value < high if high_open else value <= high))
-    if not ok:
-        upper = "" if high is None else (f", {high})" if high_open else f", {high}]")
-        raise ValueError(f"Invalid {name}: {value!r}; expected a value in [{low}{upper or ', inf)'}")
-
-
-def _check_flag(name: str, value: Any, allow_none: bool = False) -> None:
-    if not (isinstance(value, bool) or (allow_none and value is None)):
-        expected = "True, False or None" if allow_none else "True or False"
-        raise ValueError(f"Invalid {name}: {value!r}; expected {expected}")
 
 
 def _same_value(a: Any, b: Any) -> bool:
@@ -200,32 +181,32 @@ class MoFaSGD(torch.optim.Optimizer):
     def __init__(
         self,
         params: Iterable[torch.Tensor] | Iterable[dict[str, Any]],
-        lr: float = 1e-3,
-        rank: int = 2,
-        beta: float = 0.9,
-        eta1: float = 1.0,
-        eta2: float = 0.0,
-        eps: float = 1e-4,
-        max_value: float = 1e4,
-        use_ones_for_nonzero_s: bool = False,
-        use_current_projection: bool = False,
-        nesterov: bool = False,
-        weight_decay: float = 0.0,
-        min_gradient_support: float = 0.0,
-        beta_start: float | None = None,
-        beta_end: float | None = None,
-        beta_warmup_steps: int = 0,
-        init: str = "weight",
-        adam_betas: tuple[float, float] = (0.9, 0.999),
-        adam_eps: float = 1e-8,
-        adamw_state: str = "full",
-        stochastic_rounding: bool | None = None,
-        fused: bool = True,
-        fused_adamw_side: bool = False,
-        data_parallel: bool = False,
-        projected_backward: bool = True,
-        seed: int = 0,
-        capturable: bool = False,
+        lr: float = DEFAULTS["lr"],
+        rank: int = DEFAULTS["rank"],
+        beta: float = DEFAULTS["beta"],
+        eta1: float = DEFAULTS["eta1"],
+        eta2: float = DEFAULTS["eta2"],
+        eps: float = DEFAULTS["eps"],
+        max_value: float = DEFAULTS["max_value"],
+        use_ones_for_nonzero_s: bool = DEFAULTS["use_ones_for_nonzero_s"],
+        use_current_projection: bool = DEFAULTS["use_current_projection"],
+        nesterov: bool = DEFAULTS["nesterov"],
+        weight_decay: float = DEFAULTS["weight_decay"],
+        min_gradient_support: float = DEFAULTS["min_gradient_support"],
+        beta_start: float | None = DEFAULTS["beta_start"],
+        beta_end: float | None = DEFAULTS["beta_end"],
+        beta_warmup_steps: int = DEFAULTS["beta_warmup_steps"],
+        init: str = DEFAULTS["init"],
+        adam_betas: tuple[float, float] = DEFAULTS["adam_betas"],
+        adam_eps: float = DEFAULTS["adam_eps"],
+        adamw_state: str = DEFAULTS["adamw_state"],
+        stochastic_rounding: bool | None = DEFAULTS["stochastic_rounding"],
+        fused: bool = DEFAULTS["fused"],
+        fused_adamw_side: bool = DEFAULTS["fused_adamw_side"],
+        data_parallel: bool = DEFAULTS["data_parallel"],
+        projected_backward: bool = DEFAULTS["projected_backward"],
+        seed: int = DEFAULTS["seed"],
+        capturable: bool = DEFAULTS["capturable"],
     ) -> None:
         defaults = dict(
             lr=lr,
@@ -250,22 +231,18 @@ class MoFaSGD(torch.optim.Optimizer):
             stochastic_rounding=stochastic_rounding,
             mofasgd=True,
         )
-        _check_flag("fused", fused)
-        _check_flag("fused_adamw_side", fused_adamw_side)
-        _check_flag("data_parallel", data_parallel)
-        _check_flag("projected_backward", projected_backward)
-        _check_flag("capturable", capturable)
-        if capturable and fused_adamw_side:
-            raise ValueError(
-                "capturable=True reads nothing on the host during a step, but fused_adamw_side=True updates the AdamW "
-                "side in its gradient hooks, checking each gradient on the host; set fused_adamw_side=False"
-            )
-        if fused_adamw_side and not fused:
-            raise ValueError(
-                "fused_adamw_side=True updates AdamW-side parameters in their gradient hooks: it needs fused=True"
-            )
-        if isinstance(seed, bool) or not isinstance(seed, int):
-            raise ValueError(f"Invalid seed: {seed!r}; expected an integer")
+        validate(
+            {
+                **defaults,
+                "fused": fused,
+                "fused_adamw_side": fused_adamw_side,
+                "data_parallel": data_parallel,
+                "projected_backward": projected_backward,
+                "seed": seed,
+                "capturable": capturable,
+            },
+            where="argument",
+        )
         self.fused = fused
         self.fused_adamw_side = fused_adamw_side
         self.data_parallel = data_parallel
@@ -279,11 +256,6 @@ class MoFaSGD(torch.optim.Optimizer):
         self._side_norm_sq: list[tuple[torch.Tensor, bool]] = []
         self._side_nonfinite: list[torch.Tensor] = []  # hooked AdamW-side params whose gradient was not finite
         self._side_clip_coef = 1.0  # the last clip_grad_norm_'s coefficient, applied to the next hooked updates
-        if self.data_parallel and not self.fused:
-            raise ValueError(
-                "data_parallel=True averages the fused projections across ranks; with fused=False DDP already "
-                "averages .grad, so leave data_parallel=False"
-            )
         self.intake = GradientIntake(self)  # pending projections and every gradient hook
         self._group_index: dict[torch.Tensor, int] = {}
         self._rng = GeneratorBank(seed)
@@ -291,13 +263,11 @@ class MoFaSGD(torch.optim.Optimizer):
         self._nonfinite: torch.Tensor | None = None
         self._nonfinite_total = 0
         self._skipped_steps: torch.Tensor | None = None  # capturable: whole steps skipped, counted on the device
-        self._lrs: dict[
-            tuple[int, torch.device, torch.dtype], torch.Tensor
-        ] = {}  # capturable: learning rates as device tensors
+        # capturable: the learning rates as device tensors, by (group index, device, dtype)
+        self._lrs: dict[tuple[int, torch.device, torch.dtype], torch.Tensor] = {}
         self._finite_norm = False  # clip_grad_norm_ read a finite norm of what the next step consumes
         self._warned_vanishing = False  # the vanishing-gradient warning of pop_diagnostics is given once
         self._sharded = False  # any managed matrix is an FSDP2 DTensor
-        self._validate_group(defaults, where="argument")
         super().__init__(params, defaults)
 
     # ------------------------------------------------------------------ construction and validation
@@ -343,12 +313,14 @@ class MoFaSGD(torch.optim.Optimizer):
             self.intake.hook_adamw_side()
 
     def _check_adamw_side_layout(self, p: torch.Tensor, group: dict[str, Any]) -> None:
-        """Refuse the factored AdamW side on FSDP2 shards (its row and column means would span ranks)."""
-        if not group["mofasgd"] and group["adamw_state"] != "full" and p.dim() == 2 and sharding.is_dtensor(p):
-            raise ValueError(
-                f"adamw_state={group['adamw_state']!r} is not supported for FSDP2-sharded parameters "
-                f"({self._describe(p)}): its row and column means would span ranks. Use adamw_state='full'."
-            )
+        """Refuse an AdamW-side state that does not run on FSDP2 shards (mofasgd.options.ENGINE_RULES)."""
+        if not group["mofasgd"] and p.dim() == 2 and sharding.is_dtensor(p):
+            try:
+                validate({"adamw_state": group["adamw_state"], "mofasgd": False}, engine="fsdp2")
+            except OptionError as error:
+                raise OptionError(
+                    f"{self._describe(p)} is FSDP2-sharded: {error}", error.option, error.options, rule=error.rule
+                ) from None
 
     def _check_sharded(self, p: torch.Tensor, group: dict[str, Any]) -> None:
         """Refuse what the row-sharded (FSDP2) step does not support, naming the matrix and the fix."""
@@ -359,67 +331,28 @@ class MoFaSGD(torch.optim.Optimizer):
                 "`q_proj,k_proj,v_proj,o_proj`), or train without FSDP."
             )
         sharding.check_row_sharded(p, self._describe(p))
-        reason = (
-            "fused=False (the sharded step consumes projections, not whole gradients; set eta2=0, fused=True)"
-            if not self.fused
-            else "data_parallel=True (FSDP2 already averages gradients over ranks; leave data_parallel=False)"
-            if self.data_parallel
-            else "init='gradient' (ranks would draw different subspaces; use init='weight' or 'weight_randomized')"
-            if group["init"] == "gradient"
-            else "min_gradient_support > 0 (not implemented on row shards; set it to 0)"
-            if group["min_gradient_support"] > 0
-            else None
-        )
-        if reason:
-            raise ValueError(f"{self._describe(p)} is FSDP2-sharded; MoFaSGD cannot step it with {reason}.")
-        if self.capturable:
-            raise ValueError(
-                f"{self._describe(p)} is an FSDP2 shard: the capturable step does not support row-sharded matrices "
-                "yet (their panel fallback gathers rows on the host's decision); use capturable=False with FSDP2"
+        options = {key: value for key, value in group.items() if key in OPTION or key == "mofasgd"}
+        try:
+            validate(
+                {**options, "fused": self.fused, "data_parallel": self.data_parallel, "capturable": self.capturable},
+                engine="fsdp2",
             )
+        except OptionError as error:
+            raise OptionError(
+                f"{self._describe(p)} is FSDP2-sharded; MoFaSGD cannot step it: {error}",
+                error.option,
+                error.options,
+                rule=error.rule,
+            ) from None
         self._sharded = True
 
     def _validate_group(self, group: dict[str, Any], where: str) -> None:
-        _check_range(f"lr ({where})", group["lr"], 0.0)
-        if not isinstance(group["rank"], int) or isinstance(group["rank"], bool) or group["rank"] <= 0:
-            raise ValueError(f"Invalid rank ({where}): {group['rank']!r}; expected a positive integer")
-        _check_range(f"beta ({where})", group["beta"], 0.0, 1.0, high_open=True)
-        _check_range(f"eta1 ({where})", group["eta1"], 0.0)
-        _check_range(f"eta2 ({where})", group["eta2"], 0.0)
-        _check_range(f"eps ({where})", group["eps"], 0.0)
-        _check_range(f"max_value ({where})", group["max_value"], 0.0)
-        _check_range(f"weight_decay ({where})", group["weight_decay"], 0.0)
-        _check_range(f"min_gradient_support ({where})", group["min_gradient_support"], 0.0)
-        _check_range(f"adam_eps ({where})", group["adam_eps"], 0.0)
-        for i, b in enumerate(group["adam_betas"]):
-            _check_range(f"adam_betas[{i}] ({where})", b, 0.0, 1.0, high_open=True)
-        for key in ("use_ones_for_nonzero_s", "use_current_projection", "nesterov", "mofasgd"):
-            _check_flag(f"{key} ({where})", group[key])
-        _check_flag(f"stochastic_rounding ({where})", group["stochastic_rounding"], allow_none=True)
-        steps = group["beta_warmup_steps"]
-        if not isinstance(steps, int) or isinstance(steps, bool) or steps < 0:
-            raise ValueError(f"Invalid beta_warmup_steps ({where}): {steps!r}; expected an integer >= 0")
-        if steps > 0:
-            for key in ("beta_start", "beta_end"):
-                if group[key] is None:
-                    raise ValueError(f"beta_warmup_steps > 0 needs {key} ({where}); set beta_start and beta_end")
-                _check_range(f"{key} ({where})", group[key], 0.0, 1.0, high_open=True)
-        if group["adamw_state"] not in ADAMW_STATES:
-            raise ValueError(
-                f"Invalid adamw_state ({where}): {group['adamw_state']!r}; expected one of {ADAMW_STATES}"
-            )
-        if group["init"] not in _INITS:
-            raise ValueError(f"Invalid init ({where}): {group['init']!r}; expected one of {_INITS}")
-        if self.capturable and group["adamw_state"] != "full":
-            raise ValueError(
-                f"adamw_state={group['adamw_state']!r} ({where}) reads a mean on the host at every step, which "
-                "capturable=True does not allow; use adamw_state='full' or capturable=False"
-            )
-        if self.fused and group["mofasgd"] and group["eta2"] > 0:
-            raise ValueError(
-                f"eta2={group['eta2']} ({where}) needs the whole gradient, which fused=True frees during "
-                "backward; use fused=False or eta2=0"
-            )
+        """The option rules (mofasgd.options) on a param group's values, with this optimizer's own options."""
+        options = {key: value for key, value in group.items() if key in OPTION or key == "mofasgd"}
+        validate(
+            {**options, "fused": self.fused, "data_parallel": self.data_parallel, "capturable": self.capturable},
+            where=where,
+        )
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
@@ -570,10 +503,7 @@ class MoFaSGD(torch.optim.Optimizer):
                 "saved it, or start MoFaSGD without resuming the optimizer state."
             )
 
-        def layout(groups: list[dict[str, Any]]) -> list[tuple[bool, int]]:
-            return [(bool(g["mofasgd"]), len(g["params"])) for g in groups]
-
-        if layout(saved_groups) != layout(self.param_groups):
+        if routing_layout(saved_groups) != routing_layout(self.param_groups):
 
             def describe(groups: list[dict[str, Any]]) -> str:
                 managed = sum(len(g["params"]) for g in groups if g["mofasgd"])

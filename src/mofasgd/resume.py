@@ -1,6 +1,7 @@
-"""What a resume needs beyond ``MoFaSGD.load_state_dict``: the scheduler's base lrs, MoFaSGD's sharded FSDP2 state.
+"""What a resume checks and needs beyond loading: the routing layout, the scheduler's base lrs, sharded FSDP2 state.
 
-Both trainers' paths (LLaMA-Factory's and :mod:`mofasgd.integrations.transformers`) call these.
+``MoFaSGD.load_state_dict`` and both trainers' paths (LLaMA-Factory's and
+:mod:`mofasgd.integrations.transformers`) call these.
 """
 
 from __future__ import annotations
@@ -8,6 +9,15 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+
+
+def routing_layout(groups: list[dict[str, Any]]) -> list[tuple[bool, int]]:
+    """(MoFaSGD matrices?, number of tensors) per param group: what a checkpoint must share with the optimizer.
+
+    Two MoFaSGD states with other layouts route other tensors to MoFaSGD (another target, other trainable
+    parameters, another model), so the saved factors and moments would land on the wrong tensors.
+    """
+    return [(bool(g.get("mofasgd")), len(g.get("params", []))) for g in groups]
 
 
 def scheduler_follows_running_lrs(optimizer: torch.optim.Optimizer, scheduler: Any) -> None:

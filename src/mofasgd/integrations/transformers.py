@@ -38,7 +38,7 @@ from typing import Any
 import torch
 import transformers
 
-from mofasgd import DEFAULTS, MoFaSGD, check_options
+from mofasgd import DEFAULTS, MoFaSGD, validate
 from mofasgd.build import build_for_model, hook_path_reason, rank_above_size_message
 from mofasgd.resume import load_fsdp2_sharded_state, scheduler_follows_running_lrs
 
@@ -126,9 +126,9 @@ def _check_option_names(options: dict[str, Any]) -> None:
 
 
 def _check_values(settings: dict[str, Any]) -> None:
-    """MoFaSGD's own checks of every value, before training starts (on a throwaway matrix)."""
-    check_options(lr=settings["lr"], **settings["options"])
-    check_options(lr=settings["adamw_lr"])
+    """MoFaSGD's own checks of every value, before training starts (mofasgd.options)."""
+    validate({"lr": settings["lr"], **settings["options"]})
+    validate({"lr": settings["adamw_lr"]})
 
 
 def _fsdp_version(trainer: transformers.Trainer) -> int | None:
@@ -165,11 +165,8 @@ def _check_engine(trainer: transformers.Trainer, options: dict[str, Any]) -> Non
             "`fp16=True` scales the loss, and fused MoFaSGD consumes gradients before the scaler can unscale them. "
             "Use `bf16=True`, or pass `fused=False` to enable_mofasgd."
         )
-    if version == 2 and options.get("init", DEFAULTS["init"]) == "gradient":
-        raise ValueError(
-            "`init='gradient'` does not run under FSDP2 (each rank holds rows of the first gradient, not the whole of "
-            "it); use `init='weight'` or `'weight_randomized'`, or train on DDP, where it works."
-        )
+    if version == 2:  # the optimizer would refuse these at its first sharded matrix; say so before training
+        validate(options, engine="fsdp2")
 
 
 class _Factory:

@@ -2,7 +2,7 @@
 
     mfsgd-inspect-state saves/RUN/checkpoint-600                 # one checkpoint: a table per MoFaSGD matrix
     mfsgd-inspect-state saves/RUN --plot spectrum.png             # every checkpoint-* of a run: S over the steps
-    python -m llamafactory_mfsgd.optimizer_state CKPT/optimizer.pt --json state.json
+    python -m mofasgd.inspect_state CKPT/optimizer.pt --json state.json
 
 Reads ``optimizer.pt`` with ``torch.load(weights_only=True)`` (MoFaSGD's state is tensors only), or an FSDP2
 checkpoint's sharded ``optimizer_0/`` (torch.distributed.checkpoint, in this one process: only S, the step and the
