@@ -70,3 +70,19 @@ def test_pure_bf16_projected_run_tracks_the_hook_run(tiny_model_bf16, tmp_path):
         assert step_p.norm() > 0 and (step_p - step_h).norm() < 0.2 * step_h.norm(), key
     logs_p, logs_h = log_history(projected_out), log_history(hook_out)
     assert [e["loss"] for e in logs_p] == pytest.approx([e["loss"] for e in logs_h], rel=2e-2)
+
+
+def test_capturable_run_equals_the_eager_run(fp32_runs, tiny_model, tmp_path):
+    """`mfsgd_capturable: true` reaches the optimizer (the start-up settings say so) and trains the same model."""
+    (projected_out, _), _ = fp32_runs
+    captured_out, log = run(tiny_model, tmp_path, "capturable", mfsgd_capturable=True)
+    assert "capturable=True" in log
+    start, eager, captured = weights(tiny_model), weights(projected_out), weights(captured_out)
+    for key, value in eager.items():
+        torch.testing.assert_close(captured[key], value, atol=1e-4, rtol=1e-4, msg=key)
+    matrices = [k for k, v in start.items() if v.dim() == 2 and "embed" not in k and "lm_head" not in k]
+    for key in matrices:
+        moved, expected = (captured[key] - start[key]).norm(), (eager[key] - start[key]).norm()
+        assert moved > 0.9 * expected > 0, key
+    logs_c, logs_e = log_history(captured_out), log_history(projected_out)
+    assert [e["loss"] for e in logs_c] == pytest.approx([e["loss"] for e in logs_e], rel=1e-4)

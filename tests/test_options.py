@@ -80,6 +80,7 @@ def test_each_engine_rule_raises_under_its_engine_only(rule):
         "init": {"init": "gradient"},
         "min_gradient_support": {"min_gradient_support": 0.01},
         "adamw_state": {"adamw_state": "factored"},
+        "capturable": {"capturable": True},
     }[rule.option]
     validate(refused if rule.option != "data_parallel" else {})  # one process runs it
     with pytest.raises(OptionError, match="does not run under FSDP2") as error:

@@ -61,6 +61,7 @@ class MfsgdArguments:
     mfsgd_fused: bool = _option("fused")
     mfsgd_fused_adamw_side: bool = _option("fused_adamw_side")
     mfsgd_projected_backward: bool = _option("projected_backward")
+    mfsgd_capturable: bool = _option("capturable")
     mfsgd_target: str = field(
         default="all",
         metadata={

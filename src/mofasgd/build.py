@@ -149,6 +149,8 @@ def effective_settings(optimizer: MoFaSGD, target: str | list[str]) -> str:
         parts.append(f"beta warm-up {warmup}")
     parts += [f"fused={optimizer.fused}", f"fused_adamw_side={optimizer.fused_adamw_side}"]
     parts.append(f"projected_backward={optimizer.projected_backward}")
+    if optimizer.capturable:
+        parts.append("capturable=True")
     target = target if isinstance(target, str) else ",".join(target)
     parts += [f"data_parallel={optimizer.data_parallel}", f"target={target}"]
     if adamw:
