@@ -3,7 +3,7 @@ SHELL := /bin/bash
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: install test test-fast lint format demo bench bench-methods bench-fidelity bench-quality bench-sft-quality bench-sft-quality-10m bench-accounting bench-ddp bench-bf16 bench-init gpu-check nanogpt-cpu nanogpt-compare nanogpt-seeds clean
+.PHONY: install test test-fast lint format demo bench bench-methods bench-fidelity bench-quality bench-sft-quality bench-sft-quality-10m bench-accounting bench-ddp bench-bf16 bench-init gpu-check gpu-check-8b nanogpt-cpu nanogpt-compare nanogpt-seeds clean
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -63,6 +63,10 @@ bench-init: $(PY)
 
 gpu-check: $(PY)
 	$(PY) -m scripts.gpu_check --results-dir results
+
+# LLaMA-3.1-8B's decoder, random weights, 8 k tokens a step (one >= 80 GB GPU; builds a 15 GB model first)
+gpu-check-8b: $(PY)
+	$(PY) -m scripts.gpu_check --size 8b --steps 8 --results-dir results
 
 bench-ddp: $(PY)
 	$(PY) -m benchmarks.ddp_communication | tee results/ddp_communication.md

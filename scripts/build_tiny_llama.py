@@ -117,6 +117,7 @@ def build_model(
     arch: str = "llama",
     experts: int = 4,
     experts_per_token: int = 2,
+    max_positions: int = 2048,
 ):
     """A randomly initialised causal LM sized to the tokenizer (Llama-3.1-like: GQA, untied head).
 
@@ -147,7 +148,7 @@ def build_model(
         num_hidden_layers=layers,
         num_attention_heads=heads,
         num_key_value_heads=kv_heads,
-        max_position_embeddings=2048,
+        max_position_embeddings=max_positions,
         rope_theta=500000.0,
         tie_word_embeddings=False,
         bos_token_id=tokenizer.bos_token_id,
@@ -172,6 +173,7 @@ def build(
     arch: str = "llama",
     experts: int = 4,
     experts_per_token: int = 2,
+    max_positions: int = 2048,
 ) -> None:
     """Build the tokenizer and the model and save both into ``out`` (weights in `dtype`, as hub checkpoints are)."""
     if hidden % heads != 0 or heads % kv_heads != 0:
@@ -179,7 +181,17 @@ def build(
 
     tokenizer = train_tokenizer(iter_corpus(data_files or [DEFAULT_DATA]), vocab)
     model = build_model(
-        tokenizer, hidden, layers, intermediate or 4 * hidden, heads, kv_heads, seed, arch, experts, experts_per_token
+        tokenizer,
+        hidden,
+        layers,
+        intermediate or 4 * hidden,
+        heads,
+        kv_heads,
+        seed,
+        arch,
+        experts,
+        experts_per_token,
+        max_positions,
     )
     import torch
 
@@ -224,6 +236,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--arch", choices=ARCHITECTURES, default="llama", help="LLaMA, or an MoE (fused experts)")
     parser.add_argument("--experts", type=int, default=4, help="MoE: experts per layer")
     parser.add_argument("--experts-per-token", type=int, default=2, help="MoE: experts each token is routed to")
+    parser.add_argument("--max-positions", type=int, default=2048, help="longest sequence the model takes")
     args = parser.parse_args(argv)
 
     build(
@@ -240,6 +253,7 @@ def main(argv: list[str] | None = None) -> None:
         arch=args.arch,
         experts=args.experts,
         experts_per_token=args.experts_per_token,
+        max_positions=args.max_positions,
     )
     print(f"saved tiny {args.arch} to {args.out}")
 

@@ -84,3 +84,47 @@ def test_a_failed_method_gets_its_row_and_the_others_still_run(tmp_path, monkeyp
     text = (tmp_path / "out" / "gpu_check.md").read_text()
     assert "| lora | failed: ValueError: bad / thing |" in text
     assert "| adamw | n/a |" in text
+
+
+def test_the_8b_check_is_llama_3_1_8b_shaped_at_8k_tokens_a_step(tmp_path):
+    """`make gpu-check-8b`: LLaMA-3.1-8B's decoder matrices, 8192 packed tokens a step, and AdamW's pure-bf16 state
+    small enough for one 80 GB GPU (counted on the meta device: nothing is allocated)."""
+    import transformers
+
+    from benchmarks.llama_layer import LLAMA_8B, layer_matrix_shapes
+
+    model = gpu_check.SIZES["8b"]
+    config = gpu_check.run_config("mofasgd", tmp_path / "model", tmp_path, steps=8, rank=8, model=model)
+    assert config["cutoff_len"] == 8192 and config["packing"] is True and config["pure_bf16"] is True
+    flags = dict(zip(model.build_flags()[::2], model.build_flags()[1::2]))
+    assert flags["--max-positions"] == "8192" and flags["--dtype"] == "bfloat16"
+    llama = transformers.LlamaConfig(
+        vocab_size=int(flags["--vocab"]),
+        hidden_size=int(flags["--hidden"]),
+        intermediate_size=int(flags["--intermediate"]),
+        num_hidden_layers=int(flags["--layers"]),
+        num_attention_heads=int(flags["--heads"]),
+        num_key_value_heads=int(flags["--kv-heads"]),
+        tie_word_embeddings=False,
+    )
+    with torch.device("meta"):
+        built = transformers.LlamaForCausalLM(llama)
+    layer = {
+        name.split(".")[-2]: tuple(p.shape) for name, p in built.model.layers[0].named_parameters() if p.dim() == 2
+    }
+    assert sorted(layer.values()) == sorted(layer_matrix_shapes(**LLAMA_8B))
+    assert len(built.model.layers) == 32
+    params = sum(p.numel() for p in built.parameters())
+    assert 7.0e9 < params < 7.5e9
+    assert 8 * params < 60e9  # bf16 weights + gradients + two AdamW moments
+
+
+def test_the_1b_report_keeps_its_name_and_the_8b_one_gets_its_own(tmp_path, monkeypatch):
+    monkeypatch.setattr(gpu_check, "machine_description", lambda: {"device": "GPU", "torch": "x"})
+    row = gpu_check.summarize("adamw", 0, {"steps": [_step(1, 5.0, 1.0), _step(2, 1.0, 0.2)]}, None)
+    for size, name in (("1b", "gpu_check.md"), ("8b", "gpu_check_8b.md")):
+        gpu_check.write_report([row], 2, tmp_path, None, gpu_check.SIZES[size])
+        text = (tmp_path / name).read_text()
+        assert gpu_check.SIZES[size].name in text
+    assert "8192 tokens (packed)" in (tmp_path / "gpu_check_8b.md").read_text()
+    assert "up to 1024 tokens" in (tmp_path / "gpu_check.md").read_text()
