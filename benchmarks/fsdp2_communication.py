@@ -186,7 +186,11 @@ def _issuer(frame) -> tuple[str, tuple[int, int] | None]:
     while frame is not None:
         module = frame.f_globals.get("__name__", "")
         name = frame.f_code.co_name
-        if module.startswith("mofasgd") and module not in ("mofasgd.sharding", "mofasgd.data_parallel"):
+        if module.startswith("mofasgd") and module not in (
+            "mofasgd.sharding",
+            "mofasgd.data_parallel",
+            "mofasgd.distribution",
+        ):
             if site == "outside mofasgd" and name not in _TRANSPARENT:
                 site = _SITE_ALIASES.get(name, name)
             if name == "_bucket_step":

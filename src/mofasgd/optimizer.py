@@ -10,9 +10,8 @@ from typing import Any, NamedTuple
 import torch
 from torch.optim.adamw import adamw
 
-from mofasgd import data_parallel as dp
+from mofasgd import distribution, projected_linear, sharding
 from mofasgd import factor_math as fm
-from mofasgd import projected_linear, sharding
 from mofasgd.adamw_side import AdamSettings, adamw_update_fp32_, factored_adam_update_
 from mofasgd.bucket_step import (
     BucketInputs,
@@ -268,6 +267,7 @@ class MoFaSGD(torch.optim.Optimizer):
         self._finite_norm = False  # clip_grad_norm_ read a finite norm of what the next step consumes
         self._warned_vanishing = False  # the vanishing-gradient warning of pop_diagnostics is given once
         self._sharded = False  # any managed matrix is an FSDP2 DTensor
+        self._resolved: distribution.Distribution | None = None  # how the ranks meet: see _distribution()
         super().__init__(params, defaults)
 
     # ------------------------------------------------------------------ construction and validation
@@ -359,6 +359,7 @@ class MoFaSGD(torch.optim.Optimizer):
         self.__dict__.setdefault("fused_adamw_side", False)
         self.__dict__.setdefault("projected_backward", True)
         self.__dict__.setdefault("capturable", False)
+        self.__dict__.setdefault("_resolved", None)
         self.__dict__.setdefault("attachment", None)
         self.__dict__.setdefault("accumulating", False)
         self.__dict__.setdefault("accumulation_boundary", None)
@@ -631,7 +632,7 @@ class MoFaSGD(torch.optim.Optimizer):
                 )
             # data_parallel: the first gradient is this rank's (left out of DDP); the factors are those of the
             # ranks' mean gradient, from averaged thin sketches (hooks run in the same order on every rank)
-            average = dp.average_in_place if self.data_parallel and dp.world_size() > 1 else None
+            average = self._distribution().average_sketches
             U, _, V = fm.randomized_top_singular_triplets(source.detach(), rank, dtype, seed=seed, average=average)
             S = torch.zeros(*p.shape[:-2], rank, dtype=dtype, device=p.device)
         del weight
@@ -649,6 +650,7 @@ class MoFaSGD(torch.optim.Optimizer):
         if all(p in self._group_index for g in self.param_groups for p in g["params"]):
             return
         self.intake.remove_hooks()  # the replaced parameters' hooks (their ids may be reused by the new ones)
+        self._resolved = None  # sharded parameters may have come in
         self._group_index = {p: i for i, g in enumerate(self.param_groups) for p in g["params"]}
         for group in self.param_groups:
             for p in group["params"]:
@@ -679,8 +681,8 @@ class MoFaSGD(torch.optim.Optimizer):
         the global norm here, so the gradient is scaled by the coefficient of the last clip_grad_norm_ call
         (the previous step's global norm); the managed matrices, stepped later, use this step's.
         """
-        if self.data_parallel:  # left out of DDP's all-reduce: average it here, in the same order on every rank
-            dp.average_tensor_(p.grad)
+        # left out of DDP's all-reduce: averaged here, in the same order on every rank
+        self._distribution().average_gradient_(p.grad)
         self._side_norm_sq.append((_squared_norm(sharding.local(p.grad)).double(), sharding.is_dtensor(p)))
         if self._side_clip_coef < 1.0:
             p.grad.mul_(self._side_clip_coef)
@@ -712,23 +714,17 @@ class MoFaSGD(torch.optim.Optimizer):
         self._absorb_unhooked_gradients()
         if self.intake.synced:
             return
-        if self._sharded:
-            self.intake.synchronize(sharded=True, group=self._process_group())
-        elif self.data_parallel and dp.world_size() > 1:
-            self.intake.synchronize(sharded=False)
+        self._distribution().synchronize(self.intake)
 
-    def _process_group(self):
-        """The process group the FSDP2-sharded matrices are sharded over (one mesh per model)."""
-        managed = [(gi, p) for gi, g in enumerate(self.param_groups) if g["mofasgd"] for p in g["params"]]
-        plain = [p for _, p in managed if not sharding.is_dtensor(p)]
-        groups = {sharding.process_group(p) for _, p in managed if sharding.is_dtensor(p)}
-        if plain or len(groups) != 1:
-            where = f"{self._describe(plain[0])} is not sharded" if plain else "they span several meshes"
-            raise ValueError(
-                f"MoFaSGD's FSDP2 step needs every managed matrix sharded on one device mesh, but {where}: "
-                "apply fully_shard to every module holding a managed matrix (and the root)."
-            )
-        return groups.pop()
+    def _distribution(self) -> distribution.Distribution:
+        """How this optimizer's ranks meet (one process, DDP replicas, FSDP2 row shards), resolved once.
+
+        Resolved at first use and again after parameters were swapped in (accelerate's FSDP2 preparation).
+        """
+        if self._resolved is None:
+            managed = [p for g in self.param_groups if g["mofasgd"] for p in g["params"]]
+            self._resolved = distribution.resolve(managed, self.data_parallel, self._describe)
+        return self._resolved
 
     def _dense_projections(self, p: torch.Tensor, group: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor] | None:
         """fused=False: (G V, G^T U) of the .grad the next step consumes, or None when p has no gradient."""
@@ -791,10 +787,10 @@ class MoFaSGD(torch.optim.Optimizer):
         total = torch.zeros((), dtype=torch.float64, device=first)
         for part in totals.values():
             total = total + part.to(first)
-        if self._sharded:
+        if self._distribution().sharded:
             zero = torch.zeros(1, dtype=torch.float64, device=first)
             flat = torch.cat([sum((t.to(first) for t in shares), zero).reshape(1), *(b.to(first) for b in blocks)])
-            sharding.sum_over(self._process_group(), flat)
+            self._distribution().sum_shares(flat)
             total = total + (flat[0] - flat[1:].square().sum()).clamp_min(0)
         return total.sqrt()
 
@@ -934,8 +930,7 @@ class MoFaSGD(torch.optim.Optimizer):
             tensors.append(None)
             sums.append(torch.full((1,), torch.nan if self._side_nonfinite else 0.0, device=device))
         bad = (~torch.isfinite(torch.cat([t.to(device, torch.float32) for t in sums]))).to(torch.float32)
-        if self._sharded:  # a shard's non-finite rows skip the step on every rank
-            sharding.sum_over(self._process_group(), bad)
+        self._distribution().sum_shares(bad)  # a shard's non-finite rows skip the step on every rank
         if not float(bad.sum()):
             return False
         flags = bad.tolist()
@@ -997,7 +992,7 @@ class MoFaSGD(torch.optim.Optimizer):
             experts = experts_of(params[0])  # a bucket holds matrices, or stacks of as many experts each
             U = _stacked([sharding.local(st["U"]) for st in states], experts)
             S, V = (_stacked([st[key] for st in states], experts) for key in ("S", "V"))
-            rows = sharding.RowGroup(params[0]) if sharding.is_dtensor(params[0]) else None
+            rows = self._distribution().rows(params[0])
             matrices, entry_states = params, states
             if experts is not None:  # every expert is an entry, updated in place through its slice of the stack
                 matrices = [matrix for p in params for matrix in p.unbind(0)]
@@ -1373,8 +1368,7 @@ class MoFaSGD(torch.optim.Optimizer):
         s = torch.cat(diag["S"])
         # shares of the sharded (FSDP2) rows: summed over ranks; the other terms are the same on every rank
         shares = torch.stack([torch.stack(diag[key]).sum() for key in ("weight_sq", "applied", "along")])
-        if self._sharded:
-            sharding.sum_over(self._process_group(), shares)
+        self._distribution().sum_shares(shares)
         weight_sq, applied, along = shares
         intended = torch.stack(diag["intended"]).sum() + along
         stats = [
