@@ -219,3 +219,15 @@ def test_linear_layer_bench_counts_half_the_backward_flops_on_the_projected_path
     assert flops["mofasgd_hook"][0] == flops["mofasgd_projected"][0] == flops["adamw"][0]
     assert flops["mofasgd_hook"][1] >= flops["adamw"][1]  # dX + dW (+ the hook's projections)
     assert 0.45 < flops["mofasgd_projected"][1] / flops["adamw"][1] < 0.6
+
+
+def test_capture_check_runs_the_capturable_step_beside_the_eager_one(capsys):
+    """Without CUDA the script runs the eager and capturable steps and says that the graph needs a GPU."""
+    from benchmarks import capture_check
+
+    capture_check.main(["--scale", "64", "--steps", "3", "--device", "cpu"])
+    out = capsys.readouterr().out
+    gap = float(out.split("capturable vs eager weights: max |diff| ")[1].split()[0])
+    assert gap < 1e-6
+    assert "capturable: clip + step" in out and "host syncs in one clip + step: 0" in out
+    assert "graph: capture needs CUDA; not run" in out

@@ -208,7 +208,8 @@ def test_the_capturable_step_keeps_its_tensors_at_fixed_addresses():
 
     def addresses():
         tensors = [t for p in matrices + side for t in opt.state[p].values() if torch.is_tensor(t)]
-        return [t.data_ptr() for t in tensors + opt.intake.buffers() + list(opt._lrs.values())]
+        counters = [opt._nonfinite, opt._skipped_steps]  # the skip counts, added to in place
+        return [t.data_ptr() for t in tensors + opt.intake.buffers() + list(opt._lrs.values()) + counters]
 
     seen = []
     for step in range(5):
@@ -217,5 +218,8 @@ def test_the_capturable_step_keeps_its_tensors_at_fixed_addresses():
         opt.step()
         opt.zero_grad()
         seen.append(addresses())
+        if step == 3:
+            opt.request_diagnostics()
+            opt.pop_diagnostics()  # a logging step reads and resets the counters, in place
     assert seen[2] == seen[3] == seen[4]
-    assert len(seen[4]) >= 4 * len(matrices) + 3 * len(side) + 1
+    assert len(seen[4]) >= 4 * len(matrices) + 3 * len(side) + 3

@@ -897,8 +897,9 @@ class MoFaSGD(torch.optim.Optimizer):
                     finite.append(self._bucket_step(group, bucket, allowed, outcomes[index]))
             self.intake.consumed(gi)
         self._count_nonfinite([flags | ~allowed for flags in finite])  # a whole-step skip is counted apart
-        skipped = (~allowed).to(torch.float32)
-        self._skipped_steps = skipped if self._skipped_steps is None else self._skipped_steps + skipped
+        if self._skipped_steps is None:  # one counter, added to in place (a replayed graph writes the same memory)
+            self._skipped_steps = torch.zeros((), dtype=torch.float32, device=device)
+        self._skipped_steps.add_((~allowed).to(torch.float32))
         self._side_norm_sq, self._side_nonfinite = [], []
 
     def _skip_nonfinite_step(self) -> bool:
@@ -1184,7 +1185,14 @@ class MoFaSGD(torch.optim.Optimizer):
         device = finite[0].device
         flags = torch.cat([f.to(device) for f in finite]) if len(finite) > 1 else finite[0]
         skipped = flags.numel() - flags.sum()
-        self._nonfinite = skipped if self._nonfinite is None else self._nonfinite + skipped.to(self._nonfinite.device)
+        if self.capturable:  # one counter, added to in place (a replayed graph writes the same memory)
+            if self._nonfinite is None:
+                self._nonfinite = torch.zeros((), dtype=skipped.dtype, device=device)
+            self._nonfinite.add_(skipped)
+        else:
+            self._nonfinite = (
+                skipped if self._nonfinite is None else self._nonfinite + skipped.to(self._nonfinite.device)
+            )
         self._nonfinite_total += flags.numel()
         if device.type == "cpu" and not self.capturable:
             self._report_nonfinite()
@@ -1192,7 +1200,8 @@ class MoFaSGD(torch.optim.Optimizer):
     def _report_nonfinite(self, skipped: float | None = None) -> None:
         """Log how many matrix updates (and, capturable, whole steps) were skipped for non-finite gradients."""
         if self._skipped_steps is not None:
-            steps, self._skipped_steps = int(self._skipped_steps), None
+            steps = int(self._skipped_steps)
+            self._skipped_steps.zero_()
             if steps:
                 logger.warning(
                     "MoFaSGD skipped %d optimizer %s since the last report: a gradient was not finite. No weight, "
@@ -1212,7 +1221,11 @@ class MoFaSGD(torch.optim.Optimizer):
                 count,
                 self._nonfinite_total,
             )
-        self._nonfinite, self._nonfinite_total = None, 0
+        if self.capturable:  # the counter stays where it is
+            self._nonfinite.zero_()
+            self._nonfinite_total = 0
+        else:
+            self._nonfinite, self._nonfinite_total = None, 0
 
     def _adamw_step(
         self, group: dict[str, Any], only: list[torch.Tensor] | None = None, allowed: torch.Tensor | None = None
