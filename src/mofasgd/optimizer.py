@@ -886,7 +886,7 @@ class MoFaSGD(torch.optim.Optimizer):
         # every bucket's math first, so that all their cores go through one batched sync-free SVD per core shape
         work = [(gi, b) for gi, g in enumerate(self.param_groups) if g["mofasgd"] for b in self._buckets(gi)]
         inputs = [self._bucket_inputs(self.param_groups[gi], bucket, allowed) for gi, bucket in work]
-        outcomes = dict(zip(range(len(work)), bucket_directions(inputs)))
+        outcomes = bucket_directions(inputs)
         finite = []
         for gi, group in enumerate(self.param_groups):  # then the updates, in group order (the rounding bits' order)
             if not group["mofasgd"]:
@@ -1119,10 +1119,11 @@ class MoFaSGD(torch.optim.Optimizer):
         (capturable) the counters live on the factors' device and advance only where the step was allowed.
         """
         states = list({id(state): state for state in bucket.states}.values())
-        if allowed is not None and all(_shares_storage(t, states[0][k]) for t, k in zip(bucket[2:5], "USV")):
+        stacked = (bucket.U, bucket.S, bucket.V)
+        if allowed is not None and all(_shares_storage(t, states[0][k]) for t, k in zip(stacked, "USV")):
             # capturable: the stacks are views of the factors themselves, kept at fixed addresses (a replayed
             # graph reads and writes the same memory every step)
-            for stack, fresh in zip(bucket[2:5], new):
+            for stack, fresh in zip(stacked, new):
                 stack.copy_(fresh)
             MoFaSGD._count_step(states, allowed)
             return
