@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import resource
 import sys
 from collections.abc import Callable, Iterable
@@ -16,9 +17,22 @@ def transient_peak_bytes(fn: Callable[[], object], device: torch.device | str = 
 
     On CPU this replays the profiler's allocation events ([memory] records) in time order; on CUDA it reads
     torch.cuda.max_memory_allocated around the call. Blocks freed by `fn` that existed before it count as
-    negative, as they really do give memory back.
+    negative, as they really do give memory back. Python's cyclic garbage is collected before the call and the
+    collector is off during it: otherwise an automatic collection inside `fn` frees tensors of earlier code
+    (another test's, on a long pytest run) and lowers the peak by their size.
     """
     device = torch.device(device)
+    gc.collect()
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        return _peak_of(fn, device)
+    finally:
+        if was_enabled:
+            gc.enable()
+
+
+def _peak_of(fn: Callable[[], object], device: torch.device) -> int:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         start = torch.cuda.memory_allocated(device)
