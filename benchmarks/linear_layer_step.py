@@ -6,13 +6,15 @@ Methods, each on its own copy of the same weights and the same batch:
 - ``lora``: peft LoRA r8 on the seven projections (frozen base, AdamW on A and B), LLaMA-Factory's LoRA;
 - ``mofasgd_hook``: MoFaSGD with every matrix on the post-accumulate-grad hook (``projected_backward=False``);
 - ``mofasgd_projected``: MoFaSGD through the projected Linear backward (``opt.attach(model)``): no dW.
+- ``mofasgd_compiled``: the projected MoFaSGD with ``rounding_kernel="compiled"`` (bf16: the fused update,
+  compiled before the timed steps; fp32 weights never round, so there it equals ``mofasgd_projected``).
 
 The layer is q, k, v, o (grouped-query widths), gate, up, down with a SiLU MLP; attention itself is replaced by an
 elementwise mix of q with k + v (its FLOPs are not what is compared). Times are medians over repeats, methods taken
 in turns within each repeat so that drift on a shared machine hits them alike.
 
     python -m benchmarks.linear_layer_step [--tokens 512] [--scale 1] [--rank 8] [--repeats 3]
-        [--dtype float32|bfloat16] [--methods adamw,lora,mofasgd_hook,mofasgd_projected] [--json FILE]
+        [--dtype float32|bfloat16] [--methods adamw,lora,mofasgd_hook,mofasgd_projected,mofasgd_compiled] [--json FILE]
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from torch import nn
 from mofasgd import MoFaSGD
 
 HIDDEN, KV, FFN = 4096, 1024, 14336
-METHODS = ("adamw", "lora", "mofasgd_hook", "mofasgd_projected")
+METHODS = ("adamw", "lora", "mofasgd_hook", "mofasgd_projected", "mofasgd_compiled")
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
@@ -68,7 +70,8 @@ def build(method: str, state: dict[str, torch.Tensor], dims: tuple[int, int, int
         lr=1e-5,
         rank=rank,
         init="weight_randomized",
-        projected_backward=method == "mofasgd_projected",
+        projected_backward=method != "mofasgd_hook",
+        rounding_kernel="compiled" if method == "mofasgd_compiled" else "eager",
     )
     optimizer.attach(model)
     return model, optimizer

@@ -99,11 +99,15 @@ def panel_qr(request, monkeypatch):
     return request.param
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16_stochastic_rounding"])
+@pytest.mark.parametrize(
+    ("dtype", "kernel"),
+    [(torch.float32, "eager"), (torch.bfloat16, "eager"), (torch.bfloat16, "compiled")],
+    ids=["fp32", "bf16_stochastic_rounding", "bf16_compiled_rounding"],
+)
 @pytest.mark.parametrize("options", list(OPTIONS.values()), ids=list(OPTIONS))
-def test_clip_and_step_read_nothing_on_the_host(options, dtype, panel_qr):
+def test_clip_and_step_read_nothing_on_the_host(options, dtype, kernel, panel_qr):
     matrices, side = _model(dtype)
-    opt = _optimizer(matrices, side, True, **options)
+    opt = _optimizer(matrices, side, True, **options, rounding_kernel=kernel)
     for step in range(4):
         _backward(matrices, side, step, nan=step == 3)  # the last step is skipped: on the device too
         counted = step >= 2  # after warm-up: the first step initialises the factors (one SVD of each weight)

@@ -161,6 +161,19 @@ def test_stochastic_rounding_on_fp32_weights_warns_that_it_has_no_effect(base, l
     assert "fp32" in warning and "no effect" in warning and "pure_bf16: true" in warning
 
 
+def test_a_rounding_kernel_on_a_run_that_rounds_nothing_warns_and_the_key_reaches_the_optimizer(base, lf_log):
+    from llamafactory_mfsgd.arguments import optimizer_options
+
+    get_train_args(base)
+    assert not [w for w in _warnings(lf_log) if "rounding_kernel" in w]
+    *_, finetuning_args, _ = get_train_args({**base, "mfsgd_rounding_kernel": "compiled"})
+    (warning,) = [w for w in _warnings(lf_log) if "mfsgd_rounding_kernel: compiled" in w]
+    assert "no effect" in warning and "pure_bf16: true" in warning
+    assert optimizer_options(finetuning_args)["rounding_kernel"] == "compiled"
+    with pytest.raises(ValueError, match="mfsgd_rounding_kernel"):
+        get_train_args({**base, "mfsgd_rounding_kernel": "triton"})
+
+
 def _tiny_llama():
     torch.manual_seed(0)
     shapes = dict(vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4)

@@ -38,6 +38,7 @@ _MFSGD_SET_BY_TRAINER = (
     "fused_adamw_side",
     "data_parallel",
     "stochastic_rounding",
+    "rounding_kernel",
     "seed",
 )
 _MFSGD_AUTHORS_NANOGPT = {

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any, Literal
 
 from mofasgd import ADAMW_STATES, DEFAULTS, INITS
-from mofasgd.options import OPTION
+from mofasgd.options import OPTION, ROUNDING_KERNELS
 
 from .baselines import BaselineArguments
 
@@ -80,6 +80,7 @@ class MfsgdArguments:
         },
     )
     mfsgd_stochastic_rounding: bool | None = _option("stochastic_rounding")
+    mfsgd_rounding_kernel: Literal[ROUNDING_KERNELS] = _option("rounding_kernel")
 
 
 # `mfsgd_<option>` key -> MoFaSGD constructor option, for every option a key sets.

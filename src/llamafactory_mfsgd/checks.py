@@ -285,6 +285,14 @@ def validate_with_training_args(finetuning_args: Any, training_args: Any) -> Non
             "LLaMA-Factory trains fp32 weights, and MoFaSGD adds their updates in fp32 without rounding. Set "
             "`pure_bf16: true` to train bf16 weights (then rounding is on by default), or remove the key."
         )
+    if finetuning_args.mfsgd_rounding_kernel != "auto" and (
+        not finetuning_args.pure_bf16 or finetuning_args.mfsgd_stochastic_rounding is False
+    ):
+        _warn(
+            f"`mfsgd_rounding_kernel: {finetuning_args.mfsgd_rounding_kernel}` has no effect here: it chooses how "
+            "bf16 weights' stochastically rounded updates run, and this run rounds nothing (it needs `pure_bf16: "
+            "true` with `mfsgd_stochastic_rounding` unset or true). Remove the key, or train bf16 weights."
+        )
     check_checkpoint_engine(training_args.resume_from_checkpoint, bool(training_args.fsdp))
 
 

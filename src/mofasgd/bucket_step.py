@@ -14,6 +14,7 @@ from typing import NamedTuple
 import torch
 
 from mofasgd import factor_math as fm
+from mofasgd.fused_rounding import low_rank_update_
 from mofasgd.rounding import update_in_place_
 
 
@@ -118,13 +119,19 @@ def update_matrix_(
     decay: torch.Tensor | None = None,
     complement: tuple[torch.Tensor, torch.Tensor, torch.Tensor, float | torch.Tensor] | None = None,
     generator: torch.Generator | None = None,
+    compiled: bool = False,
 ) -> None:
     """W <- decay W + alpha left right_t [+ beta2 (I - UU^T) G (I - VV^T)], in place, in W's rows.
 
     `left` (m x k) and `right_t` (k x n) come in the arithmetic's dtype: fp32 when `generator` rounds the result
     stochastically into a bf16 W, else W's own. `complement` = (G, U, V, alpha2) adds eta2's step, formed as
     G - U (G^T U)^T - (G V - U U^T G V) V^T (no m x m or n x n). `decay` is a device scalar (no host read).
+    `compiled` takes the rounded update without a complement through the fused kernel
+    (:func:`mofasgd.fused_rounding.low_rank_update_`: one pass, hashed bits).
     """
+    if compiled and generator is not None and complement is None:
+        low_rank_update_(param, left, right_t, alpha, decay, generator)
+        return
     if complement is not None:
         grad, basis_u, basis_v, alpha2 = complement
         gv, gtu = fm.project_gradient(grad, basis_u, basis_v)  # in the factors' dtype

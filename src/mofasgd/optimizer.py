@@ -21,6 +21,7 @@ from mofasgd.bucket_step import (
     bucket_directions,
     update_matrix_,
 )
+from mofasgd.fused_rounding import KernelChoice
 from mofasgd.intake import PENDING_KEYS, GradientIntake, experts_of
 from mofasgd.memory import optimizer_state_bytes
 from mofasgd.options import DEFAULTS, OPTION, OptionError, validate
@@ -206,6 +207,7 @@ class MoFaSGD(torch.optim.Optimizer):
         projected_backward: bool = DEFAULTS["projected_backward"],
         seed: int = DEFAULTS["seed"],
         capturable: bool = DEFAULTS["capturable"],
+        rounding_kernel: str = DEFAULTS["rounding_kernel"],
     ) -> None:
         defaults = dict(
             lr=lr,
@@ -239,6 +241,7 @@ class MoFaSGD(torch.optim.Optimizer):
                 "projected_backward": projected_backward,
                 "seed": seed,
                 "capturable": capturable,
+                "rounding_kernel": rounding_kernel,
             },
             where="argument",
         )
@@ -258,6 +261,7 @@ class MoFaSGD(torch.optim.Optimizer):
         self.intake = GradientIntake(self)  # pending projections and every gradient hook
         self._group_index: dict[torch.Tensor, int] = {}
         self._rng = GeneratorBank(seed)
+        self.rounding_kernel = KernelChoice(rounding_kernel)  # per device: compiled or eager bf16 updates
         self._diagnostics: dict[str, list[torch.Tensor]] | None = None
         self._nonfinite: torch.Tensor | None = None
         self._nonfinite_total = 0
@@ -367,6 +371,7 @@ class MoFaSGD(torch.optim.Optimizer):
         self.__dict__.setdefault("_side_nonfinite", [])
         self.__dict__.setdefault("_side_clip_coef", 1.0)
         self.__dict__.setdefault("_rng", GeneratorBank(0))
+        self.__dict__.setdefault("rounding_kernel", KernelChoice("auto"))
         self.__dict__.setdefault("_diagnostics", None)
         self.__dict__.setdefault("_nonfinite", None)
         self.__dict__.setdefault("_skipped_steps", None)
@@ -1070,6 +1075,7 @@ class MoFaSGD(torch.optim.Optimizer):
         lr = group["lr"]
         generator = self._rounding_generator(params[0], group)  # a bucket shares one device and dtype
         dtype = torch.float32 if generator is not None else params[0].dtype  # the update's arithmetic
+        compiled = generator is not None and self.rounding_kernel.compiled(params[0].device)
         alpha: float | torch.Tensor = -lr * group["eta1"]
         if allowed is not None:  # capturable: the learning rate is read from its device tensor, folded into U
             lr = self._lr_tensor(group, U.device, U.dtype)
@@ -1092,7 +1098,7 @@ class MoFaSGD(torch.optim.Optimizer):
                 one = fm.LowRank(direction.U[i], direction.S[i], direction.V[i])
                 before = self._diagnostics_before(p, one, outcome.scale[i], group["lr"], group)
             decay = None if decays is None else decays[i]
-            update_matrix_(p, lefts[i], rights_t[i], alpha, decay, complement, generator)
+            update_matrix_(p, lefts[i], rights_t[i], alpha, decay, complement, generator, compiled)
             self._diagnostics_after(p, before)
         self._store_factors(bucket, new, allowed)
         return finite

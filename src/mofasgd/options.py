@@ -21,6 +21,8 @@ INITS = ("weight", "weight_randomized", "gradient")
 # AdamW-side state of matrices: full moments (torch's AdamW), a factored second moment (Adafactor's, O(m + n)),
 # or a factored second moment and no first moment. Vectors (norms, biases) always keep full AdamW moments.
 ADAMW_STATES = ("full", "factored", "factored_no_momentum")
+# the kernels of the stochastically rounded bf16 update of a matrix (mofasgd.fused_rounding)
+ROUNDING_KERNELS = ("auto", "compiled", "eager")
 
 Engine = Literal["single", "ddp", "fsdp2"]
 ENGINES: dict[str, str] = {"single": "one process", "ddp": "DDP", "fsdp2": "FSDP2"}
@@ -222,6 +224,17 @@ OPTIONS: tuple[Option, ...] = (
         "fallback and the skip of non-finite steps decided on the device, the learning rate as a device tensor, "
         "fixed buffers), as a CUDA graph needs. Slower eagerly (the Jacobi SVD issues many small ops).",
         in_group=False,
+    ),
+    Option(
+        "rounding_kernel",
+        "auto",
+        str,
+        "Kernel of a bf16 matrix's stochastically rounded update: `compiled` (torch.compile fuses the update and "
+        "hashed random bits into one pass; compiles once per process), `eager` (plain torch ops, the generator's "
+        "bits) or `auto` (compiled on CUDA, eager on the CPU). An `auto` that cannot compile says so once and "
+        "runs eager.",
+        in_group=False,
+        choices=ROUNDING_KERNELS,
     ),
 )
 OPTION: Mapping[str, Option] = MappingProxyType({option.name: option for option in OPTIONS})
