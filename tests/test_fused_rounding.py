@@ -163,3 +163,46 @@ def test_a_compiled_kernel_that_does_not_build_is_an_error_by_name_and_a_warning
     auto = fr.KernelChoice("auto")
     with pytest.warns(UserWarning, match="using the eager kernel"):
         assert auto._probe(torch.device("cpu")) == "eager"
+
+
+def _adamw_inputs(shape=(40, 24), seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    param = (torch.randn(*shape, generator=gen) * 0.02).bfloat16()
+    grad = (torch.randn(*shape, generator=gen) * 1e-3).bfloat16()
+    exp_avg = (torch.randn(*shape, generator=gen) * 1e-4).bfloat16()
+    exp_avg_sq = (torch.rand(*shape, generator=gen) * 1e-7).bfloat16()
+    return param, grad, exp_avg, exp_avg_sq
+
+
+def test_the_compiled_adamw_side_update_rounds_torchs_adamw_step_and_equals_its_eager_definition():
+    from mofasgd.adamw_side import AdamSettings
+
+    settings = AdamSettings(1e-3, 0.9, 0.999, 1e-8, 0.1)
+    param, grad, m, v = _adamw_inputs()
+    g, m32, v32 = grad.float(), m.float(), v.float()
+    m_new = m32 + (g - m32) * 0.1
+    v_new = v32 * 0.999 + g * g * 0.001
+    w_new = param.float() * (1 - 1e-4) - 1e-3 / (1 - 0.9**3) * m_new / (v_new.sqrt() / (1 - 0.999**3) ** 0.5 + 1e-8)
+    outputs = {}
+    for name, kernel in (("compiled", None), ("eager", fr._adamw_rows)):
+        tensors = [t.clone() for t in (param, grad, m, v)]
+        fr.adamw_update_(*tensors, 3, settings, torch.Generator().manual_seed(4), kernel=kernel)
+        outputs[name] = tensors
+    for out, expected in zip([outputs["compiled"][i] for i in (0, 2, 3)], (w_new, m_new, v_new)):
+        ulp = (expected.abs() * 2.0**-7).clamp_min(2.0**-133)
+        assert ((out.float() - expected).abs() <= ulp * 1.01).all()  # one of the two neighbouring bf16 values
+    for compiled, eager in zip(outputs["compiled"], outputs["eager"]):
+        assert (compiled != eager).float().mean() < 0.01
+    skipped = [t.clone() for t in (param, grad, m, v)]
+    skipped[1][0, 0] = float("nan")
+    fr.adamw_update_(*skipped, 3, settings, torch.Generator(), allowed=torch.tensor(False))
+    assert all(torch.equal(a, b) for a, b in zip(skipped[::2], (param, m)))  # nothing moves on a skipped step
+    assert torch.equal(skipped[3], v)
+
+
+def test_the_compiled_adamw_side_keeps_the_fp32_update():
+    def factory(w, lr, sr):
+        return MoFaSGD([{"params": [w], "mofasgd": False}], lr=lr, stochastic_rounding=sr, rounding_kernel="compiled")
+
+    kept = bf16_updates.kept_fraction((64, 512), 20, 1e-5, None, factory)
+    assert 0.9 <= kept <= 1.1

@@ -21,7 +21,7 @@ from collections.abc import Callable
 import torch
 
 from mofasgd.options import ROUNDING_KERNELS
-from mofasgd.rounding import row_chunks
+from mofasgd.rounding import as_rows, row_chunks
 
 logger = logging.getLogger("mofasgd")
 
@@ -94,15 +94,106 @@ def _update_rows(
     rows.copy_(rounded.view(torch.float32).to(torch.bfloat16))  # exact: the low 16 bits are zero
 
 
-_compiled: Callable[..., None] | None = None
+def _round_into_(target: torch.Tensor, value: torch.Tensor, bits: torch.Tensor) -> None:
+    """Store fp32 `value` into bf16 `target`, rounded stochastically with `bits` (int32 in [0, 2**16))."""
+    rounded = (value.view(torch.int32) + bits) & ~(_LOW_BITS - 1)
+    target.copy_(rounded.view(torch.float32).to(torch.bfloat16))
+
+
+def _adamw_rows(
+    param: torch.Tensor,
+    grad: torch.Tensor,
+    exp_avg: torch.Tensor,
+    exp_avg_sq: torch.Tensor,
+    scalars: torch.Tensor,
+    allowed: torch.Tensor,
+    seed: torch.Tensor,
+    offset: torch.Tensor,
+) -> None:
+    """One AdamW step (torch's formulas) on bf16 param, exp_avg, exp_avg_sq in fp32, each stored with the same bits.
+
+    `scalars` = (1 - beta1, beta2, 1 - beta2, step size lr / (1 - beta1^t), sqrt(1 - beta2^t), eps, decay
+    1 - lr wd) as one fp32 device vector; where the bool device scalar `allowed` is false nothing changes.
+    """
+    one_minus_beta1, beta2, one_minus_beta2, step_size, bias2_sqrt, eps, decay = scalars.unbind(0)
+    g = torch.where(allowed, grad.float(), 0.0)  # a skipped step's gradient may be non-finite
+    m_old, v_old, w_old = exp_avg.float(), exp_avg_sq.float(), param.float()
+    m = m_old + (g - m_old) * one_minus_beta1
+    v = v_old * beta2 + g * g * one_minus_beta2
+    w = w_old * decay - step_size * m / (v.sqrt() / bias2_sqrt + eps)
+    index = torch.arange(w.numel(), dtype=torch.int32, device=w.device).view(w.shape) + offset
+    bits = _bits_of(index, seed)  # shared by the three stores: each stays unbiased (as the eager side shares noise)
+    _round_into_(exp_avg, torch.where(allowed, m, m_old), bits)
+    _round_into_(exp_avg_sq, torch.where(allowed, v, v_old), bits)
+    _round_into_(param, torch.where(allowed, w, w_old), bits)
+
+
+_compiled: dict[str, Callable[..., None]] = {}
+
+
+def _compile(function: Callable[..., None]) -> Callable[..., None]:
+    """`function` compiled once per process (dynamic shapes: one graph serves every tensor and chunk)."""
+    name = function.__name__
+    if name not in _compiled:
+        _compiled[name] = torch.compile(function, dynamic=True, fullgraph=True)
+    return _compiled[name]
 
 
 def _kernel() -> Callable[..., None]:
-    """`_update_rows` compiled once per process (dynamic shapes: one graph serves every matrix and chunk)."""
-    global _compiled
-    if _compiled is None:
-        _compiled = torch.compile(_update_rows, dynamic=True, fullgraph=True)
-    return _compiled
+    """The compiled matrix update (`_update_rows`)."""
+    return _compile(_update_rows)
+
+
+def _adamw_kernel() -> Callable[..., None]:
+    """The compiled AdamW-side update (`_adamw_rows`)."""
+    return _compile(_adamw_rows)
+
+
+def adamw_update_(
+    param: torch.Tensor,
+    grad: torch.Tensor,
+    exp_avg: torch.Tensor,
+    exp_avg_sq: torch.Tensor,
+    step: int | torch.Tensor,
+    settings: tuple,
+    generator: torch.Generator,
+    allowed: torch.Tensor | None = None,
+    kernel: Callable[..., None] | None = None,
+) -> None:
+    """One AdamW step (torch's) for a bf16 parameter and bf16 moments, rounded stochastically, in compiled chunks.
+
+    The same formulas as :func:`mofasgd.adamw_side.adamw_update_fp32_` (`step` counts this one; `settings` its
+    AdamSettings), one pass per chunk. `allowed` (capturable): a device flag; `step` and the learning rate may
+    then be device tensors.
+    """
+    kernel = kernel or _adamw_kernel()
+    lr, beta1, beta2, eps, weight_decay = settings
+    device = param.device
+
+    def scalar(value: float | torch.Tensor) -> torch.Tensor:  # a fill, not a host-to-device copy (capturable)
+        if torch.is_tensor(value):
+            return value.to(device, torch.float32)
+        return torch.full((), float(value), dtype=torch.float32, device=device)
+
+    step_t, lr_t = scalar(step), scalar(lr)
+    scalars = torch.stack(
+        [
+            scalar(1.0 - beta1),
+            scalar(beta2),
+            scalar(1.0 - beta2),
+            lr_t / (1.0 - beta1**step_t),
+            (1.0 - beta2**step_t).sqrt(),
+            scalar(eps),
+            1.0 - lr_t * weight_decay,
+        ]
+    )
+    ok = torch.ones((), dtype=torch.bool, device=device) if allowed is None else allowed.to(device)
+    seed = draw_seed(generator, device)
+    views = [as_rows(t) for t in (param, grad, exp_avg, exp_avg_sq)]
+    rows, cols = views[0].shape
+    for start, stop in row_chunks(rows, cols):
+        offset = torch.full((), _wrapped(start * cols), dtype=torch.int32, device=device)
+        kernel(*(view[start:stop] for view in views), scalars, ok, seed, offset)
 
 
 def low_rank_update_(

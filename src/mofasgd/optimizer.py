@@ -21,7 +21,7 @@ from mofasgd.bucket_step import (
     bucket_directions,
     update_matrix_,
 )
-from mofasgd.fused_rounding import KernelChoice
+from mofasgd.fused_rounding import KernelChoice, adamw_update_
 from mofasgd.intake import PENDING_KEYS, GradientIntake, experts_of
 from mofasgd.memory import optimizer_state_bytes
 from mofasgd.options import DEFAULTS, OPTION, OptionError, validate
@@ -1266,7 +1266,10 @@ class MoFaSGD(torch.optim.Optimizer):
                 settings = settings._replace(lr=self._lr_tensor(group, p.device, torch.float32))
             if generator is not None:
                 state["step"] += 1 if allowed is None else allowed.to(torch.float32)
-                adamw_update_fp32_(
+                update = adamw_update_fp32_
+                if self.rounding_kernel.compiled(p.device) and exp_avg.dtype == exp_avg_sq.dtype == torch.bfloat16:
+                    update = adamw_update_  # the same step in one compiled pass, bits hashed
+                update(
                     sharding.local(p),
                     sharding.local(p.grad),
                     exp_avg,
