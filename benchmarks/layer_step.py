@@ -8,6 +8,7 @@ on PYTHONPATH) for a before/after comparison of the step engine.
 
     python -m benchmarks.layer_step [--rank 8] [--repeats 3] [--scale 1] [--layers 1] [--device cpu]
         [--dtype float32] [--chunk-elements N] [--qr householder|cholesky] [--profile] [--count-syncs] [--ops]
+        [--rounding-kernel auto|compiled|eager]
 
 ``--ops`` counts the host-side aten ops of one gradient clipping and one step, after two micro-batches, for
 MoFaSGD (its own clip_grad_norm_, as the LLaMA-Factory extension routes it) and AdamW (torch's
@@ -120,6 +121,12 @@ def main() -> None:
     parser.add_argument("--count-syncs", action="store_true", help="CUDA: also list one step's host-device syncs")
     parser.add_argument("--ops", action="store_true", help="only count the ops of one clipping and one step")
     parser.add_argument("--capturable", action="store_true", help="also MoFaSGD(capturable=True): no host reads")
+    parser.add_argument(
+        "--rounding-kernel",
+        default=mofasgd.DEFAULTS["rounding_kernel"],
+        choices=mofasgd.options.ROUNDING_KERNELS,
+        help="MoFaSGD's rounding_kernel for bf16 weights (the compiled one compiles in the first, untimed repeat)",
+    )
     args = parser.parse_args()
     if args.chunk_elements:
         mofasgd.rounding.CHUNK_ELEMENTS = args.chunk_elements
@@ -135,17 +142,26 @@ def main() -> None:
     grad_sets = [[(torch.randn(*s, device=device) * 1e-3).to(dtype) for s in shapes] for _ in range(2)]
     mf = [torch.nn.Parameter(w.clone()) for w in weights]
     ad = [torch.nn.Parameter(w.clone()) for w in weights]
-    mofasgd_opt = MoFaSGD(mf, lr=1e-5, rank=args.rank, init="gradient")
+    kernel = args.rounding_kernel
+    mofasgd_opt = MoFaSGD(mf, lr=1e-5, rank=args.rank, init="gradient", rounding_kernel=kernel)
     adamw = torch.optim.AdamW(ad, lr=1e-5)
     runs = [("MoFaSGD", mf, mofasgd_opt), ("AdamW", ad, adamw)]
     if args.capturable:
         mc = [torch.nn.Parameter(w.clone()) for w in weights]
         runs.insert(
-            1, ("MoFaSGD capturable", mc, MoFaSGD(mc, lr=1e-5, rank=args.rank, init="gradient", capturable=True))
+            1,
+            (
+                "MoFaSGD capturable",
+                mc,
+                MoFaSGD(mc, lr=1e-5, rank=args.rank, init="gradient", capturable=True, rounding_kernel=kernel),
+            ),
         )
     if args.ops:
         qr = sorted(getattr(mofasgd.factor_math, "CHOLESKY_QR_DEVICES", ()))
-        print(f"mofasgd from {mofasgd.__file__}; unsharded panels through CholeskyQR2 on: {qr or 'no device'}")
+        print(
+            f"mofasgd from {mofasgd.__file__}; unsharded panels through CholeskyQR2 on: {qr or 'no device'}; "
+            f"rounding_kernel {kernel}"
+        )
         print("| shapes | rank | optimizer | clipping ops | step ops | total |")
         print("|---|---|---|---|---|---|")
         for name, params, opt in runs:
@@ -174,7 +190,10 @@ def main() -> None:
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu, {torch.get_num_threads()} threads"
     chunk = mofasgd.rounding.CHUNK_ELEMENTS
     qr = sorted(getattr(mofasgd.factor_math, "CHOLESKY_QR_DEVICES", ()))  # absent before the CholeskyQR2 choice
-    print(f"mofasgd from {mofasgd.__file__}; torch {torch.__version__}, {where}, {args.dtype}, chunk {chunk}")
+    print(
+        f"mofasgd from {mofasgd.__file__}; torch {torch.__version__}, {where}, {args.dtype}, chunk {chunk}, "
+        f"rounding kernel {mofasgd_opt.rounding_kernel.resolved() or 'none used'}"
+    )
     print(f"unsharded panels through CholeskyQR2 on: {qr or 'no device'}")
     print("| shapes | rank | MoFaSGD backward+step | AdamW backward+step | ratio |")
     print("|---|---|---|---|---|")
