@@ -3,7 +3,7 @@ SHELL := /bin/bash
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: install test test-fast lint format demo bench bench-methods bench-fidelity bench-quality bench-sft-quality bench-sft-quality-10m bench-accounting bench-ddp bench-bf16 bench-init gpu-check gpu-check-8b nanogpt-cpu nanogpt-compare nanogpt-seeds clean
+.PHONY: install test test-fast lint format demo bench bench-methods bench-fidelity bench-quality bench-sft-quality bench-sft-quality-10m bench-accounting bench-ddp bench-bf16 bench-init gpu-check gpu-check-8b gpu-quick nanogpt-cpu nanogpt-compare nanogpt-seeds clean
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -65,6 +65,21 @@ gpu-check: $(PY)
 	$(PY) -m scripts.gpu_check --results-dir results
 
 # LLaMA-3.1-8B's decoder, random weights, 8 k tokens a step (one >= 80 GB GPU; builds a 15 GB model first)
+# torch-only GPU checks for a lent device machine (its system python3 has torch and Triton, no LLaMA-Factory): the
+# compiled rounding kernels on CUDA, the bf16 layer step with each rounding kernel and its host syncs, the CUDA-graph
+# capture of the capturable step. Writes gpu_quick.log under $(GPU_OUT) (default outputs/).
+GPU_OUT ?= outputs
+gpu-quick:
+	mkdir -p $(GPU_OUT)
+	{ set -x; \
+	PYTHONPATH=src:. python3 -m pytest -q -p no:cacheprovider tests/test_fused_rounding.py -k cuda; \
+	for kernel in eager compiled; do \
+	PYTHONPATH=src:. python3 -m benchmarks.layer_step --device cuda --dtype bfloat16 --rounding-kernel $$kernel \
+	--count-syncs --capturable; done; \
+	PYTHONPATH=src:. python3 -m benchmarks.layer_step --device cuda --ops --capturable; \
+	PYTHONPATH=src:. python3 -m benchmarks.capture_check --device cuda; \
+	} 2>&1 | tee $(GPU_OUT)/gpu_quick.log
+
 gpu-check-8b: $(PY)
 	$(PY) -m scripts.gpu_check --size 8b --steps 8 --results-dir results
 

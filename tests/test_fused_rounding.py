@@ -206,3 +206,27 @@ def test_the_compiled_adamw_side_keeps_the_fp32_update():
 
     kept = bf16_updates.kept_fraction((64, 512), 20, 1e-5, None, factory)
     assert 0.9 <= kept <= 1.1
+
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (the Triton kernels)")
+
+
+@needs_cuda
+def test_on_cuda_auto_compiles_the_kernels_and_they_equal_their_eager_definitions():
+    """Run where a GPU is lent (`make gpu-quick`): Triton's kernels draw the CPU's bits and round the same values."""
+    cuda = torch.device("cuda")
+    bits = fr.counter_bits(_seed(11), 12345, (64, 96), cuda)
+    assert torch.equal(bits.cpu(), fr.counter_bits(_seed(11), 12345, (64, 96), torch.device("cpu")))
+    w, left, right_t, alpha, decay = (t.to(cuda) for t in _inputs(m=256, n=320, k=8))
+    compiled, eager = w.clone(), w.clone()
+    fr.low_rank_update_(compiled, left, right_t, alpha, decay, torch.Generator(cuda).manual_seed(1))
+    fr.low_rank_update_(
+        eager, left, right_t, alpha, decay, torch.Generator(cuda).manual_seed(1), kernel=fr._update_rows
+    )
+    assert (compiled != eager).float().mean() < 0.002
+    layer = nn.Linear(320, 256, bias=False, device=cuda, dtype=torch.bfloat16)
+    opt = MoFaSGD([layer.weight], lr=1e-3, rank=8)
+    opt.attach(layer)
+    layer(torch.randn(16, 320, device=cuda, dtype=torch.bfloat16)).float().square().mean().backward()
+    opt.step()
+    assert opt.rounding_kernel.resolved() == {"cuda": "compiled"}
