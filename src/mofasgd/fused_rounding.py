@@ -250,7 +250,7 @@ class KernelChoice:
         return dict(self._by_device)
 
     def _probe(self, device: torch.device) -> str:
-        """Compile and run the kernel on a 4 x 8 matrix on `device`: "compiled", or "eager" under auto."""
+        """Compile and run both kernels on 4 x 8 tensors on `device`: "compiled", or "eager" under auto."""
         logger.info("MoFaSGD: compiling the fused stochastic-rounding update for %s (once per process)", device)
         try:
             probe = torch.zeros(4, 8, dtype=torch.bfloat16, device=device)
@@ -259,6 +259,11 @@ class KernelChoice:
             low_rank_update_(probe, factor, torch.ones(2, 8, device=device), 0.5, None, generator)
             if not torch.equal(probe.float(), torch.full_like(probe.float(), 1.0)):  # 0.5 * 2 exactly, any bits
                 raise RuntimeError(f"the compiled kernel computed {probe.float().flatten().tolist()} for all 1.0")
+            side = [torch.zeros(4, 8, dtype=torch.bfloat16, device=device) for _ in range(4)]
+            side[1].fill_(1.0)  # the gradient: AdamW's first step moves every entry by -lr (here 0.5)
+            adamw_update_(*side, 1, (0.5, 0.9, 0.999, 1e-8, 0.0), generator)
+            if not torch.allclose(side[0].float(), torch.full_like(side[0].float(), -0.5), atol=0.01):
+                raise RuntimeError(f"the compiled AdamW kernel gave {side[0].float().flatten().tolist()}, not -0.5")
         except Exception as error:  # the compiler's failures have no common type (missing C++ compiler, Triton)
             if self.option == "compiled":
                 raise RuntimeError(
