@@ -88,6 +88,16 @@ def _shares_storage(stack: torch.Tensor, first: torch.Tensor) -> bool:
     return stack.untyped_storage().data_ptr() == first.untyped_storage().data_ptr()
 
 
+def _warmed_beta(group: dict[str, Any], step: float | torch.Tensor) -> float | torch.Tensor:
+    """The beta after `step` completed steps (a number, or a tensor of counts: no host read): its linear warm-up."""
+    warmup = group["beta_warmup_steps"]
+    if warmup <= 0:
+        return group["beta"]
+    frac = step / warmup
+    frac = frac.clamp_max(1.0) if torch.is_tensor(frac) else min(frac, 1.0)
+    return group["beta_start"] + (group["beta_end"] - group["beta_start"]) * frac
+
+
 def _stacked(tensors: list[torch.Tensor], experts: int | None = None) -> torch.Tensor:
     """The tensors stacked along a new first dim; a view when they are one tensor or the consecutive slices of one.
 
@@ -966,11 +976,7 @@ class MoFaSGD(torch.optim.Optimizer):
     @staticmethod
     def current_beta(group: dict[str, Any], step: int) -> float:
         """Return beta for the step after `step` completed ones: linear warm-up when beta_warmup_steps > 0."""
-        warmup = group["beta_warmup_steps"]
-        if warmup <= 0:
-            return group["beta"]
-        frac = min(step / warmup, 1.0)
-        return group["beta_start"] + (group["beta_end"] - group["beta_start"]) * frac
+        return _warmed_beta(group, step)
 
     def _rounding_generator(self, p: torch.Tensor, group: dict[str, Any]) -> torch.Generator | None:
         """The generator for stochastic rounding of `p`'s update, or None for plain in-place arithmetic."""
@@ -1110,9 +1116,7 @@ class MoFaSGD(torch.optim.Optimizer):
         if group["beta_warmup_steps"] <= 0:
             return group["beta"]
         if self.capturable:  # from the step counters as tensors: nothing read on the host
-            steps = torch.stack([st["step"] for st in states]).to(like.device, like.dtype)
-            frac = (steps / group["beta_warmup_steps"]).clamp_max(1.0)
-            return group["beta_start"] + (group["beta_end"] - group["beta_start"]) * frac
+            return _warmed_beta(group, torch.stack([st["step"] for st in states]).to(like.device, like.dtype))
         betas = [self.current_beta(group, int(st["step"])) for st in states]  # CPU counters: no device sync
         return betas[0] if len(set(betas)) == 1 else torch.tensor(betas, dtype=like.dtype, device=like.device)
 
