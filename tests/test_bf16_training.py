@@ -36,6 +36,7 @@ def runs(tiny_model, tiny_model_bf16, tmp_path_factory):
         "fp32": run(tiny_model, work, "fp32"),
         "sr": run(tiny_model_bf16, work, "sr", **bf16),
         "nearest": run(tiny_model_bf16, work, "nearest", **bf16, mfsgd_stochastic_rounding=False),
+        "compiled": run(tiny_model_bf16, work, "compiled", **bf16, mfsgd_rounding_kernel="compiled"),
     }
 
 
@@ -68,3 +69,20 @@ def test_round_to_nearest_loses_the_small_updates_that_stochastic_rounding_keeps
     nearest = [e["mfsgd/applied_fraction"] for e in diagnostics(runs["nearest"][0])]
     kept = [e["mfsgd/applied_fraction"] for e in diagnostics(runs["sr"][0])]
     assert max(nearest) < 0.2 < min(kept)
+
+
+def test_the_compiled_rounding_kernel_trains_every_bf16_tensor_and_keeps_the_update(runs, tiny_model_bf16):
+    """`mfsgd_rounding_kernel: compiled` through llamafactory-cli: the matrices (fused update) and the AdamW side's
+    matrices (embeddings, head: the fused AdamW step) all move, stay bf16, and keep the fp32 update in expectation."""
+    out, stdout = runs["compiled"]
+    assert "rounding_kernel=compiled" in stdout and "rounding_kernel=auto" in runs["sr"][1]
+    start, final = weights(tiny_model_bf16), weights(out)
+    assert all(v.dtype == torch.bfloat16 for v in final.values())
+    matrices = [k for k, v in final.items() if v.dim() == 2]  # the norms' 1.0 entries move by 1e-5 in 2**-7 steps
+    assert any("embed" in k for k in matrices) and any("lm_head" in k for k in matrices)  # the AdamW side too
+    moved = [k for k in matrices if not torch.equal(final[k].float(), start[k].float())]
+    assert moved == matrices
+    for e in diagnostics(out):
+        assert 0.8 < e["mfsgd/applied_fraction"] < 1.2
+    sr = weights(runs["sr"][0])
+    assert any(not torch.equal(final[k], sr[k]) for k in final)  # other bits than the eager kernel's

@@ -149,6 +149,7 @@ def effective_settings(optimizer: MoFaSGD, target: str | list[str]) -> str:
         parts.append(f"beta warm-up {warmup}")
     parts += [f"fused={optimizer.fused}", f"fused_adamw_side={optimizer.fused_adamw_side}"]
     parts.append(f"projected_backward={optimizer.projected_backward}")
+    parts.append(f"rounding_kernel={optimizer.rounding_kernel.option}")  # the bf16 update's; resolved at step 1
     if optimizer.capturable:
         parts.append("capturable=True")
     target = target if isinstance(target, str) else ",".join(target)
