@@ -8,8 +8,9 @@ data-parallel replicas stay exact), which `torch.compile` (inductor: C++/OpenMP 
 fuses with the update into the product and one elementwise pass: no random tensor exists. The bits depend only
 on (seed, index), so :func:`counter_bits` in eager torch and the compiled kernel draw the same ones.
 
-The kernels are ``"eager"`` (mofasgd.rounding), ``"compiled"`` (this module) and ``"auto"`` (compiled on CUDA,
-eager on the CPU, where compiling costs tens of seconds per process and pure bf16 is a test setting).
+The AdamW side's bf16 parameters and moments get the same treatment (:func:`adamw_update_`). The kernels are
+``"eager"`` (mofasgd.rounding), ``"compiled"`` (this module) and ``"auto"`` (compiled on CUDA, eager on the CPU,
+where compiling costs seconds per process and rank, and pure bf16 is a test setting).
 """
 
 from __future__ import annotations
