@@ -71,6 +71,12 @@ def draw_seed(generator: torch.Generator, device: torch.device) -> torch.Tensor:
     return torch.randint(-(1 << 31), 1 << 31, (), dtype=torch.int32, device=device, generator=generator)
 
 
+def _round_into_(target: torch.Tensor, value: torch.Tensor, bits: torch.Tensor) -> None:
+    """Store fp32 `value` into bf16 `target`, rounded stochastically with `bits` (int32 in [0, 2**16))."""
+    rounded = (value.view(torch.int32) + bits) & ~(_LOW_BITS - 1)  # bf16's 16 high bits
+    target.copy_(rounded.view(torch.float32).to(torch.bfloat16))  # exact: the low 16 bits are zero
+
+
 def _update_rows(
     rows: torch.Tensor,
     left: torch.Tensor,
@@ -91,14 +97,7 @@ def _update_rows(
         product = product + left[:, j : j + 1] * right_t[j : j + 1]
     value = rows.float() * decay + product * alpha
     index = torch.arange(value.numel(), dtype=torch.int32, device=value.device).view(value.shape) + offset
-    rounded = (value.view(torch.int32) + _bits_of(index, seed)) & ~(_LOW_BITS - 1)  # bf16's 16 high bits
-    rows.copy_(rounded.view(torch.float32).to(torch.bfloat16))  # exact: the low 16 bits are zero
-
-
-def _round_into_(target: torch.Tensor, value: torch.Tensor, bits: torch.Tensor) -> None:
-    """Store fp32 `value` into bf16 `target`, rounded stochastically with `bits` (int32 in [0, 2**16))."""
-    rounded = (value.view(torch.int32) + bits) & ~(_LOW_BITS - 1)
-    target.copy_(rounded.view(torch.float32).to(torch.bfloat16))
+    _round_into_(rows, value, _bits_of(index, seed))
 
 
 def _adamw_rows(
