@@ -2,8 +2,9 @@
 
 Each run is ``lf_bench.run_training`` (a fresh interpreter on the real SFT path) of the method's tiny YAML on one
 model size; a round runs every method once, in order, so drift on a shared machine hits them alike. The table gives
-each method's median over rounds of its median step time (optimizer steps ``--skip``.. of the run) and the ratios
-to AdamW and to LoRA.
+each method's median over rounds of its median step time (optimizer steps ``--skip``.. of the run), the ratios
+to AdamW and to LoRA, the median of the per-round ratios (paired: the two runs of a round are minutes apart) and
+the ratio of the best runs (contention only adds time, so each method's fastest run is its least disturbed one).
 
     python -m benchmarks.lf_step_ratio [--size small] [--rounds 3] [--steps 40]
         [--methods adamw,lora,mofasgd_hook,mofasgd] [--json FILE]
@@ -47,13 +48,22 @@ def main() -> None:
     summary = {m: statistics.median(v) for m, v in medians.items()}
     machine = machine_description()
     print(f"\n{args.size} model, {args.steps} steps, rank {args.rank}, {args.rounds} rounds in turns; {machine}")
-    print("| method | median step (ms) | per round (ms) | x AdamW | x LoRA |")
-    print("|---|---:|---|---:|---:|")
+    print(
+        "| method | median step (ms) | per round (ms) | x AdamW | x LoRA | paired x AdamW | paired x LoRA "
+        "| best x AdamW | best x LoRA |"
+    )
+    print("|---|---:|---|---:|---:|---:|---:|---:|---:|")
     for method, value in summary.items():
         rounds = ", ".join(f"{v:.1f}" for v in medians[method])
-        vs_adamw = f"{value / summary['adamw']:.2f}" if "adamw" in summary else ""
-        vs_lora = f"{value / summary['lora']:.2f}" if "lora" in summary else ""
-        print(f"| {method} | {value:.1f} | {rounds} | {vs_adamw} | {vs_lora} |")
+        cells = []
+        for base in ("adamw", "lora"):
+            cells.append(f"{value / summary[base]:.2f}" if base in summary else "")
+        for base in ("adamw", "lora"):
+            paired = [a / b for a, b in zip(medians[method], medians.get(base, []))]
+            cells.append(f"{statistics.median(paired):.2f}" if paired else "")
+        for base in ("adamw", "lora"):
+            cells.append(f"{min(medians[method]) / min(medians[base]):.2f}" if base in medians else "")
+        print(f"| {method} | {value:.1f} | {rounds} | " + " | ".join(cells) + " |")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(
