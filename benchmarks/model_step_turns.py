@@ -6,8 +6,10 @@ small = hidden 256, 4 layers) with LLaMA-Factory's defaults that matter for spee
 checkpointing, 2 micro-batches of 4 x 64 tokens, clipping at 1.0), and the methods alternate at every optimizer
 step, so drift hits them alike. Methods: AdamW (torch's), LoRA r8 on the seven projections (peft, as
 LLaMA-Factory builds it), MoFaSGD on the gradient-hook path, MoFaSGD with the projected Linear backward.
+``--before SRC`` adds ``mofasgd_before``: the projected MoFaSGD of another checkout's ``src``, in the same process
+(a before/after of a code change that the per-process speed of a shared machine cannot blur).
 
-    python -m benchmarks.model_step_turns [--size small] [--steps 30] [--tokens 64] [--rank 8]
+    python -m benchmarks.model_step_turns [--size small] [--steps 30] [--tokens 64] [--rank 8] [--before SRC]
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from typing import Any
 
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
@@ -43,8 +46,12 @@ def model(size: str) -> LlamaForCausalLM:
     return net.train()
 
 
-def build(method: str, size: str, rank: int):
-    """(model, optimizer, parameters to clip with torch's clip_grad_norm_ or None for MoFaSGD's own)."""
+def build(method: str, size: str, rank: int, before: Any = None):
+    """(model, optimizer, parameters to clip with torch's clip_grad_norm_ or None for MoFaSGD's own).
+
+    `before`: the mofasgd package of another checkout (:func:`benchmarks.tiny_step_parts.load_mofasgd`), which
+    builds ``mofasgd_before``.
+    """
     net = model(size)
     if method == "adamw":
         return net, torch.optim.AdamW(net.parameters(), lr=1e-4), list(net.parameters())
@@ -54,9 +61,11 @@ def build(method: str, size: str, rank: int):
         net = get_peft_model(net, LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=PROJECTIONS))
         trainable = [p for p in net.parameters() if p.requires_grad]
         return net, torch.optim.AdamW(trainable, lr=1e-4), trainable
-    routing = split_for_mofasgd(net)
+    package = before if method == "mofasgd_before" else None
+    optimizer_class = MoFaSGD if package is None else package.MoFaSGD
+    routing = (split_for_mofasgd if package is None else package.split_for_mofasgd)(net)
     groups = [{"params": [p for _, p in routing.mofasgd]}, {"params": [p for _, p in routing.adamw], "mofasgd": False}]
-    optimizer = MoFaSGD(groups, lr=1e-4, rank=rank, projected_backward=method == "mofasgd")
+    optimizer = optimizer_class(groups, lr=1e-4, rank=rank, projected_backward=method != "mofasgd_hook")
     optimizer.attach(net)
     return net, optimizer, None
 
@@ -81,9 +90,16 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=64, help="sequence length; 4 sequences per micro-batch")
     parser.add_argument("--rank", type=int, default=8)
     parser.add_argument("--methods", default="adamw,lora,mofasgd_hook,mofasgd")
+    parser.add_argument("--before", help="another checkout's src/: adds mofasgd_before (its projected MoFaSGD)")
     args = parser.parse_args()
     methods = args.methods.split(",")
-    built = {method: build(method, args.size, args.rank) for method in methods}
+    before = None
+    if args.before:
+        from benchmarks.tiny_step_parts import load_mofasgd
+
+        before = load_mofasgd(args.before)
+        methods.append("mofasgd_before")
+    built = {method: build(method, args.size, args.rank, before) for method in methods}
     gen = torch.Generator().manual_seed(0)
     batches = [torch.randint(0, 1024, (4, args.tokens), generator=gen) for _ in range(2)]
     for entry in built.values():  # warm-up: factors, optimizer state, allocator

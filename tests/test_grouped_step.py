@@ -302,3 +302,27 @@ def test_state_saved_between_clipping_and_step_resumes_exactly(tmp_path):
         torch.testing.assert_close(q, p, atol=1e-12, rtol=1e-12)
         for key in ("U", "S", "V"):
             torch.testing.assert_close(resumed.state[q][key], opt.state[p][key], atol=1e-12, rtol=1e-12)
+
+
+def test_skipping_the_finite_masks_on_the_cpu_changes_no_bit(monkeypatch):
+    """On the CPU an all-finite bucket skips the masking copies (the flags are read for free); forcing the masks
+    gives the same weights and factors bit for bit."""
+    import mofasgd.bucket_step as bucket_step
+
+    runs = []
+    for free_reads in ({"cpu"}, set()):
+        monkeypatch.setattr(bucket_step, "_FREE_HOST_READS", free_reads)
+        params = make_params()
+        opt = MoFaSGD(params, lr=0.05, rank=3, weight_decay=0.1)
+        for step in range(3):
+            for p, g in zip(params, grads(step, 0)):
+                (p * g).sum().backward()
+            opt.step()
+            opt.zero_grad()
+        runs.append((params, opt))
+    (ours, opt_a), (masked, opt_b) = runs
+    for a, b, start in zip(ours, masked, make_params()):
+        assert (a - start).norm() > 1e-3 * start.norm()  # every matrix moved
+        assert torch.equal(a, b)
+        for key in ("U", "S", "V"):
+            assert torch.equal(opt_a.state[a][key], opt_b.state[b][key])

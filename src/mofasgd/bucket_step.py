@@ -41,6 +41,10 @@ class BucketOutcome(NamedTuple):
     support: torch.Tensor | None  # B x r: gradient support per direction, when computed
 
 
+# Devices where reading a small flag on the host costs no wait (no asynchronous queue to drain).
+_FREE_HOST_READS = {"cpu"}
+
+
 def finite_entries(gv: torch.Tensor, gtu: torch.Tensor, rows: fm.RowReduction | None = None) -> torch.Tensor:
     """Per matrix, whether its projections are finite (any inf or nan, or a sum past the float range, fails)."""
     finite = torch.isfinite(gv.sum((-2, -1)) + gtu.sum((-2, -1)))
@@ -92,17 +96,23 @@ def _direction_stages(inputs: BucketInputs) -> fm.CoreStages:
     finite = finite_entries(gv, gtu, rows)
     if allowed is not None:
         finite = finite & allowed
-    skip = (~finite)[:, None, None]
-    gv, gtu = gv.masked_fill(skip, 0), gtu.masked_fill(skip, 0)
+    # where reading the flags costs nothing (the CPU), an all-finite bucket (the usual case) skips the masking copies
+    masked = settings.sync_free or finite.device.type not in _FREE_HOST_READS or not bool(finite.all())
+    if masked:
+        skip = (~finite)[:, None, None]
+        gv, gtu = gv.masked_fill(skip, 0), gtu.masked_fill(skip, 0)
     if settings.sync_free:
         stages = fm.sync_free_momentum_stages(U, S, V, gv, gtu, beta, settings.rank, settings.nesterov, rows)
         new, direction = yield from stages
     else:
         new, direction = fm.momentum_step(U, S, V, gv, gtu, beta, settings.rank, settings.nesterov, rows)
-    keep = finite[:, None, None]
-    new = fm.LowRank(torch.where(keep, new.U, U), torch.where(finite[:, None], new.S, S), torch.where(keep, new.V, V))
     scale = fm.step_scaling(direction.S, settings.eps, settings.max_value, settings.use_ones_for_nonzero_s)
-    scale = scale * finite[:, None]
+    if masked:
+        keep = finite[:, None, None]
+        new = fm.LowRank(
+            torch.where(keep, new.U, U), torch.where(finite[:, None], new.S, S), torch.where(keep, new.V, V)
+        )
+        scale = scale * finite[:, None]
     support = None
     if rows is None and settings.want_support and not settings.use_ones_for_nonzero_s:
         support = fm.gradient_support(direction.S, fm.tangent_norm_sq(U, gv, gtu), beta)

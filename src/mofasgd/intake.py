@@ -54,6 +54,8 @@ class PendingBucket:
     """The pending (G V, G^T U) sums of the managed tensors of one group that share shape, dtype, device and rank.
 
     ``gv`` (B x m x r, FSDP2: this rank's rows) and ``gtu`` (B x n x r) are allocated at the first write and kept.
+    Their storage is transposed (B x r x m, B x r x n: each member's r x m block is contiguous), so the projected
+    backward adds its wide r x T @ T x m products straight into a member's block (``addmm_``), with no temporary.
     Member i (a param) holds entries ``rows(i)``: one for a matrix, E for a stack of E experts (a bucket's members
     all have the same shape). ``seen[i]`` says whether member i holds a sum in the current accumulation window
     (other members are stale).
@@ -87,8 +89,8 @@ class PendingBucket:
         """Create the buffers (zeros) if they do not exist yet."""
         if self.gv is None:
             count, rows, cols, rank = self.shape
-            self.gv = torch.zeros(count, rows, rank, dtype=self.dtype, device=self.device)
-            self.gtu = torch.zeros(count, cols, rank, dtype=self.dtype, device=self.device)
+            self.gv = torch.zeros(count, rank, rows, dtype=self.dtype, device=self.device).mT
+            self.gtu = torch.zeros(count, rank, cols, dtype=self.dtype, device=self.device).mT
 
     def any_seen(self) -> bool:
         """Whether any entry holds a sum this window."""
@@ -255,7 +257,14 @@ class GradientIntake:
         # indifferent (transposes are flags)
         xv_t = V.mT.contiguous() @ x.mT  # (X V)^T, r x T
         dyu_t = U.mT.contiguous() @ dy.mT  # (dY U)^T, r x T
-        self.write(p, (xv_t @ dy).mT, (dyu_t @ x).mT)  # dY^T (X V), X^T (dY U)
+        slot_gv, slot_gtu, seen = self._open(p)  # their transposes are contiguous r x m, r x n blocks
+        if seen:  # (dY^T (X V))^T = (X V)^T dY, (X^T (dY U))^T = (dY U)^T X, added in place
+            slot_gv.mT.addmm_(xv_t, dy)
+            slot_gtu.mT.addmm_(dyu_t, x)
+        else:
+            torch.mm(xv_t, dy, out=slot_gv.mT)
+            torch.mm(dyu_t, x, out=slot_gtu.mT)
+        self._mark(p)
 
     # ------------------------------------------------------------------ hooks
     def hook_matrices(self) -> None:
