@@ -1291,6 +1291,7 @@ class MoFaSGD(torch.optim.Optimizer):
             steps.append(state["step"])
         if not params:
             return
+        fused_kernel = allowed is not None or params[0].device.type == "cpu"
         adamw(
             params,
             grads,
@@ -1305,10 +1306,11 @@ class MoFaSGD(torch.optim.Optimizer):
             weight_decay=group["weight_decay"],
             eps=group["adam_eps"],
             maximize=False,
-            # foreach: torch's default on CUDA; on the CPU too it gives the same bits with fewer op dispatches.
-            # capturable: the fused kernel, whose found_inf skips the update on the device
-            foreach=None if allowed is not None else True,
-            fused=True if allowed is not None else None,
+            # the fused kernel on the CPU (one pass per tensor, no temporaries: 0.30 against foreach's 0.76 ms on
+            # the small benchmark model's side, within 1 ulp of torch's default AdamW) and when capturable (its
+            # found_inf skips the update on the device); elsewhere foreach, torch's default on CUDA
+            foreach=None if fused_kernel else True,
+            fused=True if fused_kernel else None,
             found_inf=None if allowed is None else (~allowed).to(torch.float32),
         )
 
