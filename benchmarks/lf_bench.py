@@ -116,19 +116,25 @@ class RunResult:
     cpu_timeline: dict[str, Any] | None
 
 
-def run_training(config: dict[str, Any], timeout: int = 3600) -> RunResult:
-    """Train `config` in a fresh interpreter through the extension's entry; raise with the log tail on failure."""
+def run_training(config: dict[str, Any], timeout: int = 3600, threads: int | None = None) -> RunResult:
+    """Train `config` in a fresh interpreter through the extension's entry; raise with the log tail on failure.
+
+    `threads` sets the interpreter's CPU thread count (OMP_NUM_THREADS; torch's default is one per core).
+    """
     output_dir = Path(config["output_dir"])
     output_dir.mkdir(parents=True, exist_ok=True)
     config_path = output_dir / "bench_config.yaml"
     config_path.write_text(yaml.safe_dump(config, sort_keys=False))
     timing_path = output_dir / "bench_timing.json"
     log_path = output_dir / "bench_train.log"
+    env = subprocess_env()
+    if threads is not None:
+        env["OMP_NUM_THREADS"] = str(threads)
     with open(log_path, "w") as log:
         proc = subprocess.run(
             [sys.executable, "-m", "benchmarks.lf_bench", str(config_path), str(timing_path)],
             cwd=REPO,
-            env=subprocess_env(),
+            env=env,
             stdout=log,
             stderr=subprocess.STDOUT,
             timeout=timeout,

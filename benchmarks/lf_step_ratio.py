@@ -5,9 +5,12 @@ model size; a round runs every method once, in order, so drift on a shared machi
 each method's median over rounds of its median step time (optimizer steps ``--skip``.. of the run), the ratios
 to AdamW and to LoRA, the median of the per-round ratios (paired: the two runs of a round are minutes apart) and
 the ratio of the best runs (contention only adds time, so each method's fastest run is its least disturbed one).
+``--threads 1`` runs every interpreter on one CPU thread: on this 2-vCPU VM a process's speed with two threads is
+drawn at its start (runs of one method differ by up to 1.5x, uniformly over their steps), with one thread it
+varies by about 10 %, so fewer rounds resolve a ratio (of single-thread runs, where GEMMs weigh more).
 
     python -m benchmarks.lf_step_ratio [--size small] [--rounds 3] [--steps 40]
-        [--methods adamw,lora,mofasgd_hook,mofasgd] [--json FILE]
+        [--methods adamw,lora,mofasgd_hook,mofasgd] [--threads N] [--json FILE]
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ def main() -> None:
     parser.add_argument("--rank", type=int, default=8)
     parser.add_argument("--methods", default="adamw,lora,mofasgd_hook,mofasgd")
     parser.add_argument("--out", default=str(REPO / "outputs" / "lf_step_ratio"))
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads per run (default: torch's)")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     methods = args.methods.split(",")
@@ -42,12 +46,13 @@ def main() -> None:
                 method, model_dir, out, args.rank, max_steps=args.steps, eval_strategy="no", logging_steps=10
             )
             config.pop("eval_dataset", None)
-            result = run_training(config)
+            result = run_training(config, threads=args.threads)
             medians[method].append(median_step_seconds(result.timing["steps"], args.skip) * 1e3)
             print(f"round {round_index} {method}: {medians[method][-1]:.1f} ms", flush=True)
     summary = {m: statistics.median(v) for m, v in medians.items()}
     machine = machine_description()
-    print(f"\n{args.size} model, {args.steps} steps, rank {args.rank}, {args.rounds} rounds in turns; {machine}")
+    threads = f"{args.threads} thread(s) per run" if args.threads else "torch's default threads"
+    print(f"\n{args.size} model, {args.steps} steps, rank {args.rank}, {args.rounds} rounds in turns, {threads}; {machine}")
     print(
         "| method | median step (ms) | per round (ms) | x AdamW | x LoRA | paired x AdamW | paired x LoRA "
         "| best x AdamW | best x LoRA |"

@@ -70,6 +70,7 @@ class PendingBucket:
         self.device = params[0].device
         self.gv: torch.Tensor | None = None
         self.gtu: torch.Tensor | None = None
+        self.blocks: list[tuple[torch.Tensor, torch.Tensor]] = []  # per entry: its r x m and r x n blocks (views)
         self.seen = [False] * len(params)
 
     def rows(self, index: int) -> slice:
@@ -91,6 +92,7 @@ class PendingBucket:
             count, rows, cols, rank = self.shape
             self.gv = torch.zeros(count, rank, rows, dtype=self.dtype, device=self.device).mT
             self.gtu = torch.zeros(count, rank, cols, dtype=self.dtype, device=self.device).mT
+            self.blocks = list(zip(self.gv.mT.unbind(0), self.gtu.mT.unbind(0)))  # taken once: no view op per write
 
     def any_seen(self) -> bool:
         """Whether any entry holds a sum this window."""
@@ -253,17 +255,20 @@ class GradientIntake:
         x = inputs if inputs.dtype == V.dtype else inputs.to(V.dtype)
         dy = grad_outputs if grad_outputs.dtype == V.dtype else grad_outputs.to(V.dtype)
         # every product in the wide form r x K @ K x N: on a CPU the thin forms (T x n @ n x r, and the transposed-left
-        # dY^T (X V)) take BLAS's slow paths (1.7-3.5x slower at 512 x 688, r = 8, measured); CUDA's GEMM is
-        # indifferent (transposes are flags)
-        xv_t = V.mT.contiguous() @ x.mT  # (X V)^T, r x T
-        dyu_t = U.mT.contiguous() @ dy.mT  # (dY U)^T, r x T
-        slot_gv, slot_gtu, seen = self._open(p)  # their transposes are contiguous r x m, r x n blocks
-        if seen:  # (dY^T (X V))^T = (X V)^T dY, (X^T (dY U))^T = (dY U)^T X, added in place
-            slot_gv.mT.addmm_(xv_t, dy)
-            slot_gtu.mT.addmm_(dyu_t, x)
+        # dY^T (X V)) take BLAS's slow paths (1.7-3.5x slower at 512 x 688, r = 8, measured), while the left
+        # factor's layout does not matter (V^T as a transposed view is as fast as a contiguous copy, and copying it
+        # costs more than it saves); CUDA's GEMM is indifferent (transposes are flags)
+        xv_t = V.mT @ x.mT  # (X V)^T, r x T
+        dyu_t = U.mT @ dy.mT  # (dY U)^T, r x T
+        bucket, index = self.slots[id(p)]
+        bucket.allocate()
+        block_gv, block_gtu = bucket.blocks[index]  # contiguous r x m, r x n: the slot's transposes
+        if bucket.seen[index]:  # (dY^T (X V))^T = (X V)^T dY, (X^T (dY U))^T = (dY U)^T X, added in place
+            block_gv.addmm_(xv_t, dy)
+            block_gtu.addmm_(dyu_t, x)
         else:
-            torch.mm(xv_t, dy, out=slot_gv.mT)
-            torch.mm(dyu_t, x, out=slot_gtu.mT)
+            torch.mm(xv_t, dy, out=block_gv)
+            torch.mm(dyu_t, x, out=block_gtu)
         self._mark(p)
 
     # ------------------------------------------------------------------ hooks
