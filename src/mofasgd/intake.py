@@ -70,6 +70,7 @@ class PendingBucket:
         self.device = params[0].device
         self.gv: torch.Tensor | None = None
         self.gtu: torch.Tensor | None = None
+        self.views: list[tuple[torch.Tensor, torch.Tensor]] = []  # per member: its (G V, G^T U) slots (views)
         self.blocks: list[tuple[torch.Tensor, torch.Tensor]] = []  # per entry: its r x m and r x n blocks (views)
         self.seen = [False] * len(params)
 
@@ -92,7 +93,9 @@ class PendingBucket:
             count, rows, cols, rank = self.shape
             self.gv = torch.zeros(count, rank, rows, dtype=self.dtype, device=self.device).mT
             self.gtu = torch.zeros(count, rank, cols, dtype=self.dtype, device=self.device).mT
-            self.blocks = list(zip(self.gv.mT.unbind(0), self.gtu.mT.unbind(0)))  # taken once: no view op per write
+            # taken once, so that a write takes no view op
+            self.views = [(self.member(self.gv, i), self.member(self.gtu, i)) for i in range(len(self.params))]
+            self.blocks = list(zip(self.gv.mT.unbind(0), self.gtu.mT.unbind(0)))
 
     def any_seen(self) -> bool:
         """Whether any entry holds a sum this window."""
@@ -196,14 +199,14 @@ class GradientIntake:
         """(G V slot, G^T U slot, whether it already holds a sum this window) of `p`, allocating the buffers."""
         bucket, index = self.slots[id(p)]
         bucket.allocate()
-        return bucket.member(bucket.gv, index), bucket.member(bucket.gtu, index), bucket.seen[index]
+        return *bucket.views[index], bucket.seen[index]
 
     def _mark(self, p: torch.Tensor) -> None:
         bucket, index = self.slots[id(p)]
         if not bucket.seen[index]:
             bucket.seen[index] = True
             state = self.optimizer.state[p]
-            state["GV"], state["GtU"] = bucket.member(bucket.gv, index), bucket.member(bucket.gtu, index)
+            state["GV"], state["GtU"] = bucket.views[index]
         self.synced = False
 
     def write(self, p: torch.Tensor, gv: torch.Tensor, gtu: torch.Tensor) -> None:
@@ -258,8 +261,8 @@ class GradientIntake:
         # dY^T (X V)) take BLAS's slow paths (1.7-3.5x slower at 512 x 688, r = 8, measured), while the left
         # factor's layout does not matter (V^T as a transposed view is as fast as a contiguous copy, and copying it
         # costs more than it saves); CUDA's GEMM is indifferent (transposes are flags)
-        xv_t = V.mT @ x.mT  # (X V)^T, r x T
-        dyu_t = U.mT @ dy.mT  # (dY U)^T, r x T
+        xv_t = torch.mm(V.mT, x.mT)  # (X V)^T, r x T
+        dyu_t = torch.mm(U.mT, dy.mT)  # (dY U)^T, r x T
         bucket, index = self.slots[id(p)]
         bucket.allocate()
         block_gv, block_gtu = bucket.blocks[index]  # contiguous r x m, r x n: the slot's transposes
