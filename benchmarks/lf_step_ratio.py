@@ -6,8 +6,9 @@ each method's median over rounds of its median step time (optimizer steps ``--sk
 to AdamW and to LoRA, the median of the per-round ratios (paired: the two runs of a round are minutes apart) and
 the ratio of the best runs (contention only adds time, so each method's fastest run is its least disturbed one).
 ``--threads 1`` runs every interpreter on one CPU thread: on this 2-vCPU VM a process's speed with two threads is
-drawn at its start (runs of one method differ by up to 1.5x, uniformly over their steps), with one thread it
-varies by about 10 %, so fewer rounds resolve a ratio (of single-thread runs, where GEMMs weigh more).
+drawn at its start (runs of one method differ by up to 1.5x, uniformly over their steps) and does not hit the
+methods alike; with one thread the spread is smaller and the methods' ranking held in every round measured
+(results/projected_backward.md). GEMMs weigh more at one thread, which a ratio of single-thread runs reflects.
 
     python -m benchmarks.lf_step_ratio [--size small] [--rounds 3] [--steps 40]
         [--methods adamw,lora,mofasgd_hook,mofasgd] [--threads N] [--json FILE]
@@ -52,7 +53,8 @@ def main() -> None:
     summary = {m: statistics.median(v) for m, v in medians.items()}
     machine = machine_description()
     threads = f"{args.threads} thread(s) per run" if args.threads else "torch's default threads"
-    print(f"\n{args.size} model, {args.steps} steps, rank {args.rank}, {args.rounds} rounds in turns, {threads}; {machine}")
+    rounds = f"{args.rounds} rounds in turns"
+    print(f"\n{args.size} model, {args.steps} steps, rank {args.rank}, {rounds}, {threads}; {machine}")
     print(
         "| method | median step (ms) | per round (ms) | x AdamW | x LoRA | paired x AdamW | paired x LoRA "
         "| best x AdamW | best x LoRA |"
