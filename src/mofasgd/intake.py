@@ -195,11 +195,11 @@ class GradientIntake:
         return self.slots.get(id(p))
 
     # ------------------------------------------------------------------ writing
-    def _open(self, p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, bool]:
-        """(G V slot, G^T U slot, whether it already holds a sum this window) of `p`, allocating the buffers."""
-        bucket, index = self.slots[id(p)]
-        bucket.allocate()
-        return *bucket.views[index], bucket.seen[index]
+    def _open(self, p: torch.Tensor) -> Slot:
+        """`p`'s slot, its bucket's buffers allocated (``bucket.seen[index]``: it already holds a sum this window)."""
+        slot = self.slots[id(p)]
+        slot.bucket.allocate()
+        return slot
 
     def _mark(self, p: torch.Tensor) -> None:
         bucket, index = self.slots[id(p)]
@@ -211,8 +211,9 @@ class GradientIntake:
 
     def write(self, p: torch.Tensor, gv: torch.Tensor, gtu: torch.Tensor) -> None:
         """Add (or, first in a window, set) `p`'s projections."""
-        slot_gv, slot_gtu, seen = self._open(p)
-        if seen:
+        bucket, index = self._open(p)
+        slot_gv, slot_gtu = bucket.views[index]
+        if bucket.seen[index]:
             slot_gv.add_(gv)
             slot_gtu.add_(gtu)
         else:
@@ -222,8 +223,9 @@ class GradientIntake:
 
     def add_gradient(self, p: torch.Tensor, grad: torch.Tensor, U: torch.Tensor, V: torch.Tensor) -> None:
         """Add the projections of a dense gradient (this rank's rows under FSDP2)."""
-        slot_gv, slot_gtu, seen = self._open(p)
-        if seen:
+        bucket, index = self._open(p)
+        slot_gv, slot_gtu = bucket.views[index]
+        if bucket.seen[index]:
             fm.add_projections_(slot_gv, slot_gtu, grad, U, V)
         else:
             gv, gtu = fm.project_gradient(grad, U, V)
@@ -263,8 +265,7 @@ class GradientIntake:
         # costs more than it saves); CUDA's GEMM is indifferent (transposes are flags)
         xv_t = torch.mm(V.mT, x.mT)  # (X V)^T, r x T
         dyu_t = torch.mm(U.mT, dy.mT)  # (dY U)^T, r x T
-        bucket, index = self.slots[id(p)]
-        bucket.allocate()
+        bucket, index = self._open(p)
         block_gv, block_gtu = bucket.blocks[index]  # contiguous r x m, r x n: the slot's transposes
         if bucket.seen[index]:  # (dY^T (X V))^T = (X V)^T dY, (X^T (dY U))^T = (dY U)^T X, added in place
             block_gv.addmm_(xv_t, dy)
