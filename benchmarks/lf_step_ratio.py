@@ -53,8 +53,8 @@ def main() -> None:
     summary = {m: statistics.median(v) for m, v in medians.items()}
     machine = machine_description()
     threads = f"{args.threads} thread(s) per run" if args.threads else "torch's default threads"
-    rounds = f"{args.rounds} rounds in turns"
-    print(f"\n{args.size} model, {args.steps} steps, rank {args.rank}, {rounds}, {threads}; {machine}")
+    in_turns = f"{args.rounds} rounds in turns"
+    print(f"\n{args.size} model, {args.steps} steps, rank {args.rank}, {in_turns}, {threads}; {machine}")
     print(
         "| method | median step (ms) | per round (ms) | x AdamW | x LoRA | paired x AdamW | paired x LoRA "
         "| best x AdamW | best x LoRA |"

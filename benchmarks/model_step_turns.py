@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from mofasgd import MoFaSGD, split_for_mofasgd
+import mofasgd
 
 SIZES = {"tiny": (64, 256, 2), "small": (256, 688, 4)}  # hidden, intermediate, layers (benchmarks/lf_bench.py)
 PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -61,11 +61,10 @@ def build(method: str, size: str, rank: int, before: Any = None):
         net = get_peft_model(net, LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=PROJECTIONS))
         trainable = [p for p in net.parameters() if p.requires_grad]
         return net, torch.optim.AdamW(trainable, lr=1e-4), trainable
-    package = before if method == "mofasgd_before" else None
-    optimizer_class = MoFaSGD if package is None else package.MoFaSGD
-    routing = (split_for_mofasgd if package is None else package.split_for_mofasgd)(net)
+    package = before if method == "mofasgd_before" else mofasgd
+    routing = package.split_for_mofasgd(net)
     groups = [{"params": [p for _, p in routing.mofasgd]}, {"params": [p for _, p in routing.adamw], "mofasgd": False}]
-    optimizer = optimizer_class(groups, lr=1e-4, rank=rank, projected_backward=method != "mofasgd_hook")
+    optimizer = package.MoFaSGD(groups, lr=1e-4, rank=rank, projected_backward=method != "mofasgd_hook")
     optimizer.attach(net)
     return net, optimizer, None
 
